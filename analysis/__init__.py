@@ -1,0 +1,1 @@
+"""Model-agnostic representation analysis for vision transformers."""
