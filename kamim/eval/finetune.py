@@ -1,0 +1,456 @@
+"""End-to-end finetuning of a pretrained encoder for classification (MAE / BEiT / DeiT recipe).
+
+* Model: the loaded timm encoder with a new Linear head (``reset_classifier``; weights ~ N(0, 2e-5)
+  as MAE). ``pool="avg"`` is the KAMIM reference head (final norm, prefix tokens dropped,
+  patch tokens averaged); ``pool="token"`` classifies the CLS token. Stochastic depth
+  ``drop_path`` is set on the blocks, linearly increasing with depth (timm's rule).
+* Optimizer: AdamW over timm ``param_groups_layer_decay`` (``layer_decay`` 0.65 by default as for
+  ViT-B: block ``i`` of ``L`` (1-based) gets ``lr * layer_decay ** (L + 1 - i)``, the embeddings
+  ``layer_decay ** (L + 1)``, the head 1), no weight decay on norms, biases, position embedding and
+  prefix tokens. Peak LR ``lr`` or ``base_lr * batch_size / 256`` (global batch). Cosine schedule
+  with linear warmup, stepped once per optimizer step (accumulation included).
+* Data: RandomResizedCrop + flip + RandAugment (or ``auto_augment="trivialaugment"``) + random
+  erasing (timm ``create_transform``), ``timm.data.Mixup`` (mixup 0.8, cutmix 1.0, label smoothing
+  0.1) with ``SoftTargetCrossEntropy``; optional EMA of the weights (``timm.utils.ModelEmaV3``).
+* bf16 autocast (fp16 with a GradScaler on CUDA), DDP via torchrun, exact sharded evaluation
+  (top-1/top-5) after every epoch, resume from ``checkpoint-last.pt`` (model, optimizer,
+  scheduler, scaler, EMA, history, every rank's RNG states, so a resumed run continues exactly as
+  an uninterrupted one); ``checkpoint-best.pt`` holds the best model (by top-1).
+  Results: ``finetune.json`` / ``finetune.csv`` (one row per epoch), all writes atomic.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.data.mixup import one_hot
+from timm.layers import DropPath
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from tqdm.auto import tqdm
+
+from kamim import distributed as kdist
+from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint, rng_state, set_rng_state
+from kamim.serialization import CheckpointError, atomic_save, safe_load
+
+from .common import (
+    amp_dtype_of, autocast, build_labelled_data, classification_train_transform, config_changes, cosine_scheduler,
+    eval_loader, eval_transform, evaluate_logits, image_size_2d, json_safe, print_table, resolve_encoder,
+    train_loader, write_results,
+)
+from .features import is_token_model, unpack_labelled
+
+__all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]
+
+log = logging.getLogger("kamim.finetune")
+
+CHECKPOINT_FORMAT = "kamim-finetune"
+LAST_CHECKPOINT = "checkpoint-last.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"
+_RESUME_SAFE = {"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"}
+
+
+@dataclass
+class FinetuneConfig:
+    """A finetuning run (defaults: MAE's ViT-B recipe, scaled by the global batch)."""
+
+    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
+    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
+    output_dir: str
+    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | token (CLS)
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 1024  # global: all ranks x accumulation steps
+    accum_steps: int = 1
+    base_lr: float = 5e-4
+    lr: float | None = None  # absolute peak LR (overrides base_lr)
+    min_lr: float = 1e-6
+    warmup_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # 1.0 disables layer-wise decay
+    drop_path: float = 0.1
+    clip_grad: float | None = None
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm string, "trivialaugment" or None
+    re_prob: float = 0.25
+    ema: bool = False
+    ema_decay: float = 0.9999
+    img_size: int | None = None  # default: the encoder's
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "bf16"
+    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
+    stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
+    progress: bool = True
+    load_options: dict = field(default_factory=dict)
+
+    def validate(self) -> "FinetuneConfig":
+        """Check every value (one-line ValueErrors)."""
+        if self.pool not in ("avg", "token"):
+            raise ValueError(f"pool {self.pool!r} is not valid; expected avg or token")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        for name in ("drop_path", "mixup_prob", "mixup_switch_prob", "label_smoothing", "re_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"mixup, cutmix and weight_decay must be >= 0, got {self.mixup}, {self.cutmix}, {self.weight_decay}"
+            )
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ValueError(f"the learning rate must be > 0, got lr={self.lr} base_lr={self.base_lr}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        return self
+
+    def peak_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth on every residual block, linearly increasing from 0 to ``rate`` (timm's rule).
+
+    Works on timm ViT and Swin blocks (``drop_path1``/``drop_path2`` attributes), so the rate can be
+    set after loading a checkpoint. Returns the number of blocks.
+    """
+    blocks = [m for m in model.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
+    if not blocks and rate > 0:
+        raise ValueError(f"{type(model).__name__} has no timm blocks with drop_path1/drop_path2; cannot set drop_path")
+    n = len(blocks)
+    for i, blk in enumerate(blocks):
+        r = rate * i / max(n - 1, 1)
+        blk.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+    return n
+
+
+def add_classifier(model: nn.Module, num_classes: int, pool: str = "avg") -> nn.Module:
+    """A new ``num_classes`` Linear head via timm ``reset_classifier`` (MAE init: N(0, 2e-5), zero bias)."""
+    if is_token_model(model):
+        if pool == "token" and getattr(model, "cls_token", None) is None:
+            raise ValueError(f"pool='token' needs a class token but {type(model).__name__} has none; use pool='avg'")
+        model.reset_classifier(num_classes, global_pool=pool)
+    else:
+        if pool != "avg":
+            raise ValueError(f"{type(model).__name__} has no class token; only pool='avg' is possible")
+        model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
+    return model
+
+
+def build_finetune_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """AdamW over timm layer-decay parameter groups (each group carries its ``lr_scale``)."""
+    return create_optimizer_v2(
+        model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+        layer_decay=layer_decay if layer_decay < 1 else None,
+    )
+
+
+def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
+    """How to rebuild the finetuned model: ``timm.create_model(model_name, **kwargs)`` then
+    ``reset_classifier(num_classes, global_pool)``; None when the spec is not plain JSON."""
+    spec = getattr(enc, "spec", None)
+    if not spec:
+        return None
+    out = {"model_name": spec["model_name"], "kwargs": dict(spec["kwargs"]), "num_classes": num_classes,
+           "global_pool": pool}
+    try:
+        return json.loads(json.dumps(out))
+    except TypeError:  # e.g. a norm_layer callable (Hugging Face eps): not storable without pickle
+        return None
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # timm Mixup draws from numpy's global RNG
+    random.seed(seed)
+
+
+def _gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's RNG states (torch, CUDA, numpy, python), on every rank."""
+    state = rng_state()
+    if world_size == 1:
+        return [state]
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
+    cfg = dataclasses.replace(cfg).validate()
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    created = not kdist.is_distributed()
+    info = kdist.init_distributed(cfg.device)
+    try:
+        return _Finetuner(cfg, out_dir, info).run()
+    finally:
+        if created:
+            kdist.cleanup()
+
+
+class _Finetuner:
+    def __init__(self, cfg: FinetuneConfig, out_dir: Path, info) -> None:
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.device = info.device
+        self.amp = amp_dtype_of(cfg.amp, self.device)
+        world_micro = info.world_size * cfg.accum_steps
+        if cfg.batch_size % world_micro:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is not divisible by world size {info.world_size} x "
+                f"accum_steps={cfg.accum_steps}"
+            )
+        self.micro_batch = cfg.batch_size // world_micro
+        if cfg.mixup_active and self.micro_batch % 2:
+            raise ValueError(
+                f"mixup/cutmix need an even per-rank micro-batch, got {self.micro_batch} (batch_size="
+                f"{cfg.batch_size} / world {info.world_size} / accum_steps {cfg.accum_steps})"
+            )
+        torch.manual_seed(cfg.seed)
+        self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=False)
+        img = image_size_2d(cfg.img_size or self.enc.image_size)
+        train_tf = classification_train_transform(img, "finetune", cfg.auto_augment, cfg.re_prob)
+        self.data = build_labelled_data(cfg.data, img, train_tf, eval_transform(img))
+        self.data.check_geometry(self.enc.model)
+        self.model = add_classifier(self.enc.model, self.data.num_classes, cfg.pool)
+        set_drop_path(self.model, cfg.drop_path)
+        self.model.to(self.device).requires_grad_(True)
+        _seed_everything(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
+
+        self.loader, self.sampler = train_loader(
+            self.data.train, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
+        )
+        self.val_loader, _ = eval_loader(self.data.val, self.micro_batch, cfg.num_workers, info)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.optimizer = build_finetune_optimizer(
+            self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas
+        )
+        self.scheduler = cosine_scheduler(
+            self.optimizer, cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch,
+            cfg.warmup_lr, cfg.min_lr,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.mixup = None
+        if cfg.mixup_active:
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+                mode="batch", label_smoothing=cfg.label_smoothing, num_classes=self.data.num_classes,
+            )
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = None
+        if cfg.ema:
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        d = dataclasses.asdict(cfg)
+        if isinstance(cfg.checkpoint, nn.Module):
+            d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
+        self.config = json_safe(d)
+        self.spec = _model_spec(self.enc, self.data.num_classes, cfg.pool)
+        self.epoch, self.step = 0, 0
+        self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
+        self.history: list[dict[str, Any]] = []
+
+        path = find_resume_checkpoint(out_dir, cfg.resume)
+        if path is not None:
+            ckpt = safe_load(path)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a kamim finetuning checkpoint (format '{CHECKPOINT_FORMAT}')")
+            diff = config_changes(ckpt["config"], self.config, ignore=_RESUME_SAFE)
+            if diff:
+                show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {self.config.get(k)!r})" for k in diff[:4])
+                raise ValueError(
+                    f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
+                )
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+            self.best, self.history = dict(ckpt["best"]), list(ckpt["history"])
+            self.scheduler.step_update(self.step)
+            states = ckpt.get("rng") or []
+            if len(states) == info.world_size:  # drop path / mixup continue exactly where they stopped
+                set_rng_state(states[info.rank])
+            else:
+                _seed_everything(cfg.seed + info.rank + 1_000_003 * self.step)
+            log.info("resumed finetuning from %s after epoch %d", path, self.epoch)
+        self.train_model: nn.Module = self.model
+        if info.world_size > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---------------------------------------------------------------- epoch
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        self.train_model.train()
+        self.sampler.set_epoch(epoch)
+        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        stats = torch.zeros(2, device=self.device)
+        bar = tqdm(total=self.steps_per_epoch, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(self.loader):
+            last_micro = (i + 1) % accum == 0
+            ctx = self.train_model.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
+            with ctx:
+                if "image" in batch:
+                    images, target = unpack_labelled(batch)
+                    images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+                    if self.mixup is not None and images.shape[0] % 2 == 0:
+                        images, target = self.mixup(images, target)
+                    elif self.mixup is not None:  # odd batch after unreadable images were dropped: smoothed one-hot
+                        off = cfg.label_smoothing / self.data.num_classes
+                        target = one_hot(target, self.data.num_classes, 1.0 - cfg.label_smoothing + off, off)
+                    with autocast(self.device, self.amp):
+                        loss = self.criterion(self.train_model(images).float(), target)
+                    stats += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
+                else:  # every image unreadable: zero gradient keeps DDP ranks in step
+                    loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteLossError(
+                        f"non-finite finetuning loss at epoch {epoch + 1}, step {self.step + 1}; stopped, last "
+                        f"checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})"
+                    )
+                loss = loss / accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if last_micro:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
+                bar.update(1)
+        bar.close()
+        stats = kdist.all_reduce_sum(stats)
+        return float(stats[0] / stats[1].clamp_min(1))
+
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        self.model.eval()
+
+        def heads(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {"model": self.model(x)}
+            if self.ema is not None:
+                out["ema"] = self.ema.module(x)
+            return out
+
+        return evaluate_logits(heads, self.val_loader, self.device, self.amp,
+                               progress=self.cfg.progress and self.info.is_main, desc="finetune eval")
+
+    # ---------------------------------------------------------------- state
+    def _common_state(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": self.epoch, "step": self.step,
+                "config": self.config, "classes": self.data.classes, "model_spec": self.spec, "pool": self.cfg.pool}
+
+    def _save(self, improved: bool) -> None:
+        rngs = _gather_rng_states(self.info.world_size)
+        if not self.info.is_main:
+            return
+        if improved:
+            atomic_save({**self._common_state(), "kind": "best", "model": self.model.state_dict(),
+                         "metrics": self.history[-1]}, self.out_dir / BEST_CHECKPOINT)
+        atomic_save(
+            {
+                **self._common_state(), "kind": "last", "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best": self.best, "history": self.history, "rng": rngs,
+            },
+            self.out_dir / LAST_CHECKPOINT,
+        )
+
+    def _summary(self) -> dict[str, Any]:
+        return {
+            "task": "finetune", "config": self.config, "model_spec": self.spec,
+            "encoder": {"format": self.enc.format, "image_size": list(self.enc.image_size)},
+            "classes": self.data.classes, "num_train": len(self.data.train), "num_val": len(self.data.val),
+            "epochs_done": self.epoch, "steps": self.step, "best": self.best,
+            "final": self.history[-1] if self.history else None, "history": self.history,
+            "checkpoints": {"best": str(self.out_dir / BEST_CHECKPOINT), "last": str(self.out_dir / LAST_CHECKPOINT)},
+        }
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        kdist.barrier()
+        log.info("finetuning on %d train / %d val images, %d classes, %d steps/epoch, peak lr %.3g",
+                 len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch, cfg.peak_lr())
+        t0 = time.perf_counter()
+        stop = cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
+        while self.epoch < stop:
+            lr = max(g["lr"] for g in self.optimizer.param_groups)
+            train_loss = self._train_epoch(self.epoch)
+            res = self._evaluate()
+            self.epoch += 1
+            row = {"epoch": self.epoch, "train_loss": train_loss, "lr": lr, "top1": res["model"]["top1"],
+                   "top5": res["model"]["top5"], "val_loss": res["model"]["loss"]}
+            if "ema" in res:
+                row.update(ema_top1=res["ema"]["top1"], ema_top5=res["ema"]["top5"])
+            self.history.append(row)
+            improved = row["top1"] > self.best["top1"]
+            if improved:
+                self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": self.epoch}
+            self._save(improved)
+            if self.info.is_main:
+                write_results(self.out_dir, "finetune", self.history, self._summary())
+            kdist.barrier()
+        summary = self._summary()
+        summary["time_s"] = time.perf_counter() - t0
+        if self.info.is_main:
+            write_results(self.out_dir, "finetune", self.history, summary)
+            title = f"finetuning (best top-1 {self.best['top1']:.2f} at epoch {self.best['epoch']})"
+            print_table(self.history, title=title)
+        return summary

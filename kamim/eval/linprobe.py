@@ -1,0 +1,369 @@
+"""Linear probing of a frozen encoder at any number of layers in one pass over the data.
+
+The backbone runs once per batch (frozen, eval mode, no gradients) and returns the pooled features
+of every probed layer (:func:`kamim.eval.features.extract_features`); one independent head per
+layer (optional ``BatchNorm1d(affine=False)`` + ``Linear``) is trained on them simultaneously, so
+``layers="all"`` yields a table of accuracy per layer at the cost of a single probe. The heads
+share nothing: the summed loss gives each head exactly the gradient it would get alone.
+
+Recipes (explicit config values override them):
+
+* ``reference`` (KAMIM repository protocol): average-pooled patch tokens, one Linear layer (no BN),
+  AdamW, finetune-style augmentation (RandAugment, random erasing). Learning rate and weight decay
+  are ours (the reference hard-codes neither in a way we can reproduce): base_lr 1e-3, wd 0.05.
+* ``mae`` (He et al. 2022, ``main_linprobe.py``): ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear
+  (weights ~ N(0, 0.01)), LARS (timm ``Lars``, momentum 0.9, trust ratio on weight matrices),
+  base_lr 0.1, no weight decay, RandomResizedCrop + flip only.
+
+The peak LR is ``lr`` if set, else ``base_lr * batch_size / 256`` (``batch_size`` global). The
+cosine schedule (linear warmup) is stepped once per optimizer step, accumulation included.
+DDP via torchrun (heads wrapped in DDP; exact sharded evaluation). Resume from the last
+completed epoch (``checkpoint-last.pt``: heads, optimizer, scheduler, history); augmentations
+are functions of (seed, epoch, index), so a resumed run sees exactly the batches of an
+uninterrupted one.
+Results: ``linprobe.json`` / ``linprobe.csv`` (one row per epoch and layer: top-1/top-5/loss)
+rewritten atomically after every epoch, and a printed table of the final epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.optim import Lars
+from torch import nn
+from tqdm.auto import tqdm
+
+from kamim import distributed as kdist
+from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
+from kamim.serialization import CheckpointError, atomic_save, safe_load
+
+from .common import (
+    amp_dtype_of, autocast, build_labelled_data, classification_train_transform, config_changes, cosine_scheduler,
+    eval_loader, eval_transform, evaluate_logits, image_size_2d, json_safe, print_table, resolve_encoder,
+    train_loader, write_results,
+)
+from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
+
+__all__ = ["RECIPES", "LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
+
+log = logging.getLogger("kamim.linprobe")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {"opt": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "batchnorm": False, "aug": "finetune"},
+    "mae": {"opt": "lars", "base_lr": 0.1, "weight_decay": 0.0, "batchnorm": True, "aug": "light"},
+}
+OPTIMIZERS = ("adamw", "lars", "sgd")
+CHECKPOINT_FORMAT = "kamim-linprobe"
+LAST_CHECKPOINT = "checkpoint-last.pt"
+# config keys that may change between a run and its resumption
+_RESUME_SAFE = {"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"}
+
+
+@dataclass
+class LinprobeConfig:
+    """A linear-probing run. ``None`` values take the recipe's default (see module docstring)."""
+
+    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
+    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
+    output_dir: str
+    layers: Any = "default"  # "default" (block 8 of 12 scaled to depth), "all", "last", 8, "1,4,8"
+    pool: str = "avg"  # avg (patch tokens) | cls
+    recipe: str = "reference"
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 256  # global: all ranks x accumulation steps
+    accum_steps: int = 1
+    opt: str | None = None  # adamw | lars | sgd
+    base_lr: float | None = None
+    lr: float | None = None  # absolute peak LR (overrides base_lr)
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0
+    weight_decay: float | None = None
+    batchnorm: bool | None = None
+    aug: str | None = None  # finetune | light | none
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25  # random erasing (finetune augmentation only)
+    img_size: int | None = None  # default: the encoder's
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "bf16"
+    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
+    stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
+    progress: bool = True
+    load_options: dict = field(default_factory=dict)
+
+    def resolved(self) -> "LinprobeConfig":
+        """A copy with the recipe defaults filled in and every value checked (one-line errors)."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe {self.recipe!r} is not valid; expected one of {', '.join(RECIPES)}")
+        out = dataclasses.replace(self)
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        if out.opt not in OPTIMIZERS:
+            raise ValueError(f"opt {out.opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
+        if out.pool not in ("avg", "cls"):
+            raise ValueError(f"pool {out.pool!r} is not valid; expected avg or cls")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if int(getattr(out, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
+        if not 0 <= out.warmup_epochs <= out.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={out.epochs}], got {out.warmup_epochs}")
+        if out.weight_decay < 0 or out.base_lr <= 0 or (out.lr is not None and out.lr <= 0):
+            raise ValueError(f"need lr/base_lr > 0 and weight_decay >= 0, got lr={out.lr} base_lr={out.base_lr} "
+                             f"weight_decay={out.weight_decay}")
+        return out
+
+    def peak_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
+
+
+class ProbeHeads(nn.Module):
+    """One classifier per layer: optional ``BatchNorm1d(affine=False, eps=1e-6)`` + ``Linear`` (MAE init)."""
+
+    def __init__(self, dims: Mapping[int, int], num_classes: int, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.layers = sorted(int(k) for k in dims)
+        self.heads = nn.ModuleDict()
+        for k in self.layers:
+            linear = nn.Linear(dims[k], num_classes)
+            nn.init.trunc_normal_(linear.weight, std=0.01)
+            nn.init.zeros_(linear.bias)
+            norm = nn.BatchNorm1d(dims[k], affine=False, eps=1e-6) if batchnorm else nn.Identity()
+            self.heads[str(k)] = nn.Sequential(norm, linear)
+
+    def forward(self, feats: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {k: self.heads[str(k)](feats[k].float()) for k in self.layers}
+
+
+def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW / SGD (momentum 0.9) / LARS over the heads; biases and norms get no weight decay.
+
+    LARS follows MAE: trust ratio on weight matrices (even with zero weight decay), plain momentum
+    SGD on biases (timm ``Lars`` with ``always_adapt`` per parameter group).
+    """
+    mats = [p for p in heads.parameters() if p.requires_grad and p.ndim > 1]
+    vecs = [p for p in heads.parameters() if p.requires_grad and p.ndim <= 1]
+    if opt == "adamw":
+        return torch.optim.AdamW(
+            [{"params": mats, "weight_decay": weight_decay}, {"params": vecs, "weight_decay": 0.0}], lr=lr
+        )
+    if opt == "sgd":
+        return torch.optim.SGD(
+            [{"params": mats, "weight_decay": weight_decay}, {"params": vecs, "weight_decay": 0.0}],
+            lr=lr, momentum=0.9,
+        )
+    if opt == "lars":
+        return Lars(
+            [{"params": mats, "weight_decay": weight_decay, "always_adapt": True},
+             {"params": vecs, "weight_decay": 0.0, "always_adapt": False}],
+            lr=lr, momentum=0.9,
+        )
+    raise ValueError(f"opt {opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def _config_dict(cfg: LinprobeConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    if isinstance(cfg.checkpoint, nn.Module):
+        d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
+    return json_safe(d)
+
+
+def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
+    """Run (or resume) a linear probe; returns the results summary (also written to ``output_dir``)."""
+    cfg = cfg.resolved()
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    created = not kdist.is_distributed()
+    info = kdist.init_distributed(cfg.device)
+    try:
+        return _Probe(cfg, out_dir, info).run()
+    finally:
+        if created:
+            kdist.cleanup()
+
+
+class _Probe:
+    def __init__(self, cfg: LinprobeConfig, out_dir: Path, info) -> None:
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.device = info.device
+        self.amp = amp_dtype_of(cfg.amp, self.device)
+        if cfg.batch_size % (info.world_size * cfg.accum_steps):
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is not divisible by world size {info.world_size} x "
+                f"accum_steps={cfg.accum_steps}"
+            )
+        self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=True)
+        self.model = self.enc.model
+        self.layers = resolve_layers(self.model, cfg.layers)
+        img = image_size_2d(cfg.img_size or self.enc.image_size)
+        train_tf = classification_train_transform(img, cfg.aug, cfg.auto_augment, cfg.re_prob)
+        self.data = build_labelled_data(cfg.data, img, train_tf, eval_transform(img))
+        self.data.check_geometry(self.model)
+
+        torch.manual_seed(cfg.seed)
+        self.heads = ProbeHeads(feature_dims(self.model, self.layers), self.data.num_classes, cfg.batchnorm)
+        self.heads.to(self.device)
+        self.loader, self.sampler = train_loader(
+            self.data.train, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
+        )
+        self.val_loader, _ = eval_loader(self.data.val, max(1, cfg.batch_size // (info.world_size * cfg.accum_steps)),
+                                         cfg.num_workers, info)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.optimizer = build_probe_optimizer(self.heads, cfg.opt, cfg.peak_lr(), cfg.weight_decay)
+        self.scheduler = cosine_scheduler(
+            self.optimizer, cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch,
+            cfg.warmup_lr, cfg.min_lr,
+        )
+        self.config = _config_dict(cfg)
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        path = find_resume_checkpoint(out_dir, cfg.resume)
+        if path is not None:
+            ckpt = safe_load(path)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a kamim linear-probe checkpoint (format '{CHECKPOINT_FORMAT}')")
+            diff = config_changes(ckpt["config"], self.config, ignore=_RESUME_SAFE)
+            if diff:
+                show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {self.config.get(k)!r})" for k in diff[:4])
+                raise ValueError(
+                    f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
+                )
+            self.heads.load_state_dict(ckpt["heads"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.epoch, self.step, self.history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
+            self.scheduler.step_update(self.step)
+            log.info("resumed linear probe from %s after epoch %d", path, self.epoch)
+        self.train_heads: nn.Module = self.heads
+        if info.world_size > 1:
+            self.train_heads = nn.parallel.DistributedDataParallel(
+                self.heads, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---------------------------------------------------------------- steps
+    def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        with torch.no_grad(), autocast(self.device, self.amp):
+            feats = extract_features(self.model, images, self.layers, pool=self.cfg.pool)
+        return {k: v.float() for k, v in feats.items()}
+
+    def _train_epoch(self, epoch: int) -> dict[int, float]:
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        self.heads.train()
+        self.sampler.set_epoch(epoch)
+        loss_sum = torch.zeros(len(self.layers) + 1, device=self.device)
+        bar = tqdm(total=self.steps_per_epoch, desc=f"linprobe epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
+        ddp = isinstance(self.train_heads, nn.parallel.DistributedDataParallel)
+        for i, batch in enumerate(self.loader):
+            last_micro = (i + 1) % accum == 0
+            ctx = self.train_heads.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
+            with ctx:
+                if "image" in batch:
+                    images, target = unpack_labelled(batch)
+                    images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+                    logits = self.train_heads(self._features(images))
+                    losses = torch.stack([F.cross_entropy(logits[k], target) for k in self.layers])
+                    loss = losses.sum()
+                    loss_sum += torch.cat([losses.detach(), torch.ones(1, device=self.device)])
+                else:  # every image unreadable: zero gradient keeps DDP ranks in step
+                    loss = sum(p.sum() for p in self.heads.parameters()) * 0.0
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteLossError(
+                        f"non-finite probe loss at epoch {epoch + 1}, step {self.step + 1}; stopped, last checkpoint "
+                        f"left intact ({self.out_dir / LAST_CHECKPOINT})"
+                    )
+                (loss / accum).backward()
+            if last_micro:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                bar.update(1)
+        bar.close()
+        loss_sum = kdist.all_reduce_sum(loss_sum)
+        count = max(float(loss_sum[-1]), 1.0)
+        return {k: float(loss_sum[j]) / count for j, k in enumerate(self.layers)}
+
+    def _evaluate(self) -> dict[int, dict[str, float]]:
+        self.heads.eval()
+        return evaluate_logits(
+            lambda x: self.heads(self._features(x)), self.val_loader, self.device, None,
+            progress=self.cfg.progress and self.info.is_main, desc="linprobe eval",
+        )
+
+    # ---------------------------------------------------------------- state
+    def _save(self) -> None:
+        if self.info.is_main:
+            atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT, "version": 1, "heads": self.heads.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "epoch": self.epoch, "step": self.step, "history": self.history, "config": self.config,
+                    "layers": self.layers, "classes": self.data.classes,
+                },
+                self.out_dir / LAST_CHECKPOINT,
+            )
+
+    def _summary(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        final = [r for r in self.history if r["epoch"] == self.epoch]
+        best = {}
+        for r in self.history:
+            if r["layer"] not in best or r["top1"] > best[r["layer"]]["top1"]:
+                best[r["layer"]] = r
+        table = [
+            {"layer": r["layer"], "top1": r["top1"], "top5": r["top5"], "loss": r["val_loss"],
+             "best_top1": best[r["layer"]]["top1"], "best_epoch": best[r["layer"]]["epoch"]}
+            for r in final
+        ]
+        summary = {
+            "task": "linprobe", "config": self.config, "encoder": {
+                "format": self.enc.format, "image_size": self.enc.image_size, "patch_size": self.enc.patch_size,
+                "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": len(self.model.feature_info),
+            },
+            "layers": self.layers, "classes": self.data.classes, "num_train": len(self.data.train),
+            "num_val": len(self.data.val), "epochs_done": self.epoch, "steps": self.step,
+            "final": table, "history": self.history,
+        }
+        return table, summary
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        kdist.barrier()
+        log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
+                 self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
+        t0 = time.perf_counter()
+        stop = cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
+        while self.epoch < stop:
+            lr = self.optimizer.param_groups[0]["lr"]
+            train_loss = self._train_epoch(self.epoch)
+            results = self._evaluate()
+            self.epoch += 1
+            for k in self.layers:
+                r = results[k]
+                self.history.append({
+                    "epoch": self.epoch, "layer": k, "train_loss": train_loss[k], "top1": r["top1"],
+                    "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
+                })
+            self._save()
+            if self.info.is_main:
+                write_results(self.out_dir, "linprobe", self.history, self._summary()[1])
+            kdist.barrier()
+        table, summary = self._summary()
+        summary["time_s"] = time.perf_counter() - t0
+        if self.info.is_main:
+            write_results(self.out_dir, "linprobe", self.history, summary)
+            print_table(table, title=f"linear probe ({cfg.recipe}, pool={cfg.pool}) after {self.epoch} epochs")
+        return summary

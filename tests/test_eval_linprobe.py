@@ -1,0 +1,116 @@
+"""Linear probing: every layer in one pass, beats chance on real labelled photos, resume, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from kamim.data import write_labelled_demo
+from kamim.eval.linprobe import LinprobeConfig, ProbeHeads, build_probe_optimizer, linear_probe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models on shared cores: one intra-op thread avoids spin-wait contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _vit(depth: int = 3):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=depth, num_heads=2, num_classes=0)
+
+
+@pytest.fixture(scope="module")
+def photo_crops(tmp_path_factory):
+    """15 classes (one per real photograph), disjoint 32 px tiles for train and val."""
+    return write_labelled_demo(tmp_path_factory.mktemp("lp") / "crops", kind="photo-crops", size=32,
+                               n_train_per_class=12, n_val_per_class=6)
+
+
+@pytest.fixture(scope="module")
+def small_crops(tmp_path_factory):
+    return write_labelled_demo(tmp_path_factory.mktemp("lp") / "small", kind="photo-crops", size=32,
+                               n_train_per_class=8, n_val_per_class=4,
+                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(checkpoint=model, data=str(data), output_dir=str(out), recipe="reference", aug="none",
+                batchnorm=True, lr=0.01, warmup_epochs=0, epochs=3, batch_size=30, num_workers=0,
+                device="cpu", amp="none", resume="none", progress=False)
+    base.update(kw)
+    return LinprobeConfig(**base)
+
+
+def test_all_layers_beat_chance_and_write_one_row_per_block(photo_crops, tmp_path, capsys):
+    res = linear_probe(_cfg(_vit(3), photo_crops, tmp_path / "run", layers="all"))
+    assert res["layers"] == [1, 2, 3] and len(res["final"]) == 3
+    assert [r["layer"] for r in res["final"]] == [1, 2, 3]
+    chance = 100.0 / 15
+    best = max(r["top1"] for r in res["final"])
+    assert best > 2.5 * chance, res["final"]
+    assert all(r["top5"] >= r["top1"] for r in res["final"])
+    # results on disk: JSON summary and CSV with one row per (epoch, layer)
+    summary = json.loads((tmp_path / "run" / "linprobe.json").read_text())
+    assert summary["final"] == json.loads(json.dumps(res["final"]))
+    rows = list(csv.DictReader((tmp_path / "run" / "linprobe.csv").open()))
+    assert len(rows) == 3 * 3 and {int(r["layer"]) for r in rows} == {1, 2, 3}
+    assert float(rows[-1]["top1"]) == pytest.approx(res["final"][-1]["top1"])
+    assert "best_top1" in capsys.readouterr().out
+
+
+def test_heads_are_independent_and_lars_adapts_weights():
+    heads = ProbeHeads({1: 8, 2: 8}, num_classes=3, batchnorm=True)
+    feats = {1: torch.randn(6, 8), 2: torch.randn(6, 8)}
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = heads(feats)
+    torch.nn.functional.cross_entropy(out[1], y).backward()  # loss of head 1 only
+    assert heads.heads["2"][1].weight.grad is None and heads.heads["1"][1].weight.grad.abs().sum() > 0
+    assert isinstance(heads.heads["1"][0], torch.nn.BatchNorm1d) and not heads.heads["1"][0].affine
+    opt = build_probe_optimizer(heads, "lars", lr=0.1, weight_decay=0.0)
+    assert [g["always_adapt"] for g in opt.param_groups] == [True, False]
+    assert all(p.ndim > 1 for p in opt.param_groups[0]["params"])
+
+
+def test_resume_matches_uninterrupted_run(small_crops, tmp_path):
+    full = linear_probe(_cfg(_vit(2), small_crops, tmp_path / "a", layers="all", epochs=2, batch_size=16))
+    linear_probe(_cfg(_vit(2), small_crops, tmp_path / "b", layers="all", epochs=2, batch_size=16, stop_epoch=1))
+    first = json.loads((tmp_path / "b" / "linprobe.json").read_text())
+    assert first["epochs_done"] == 1
+    resumed = linear_probe(_cfg(_vit(2), small_crops, tmp_path / "b", layers="all", epochs=2, batch_size=16,
+                                resume="auto"))
+    assert resumed["epochs_done"] == 2 and len(resumed["history"]) == 4
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["top1"] == pytest.approx(b["top1"]) and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    ca = torch.load(tmp_path / "a" / "checkpoint-last.pt", weights_only=True)["heads"]
+    cb = torch.load(tmp_path / "b" / "checkpoint-last.pt", weights_only=True)["heads"]
+    for k in ca:
+        torch.testing.assert_close(ca[k], cb[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resume .* layers"):
+        linear_probe(_cfg(_vit(2), small_crops, tmp_path / "b", layers="1", epochs=2, batch_size=16, resume="auto"))
+
+
+def test_bad_inputs(small_crops, tmp_path):
+    with pytest.raises(ValueError, match=r"valid layers are 1\.\.2"):
+        linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", layers="5"))
+    with pytest.raises(ValueError, match=r"3x48x48 but the model expects 3x32x32"):
+        linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", img_size=48))
+    with pytest.raises(ValueError, match="recipe 'simclr'"):
+        linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", recipe="simclr"))
+    with pytest.raises(FileNotFoundError, match="no train/"):
+        linear_probe(_cfg(_vit(2), tmp_path, tmp_path / "x"))
+    # a val class with no train folder is named
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(small_crops, bad)
+    shutil.copytree(bad / "val" / "coffee", bad / "val" / "zebra")
+    with pytest.raises(ValueError, match="zebra"):
+        linear_probe(_cfg(_vit(2), bad, tmp_path / "x"))
