@@ -1,0 +1,384 @@
+"""The ``kamim`` command: ``pretrain``, ``sweep``, ``presets`` and the evaluations ``linprobe``,
+``finetune``, ``knn``, ``reconstruct``.
+
+Each subcommand is a pair ``_add_NAME(subparsers)`` (declares its arguments and sets
+``func=_cmd_NAME``) + ``_cmd_NAME(args) -> int``, registered in ``SUBCOMMANDS``; adding one
+(linprobe, finetune, knn, reconstruct, ...) is a new pair plus one line in that list.
+
+Errors caused by the input (bad config values, missing files, unreadable checkpoints, ...)
+print a single ``kamim: error: ...`` line and exit with status 2; a diverged run
+(``NonFiniteLossError``) exits with status 1. Run multi-GPU with
+``torchrun --nproc_per_node N -m kamim.cli pretrain ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_config_arguments", "load_config_from_args"]
+
+PROG = "kamim"
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def _csv_list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config PRESET|FILE.yaml`` and ``--set key=value ...`` (shared by training commands)."""
+    p.add_argument("--config", required=True, metavar="PRESET|FILE",
+                   help="preset name (see `kamim presets`) or a YAML config file")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set optim.epochs=10 kamim.temperature=0.5")
+
+
+def load_config_from_args(args: argparse.Namespace):
+    """The validated ``Config`` of ``--config`` + ``--set``."""
+    from kamim.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --------------------------------------------------------------------------- pretrain
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain a model (SimMIM, KAMIM or MoCo v3)",
+        description="Pretrain with a preset or YAML config. Resumes automatically from RUN_DIR/checkpoint-last.pt.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="image folder, NAME:ROOT torchvision dataset or 'demo' (default: the config's data.path)")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--resume", default="auto", metavar="RUN_DIR|CKPT|auto|none",
+                   help="'auto' (default): resume from RUN_DIR/checkpoint-last.pt if it exists; "
+                        "'none': start from scratch; or a run directory / checkpoint file")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from kamim.engine.pretrain import ENCODER_FILE, pretrain
+
+    cfg = load_config_from_args(args)
+    ckpt = pretrain(cfg, args.data, args.out, resume=args.resume)
+    if _is_main():
+        print(f"checkpoint: {ckpt}")
+        print(f"encoder:    {ckpt.parent / ENCODER_FILE}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sweep
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from kamim.engine.sweep import PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
+
+    p = sub.add_parser(
+        "sweep", help="KAMIM grid over detectors x weight patch sizes x temperatures",
+        description="One run directory per grid point under OUT (finished points are reused, interrupted "
+                    "ones resumed) and a results table OUT/results.csv + OUT/results.json.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--data", default=None, metavar="PATH", help="training data (default: the config's data.path)")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT", help="sweep directory")
+    p.add_argument("--detectors", type=_csv_list(str), default=None, metavar="D1,D2",
+                   help="keypoint detectors, e.g. fast,sift,orb (default: the config's kamim.detector)")
+    p.add_argument("--weight-patch-sizes", type=_csv_list(int), default=list(PAPER_WEIGHT_PATCH_SIZES),
+                   metavar="W1,W2", help="default: %(default)s (the paper's grid)")
+    p.add_argument("--temperatures", type=_csv_list(float), default=list(PAPER_TEMPERATURES),
+                   metavar="T1,T2", help="default: %(default)s (the paper's grid)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from kamim.engine.sweep import sweep
+
+    cfg = load_config_from_args(args)
+    rows = sweep(cfg, args.data, args.out, detectors=args.detectors,
+                 weight_patch_sizes=args.weight_patch_sizes, temperatures=args.temperatures)
+    if _is_main():
+        for r in rows:
+            loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+            print(f"{r['detector']:>6} w_ps={r['weight_patch_size']:<3} T={r['temperature']:<5g} "
+                  f"loss={loss} ({r['status']}) {r['run_dir']}")
+        print(f"results: {Path(args.out) / 'results.csv'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- presets
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the bundled config presets",
+                       description="List preset names usable with --config, with their description.")
+    p.set_defaults(func=_cmd_presets)
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from kamim.config import list_presets, preset_path
+
+    for name in list_presets():
+        first = next((ln.lstrip("# ").strip() for ln in preset_path(name).read_text().splitlines()
+                      if ln.startswith("#")), "")
+        print(f"{name:<16} {first}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = "bf16") -> None:
+    """Arguments shared by linprobe / finetune / knn: encoder, data, run directory, execution."""
+    p.add_argument("--checkpoint", required=True, metavar="SOURCE",
+                   help="encoder: checkpoint file in any supported format (e.g. a kamim pretrain run's "
+                        "encoder.safetensors or checkpoint-last.pt), Hugging Face directory, manifest name or "
+                        "timm model name (random init)")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, "
+                        "demo-photos or demo-digits")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (results, checkpoints)")
+    p.add_argument("--model-name", default=None, help="timm model to build for a plain state dict")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads when the checkpoint cannot tell")
+    p.add_argument("--encoder-img-size", type=int, default=None, metavar="PX",
+                   help="build the encoder at this size (position embeddings resampled)")
+    p.add_argument("--img-size", type=int, default=None, metavar="PX", help="data image size (default: the encoder's)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader workers per process (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--amp", default=amp, choices=("bf16", "fp16", "none"), help="autocast (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, epochs: int, warmup: int, min_lr: float) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
+    p.add_argument("--warmup-epochs", type=int, default=warmup, help="default: %(default)s")
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
+    p.add_argument("--min-lr", type=float, default=min_lr, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default="auto", metavar="RUN_DIR|CKPT|auto|none",
+                   help="'auto' (default): resume from RUN_DIR/checkpoint-last.pt if it exists; 'none': start over")
+    p.add_argument("--stop-epoch", type=int, default=None, metavar="N",
+                   help="stop after N epochs without shortening the schedule (resume later)")
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    opts = {"model_name": args.model_name, "num_heads": args.num_heads, "img_size": args.encoder_img_size}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _eval_common(args: argparse.Namespace) -> dict:
+    return dict(checkpoint=args.checkpoint, data=args.data, output_dir=str(args.out), img_size=args.img_size,
+                batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp,
+                progress=args.progress, load_options=_load_options(args))
+
+
+def _add_linprobe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "linprobe", help="linear probing of a frozen encoder at one or every layer",
+        description="Train one linear head per layer on frozen features in a single pass over the data; "
+                    "writes RUN_DIR/linprobe.json + linprobe.csv (accuracy per layer per epoch).",
+    )
+    _add_eval_arguments(p, batch_size=256)
+    _add_training_arguments(p, epochs=90, warmup=10, min_lr=0.0)
+    p.add_argument("--layers", default="default", metavar="SPEC",
+                   help="'default' (block 8 of 12, scaled to depth), 'all', 'last', or e.g. 8 or 1,4,8")
+    p.add_argument("--pool", default="avg", choices=("avg", "cls"), help="patch-token average or CLS token")
+    p.add_argument("--recipe", default="reference", choices=("reference", "mae"),
+                   help="reference: AdamW, finetune augmentation, no BN; mae: BN + LARS, light augmentation")
+    p.add_argument("--opt", default=None, choices=("adamw", "lars", "sgd"), help="default: the recipe's")
+    p.add_argument("--base-lr", type=float, default=None, help="peak lr = base-lr x batch / 256 (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's")
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm1d(affine=False) before each head (default: the recipe's)")
+    p.add_argument("--aug", default=None, choices=("finetune", "light", "none"), help="default: the recipe's")
+    p.set_defaults(func=_cmd_linprobe)
+
+
+def _cmd_linprobe(args: argparse.Namespace) -> int:
+    from kamim.eval.linprobe import LinprobeConfig, linear_probe
+
+    linear_probe(LinprobeConfig(
+        **_eval_common(args), layers=args.layers, pool=args.pool, recipe=args.recipe, epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs, accum_steps=args.accum_steps, opt=args.opt, base_lr=args.base_lr,
+        lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, batchnorm=args.batchnorm, aug=args.aug,
+        seed=args.seed, resume=args.resume, stop_epoch=args.stop_epoch,
+    ))
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="finetune an encoder for classification (layer decay, mixup/cutmix, EMA)",
+        description="MAE-style finetuning; writes RUN_DIR/checkpoint-best.pt, checkpoint-last.pt and "
+                    "finetune.json + finetune.csv (top-1/top-5 per epoch).",
+    )
+    _add_eval_arguments(p, batch_size=1024)
+    _add_training_arguments(p, epochs=100, warmup=5, min_lr=1e-6)
+    p.add_argument("--pool", default="avg", choices=("avg", "token"), help="avg: reference head; token: CLS")
+    p.add_argument("--base-lr", type=float, default=5e-4, help="peak lr = base-lr x batch / 256 (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="default: %(default)s")
+    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay, 1 = off (default: %(default)s)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="default: %(default)s")
+    p.add_argument("--clip-grad", type=float, default=None, help="max grad norm (default: no clipping)")
+    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 = off (default: %(default)s)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, 0 = off (default: %(default)s)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
+    p.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", metavar="POLICY",
+                   help="timm RandAugment string, 'trivialaugment' or 'none' (default: %(default)s)")
+    p.add_argument("--re-prob", type=float, default=0.25, help="random erasing probability (default: %(default)s)")
+    p.add_argument("--ema", action="store_true", help="also evaluate an EMA of the weights")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="default: %(default)s")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from kamim.eval.finetune import FinetuneConfig, finetune
+
+    finetune(FinetuneConfig(
+        **_eval_common(args), pool=args.pool, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        accum_steps=args.accum_steps, base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
+        clip_grad=args.clip_grad, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing,
+        auto_augment=None if args.auto_augment == "none" else args.auto_augment, re_prob=args.re_prob,
+        ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, resume=args.resume, stop_epoch=args.stop_epoch,
+    ))
+    return 0
+
+
+def _add_knn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "knn", help="weighted k-NN classification of frozen features (DINO protocol)",
+        description="Extract train/val features of the chosen layers once and classify val by weighted k-NN; "
+                    "writes RUN_DIR/knn.json + knn.csv. k larger than the train set is clamped.",
+    )
+    _add_eval_arguments(p, batch_size=128)
+    p.add_argument("--layers", default="default", metavar="SPEC", help="as for linprobe (default: %(default)s)")
+    p.add_argument("--pool", default="avg", choices=("avg", "cls"))
+    p.add_argument("--k", dest="ks", type=_csv_list(int), default=[20, 200], metavar="K1,K2",
+                   help="neighbour counts (default: 20,200)")
+    p.add_argument("--temperature", type=float, default=0.07, help="default: %(default)s")
+    p.add_argument("--train-chunk-size", type=int, default=65536, help="train rows per similarity block")
+    p.add_argument("--query-chunk-size", type=int, default=1024, help="queries per similarity block")
+    p.add_argument("--bank-dtype", default="float16", choices=("float16", "float32"), help="feature bank storage")
+    p.set_defaults(func=_cmd_knn)
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    from kamim.eval.knn import KNNConfig, run_knn
+
+    run_knn(KNNConfig(
+        **_eval_common(args), layers=args.layers, pool=args.pool, ks=tuple(args.ks), temperature=args.temperature,
+        train_chunk_size=args.train_chunk_size, query_chunk_size=args.query_chunk_size, bank_dtype=args.bank_dtype,
+    ))
+    return 0
+
+
+def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reconstruct", help="PSNR/SSIM of SimMIM/KAMIM reconstructions and a comparison figure",
+        description="Score one or more pretraining checkpoints on the same images and masks; writes "
+                    "RUN_DIR/reconstruct.json + reconstruct.csv and reconstructions.png.",
+    )
+    p.add_argument("--checkpoints", required=True, nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
+                   help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
+    p.add_argument("--data", required=True, metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="output directory")
+    p.add_argument("--mask-ratio", type=float, default=0.4, help="default: %(default)s (the paper's)")
+    p.add_argument("--mask-patch-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0, help="mask seed (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    p.add_argument("--figure-images", type=int, default=4, help="rows of the figure, 0 = none (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="none", choices=("bf16", "fp16", "none"), help="default: %(default)s")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_reconstruct)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from kamim.eval.reconstruct import ReconstructConfig, run_reconstruct
+
+    run_reconstruct(ReconstructConfig(
+        checkpoints=args.checkpoints, data=args.data, output_dir=str(args.out), mask_ratio=args.mask_ratio,
+        mask_patch_size=args.mask_patch_size, seed=args.seed, batch_size=args.batch_size,
+        num_workers=args.num_workers, max_images=args.max_images, figure_images=args.figure_images,
+        device=args.device, amp=args.amp, progress=args.progress,
+    ))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_pretrain, _add_sweep, _add_presets, _add_linprobe, _add_finetune, _add_knn, _add_reconstruct,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kamim import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Keypoint Aware Masked Image Modelling: pretraining and evaluation toolkit.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kamim.data.images import ImageLoadError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ImageLoadError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``kamim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if (args.quiet or not _is_main()) else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from kamim.engine.pretrain import NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except NonFiniteLossError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except _user_errors() as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,638 @@
+"""The pretraining loop for SimMIM, KAMIM and MoCo v3 (single process or torchrun DDP).
+
+Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md):
+
+* Data order and augmentation are functions of ``(seed, epoch, index)`` only
+  (:mod:`kamim.engine.sampler`), so a run gives the same batches for any number of loader
+  workers, any world size with the same global batch, and any resume point.
+* ``optim.batch_size`` is global: per-rank micro-batch = batch / (world x accum_steps).
+  Gradients are accumulated with DDP ``no_sync`` on non-final micro-steps.
+* AdamW from ``timm.optim.create_optimizer_v2`` (no weight decay on norms, biases and the
+  model's ``no_weight_decay()`` names); ``timm.scheduler.CosineLRScheduler`` with
+  ``t_in_epochs=False`` stepped once per OPTIMIZER step (accumulation does not change the
+  schedule), linear warmup from ``warmup_lr`` then cosine to ``min_lr``; the schedule ends
+  exactly at the last step of ``optim.epochs`` (warmup included).
+* bf16 autocast on CUDA and CPU; a ``GradScaler`` only for fp16; global grad-norm clipping.
+* A non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every
+  rank with a one-line ``NonFiniteLossError`` before the parameters are touched, leaving the last
+  checkpoint intact.
+* Checkpoints (``checkpoint-last.pt``, optionally ``checkpoint-STEP.pt`` copies) are written
+  atomically every ``run.ckpt_every_steps`` optimizer steps and at the end, with model, optimizer,
+  scheduler, scaler, every rank's RNG states, step, epoch and config; everything loads with
+  ``torch.load(weights_only=True)``. ``encoder.safetensors`` (timm key layout) is exported with
+  each checkpoint. Resuming checks that the config matches (``RESUME_SAFE_KEYS`` may differ).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from kamim import distributed as kdist
+from kamim.config import Config, ConfigError, config_diff, save_config, to_dict
+from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
+from kamim.metrics_log import MetricsLogger
+from kamim.serialization import (
+    CheckpointError, atomic_save, atomic_write_json, safe_load, save_safetensors,
+)
+
+__all__ = [
+    "pretrain", "NonFiniteLossError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT",
+    "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_scheduler",
+    "build_model", "build_pretrain_dataset", "model_patch_size", "encoder_prefix", "export_encoder",
+    "load_pretrain_checkpoint",
+    "find_resume_checkpoint", "rng_state", "set_rng_state",
+]
+
+log = logging.getLogger("kamim.pretrain")
+
+CHECKPOINT_FORMAT = "kamim-pretrain"
+CHECKPOINT_VERSION = 1
+LAST_CHECKPOINT = "checkpoint-last.pt"
+ENCODER_FILE = "encoder.safetensors"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss or gradient); the last checkpoint was left untouched."""
+
+
+# --------------------------------------------------------------------------- schedule
+
+@dataclass(frozen=True)
+class ScheduleLengths:
+    """Optimizer-step counts of a run."""
+
+    steps_per_epoch: int
+    total_steps: int  # length of the LR schedule
+    warmup_steps: int
+    stop_step: int  # the run ends after this many optimizer steps (<= total unless max_steps says more)
+
+
+def schedule_lengths(cfg: Config, steps_per_epoch: int) -> ScheduleLengths:
+    """Schedule and stop lengths in optimizer steps (see ``kamim.config`` for ``max_steps``)."""
+    o, r = cfg.optim, cfg.run
+    if r.max_steps_schedule:
+        total = int(r.max_steps)
+        warmup = int(round(total * o.warmup_epochs / o.epochs))
+    else:
+        total = o.epochs * steps_per_epoch
+        warmup = o.warmup_epochs * steps_per_epoch
+    warmup = min(warmup, total - 1)
+    stop = total if r.max_steps is None else int(r.max_steps)
+    return ScheduleLengths(steps_per_epoch, total, warmup, stop)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, lengths: ScheduleLengths):
+    """``CosineLRScheduler`` over optimizer steps: linear warmup ``warmup_lr -> peak`` for
+    ``warmup_steps``, then cosine ``peak -> min_lr`` over the remaining steps.
+
+    Call ``step_update(n)`` after the n-th optimizer step; the LR of update ``n+1`` is then set.
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=lengths.total_steps - lengths.warmup_steps,
+        lr_min=cfg.optim.min_lr,
+        warmup_t=lengths.warmup_steps,
+        warmup_lr_init=cfg.optim.warmup_lr,
+        warmup_prefix=True,
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+
+
+# --------------------------------------------------------------------------- model / data
+
+def build_model(cfg: Config) -> nn.Module:
+    """The pretraining model of ``cfg.method`` on ``cfg.model.arch`` (``model.overrides`` go to timm)."""
+    from kamim.models.presets import create_encoder, create_pretrain_model
+
+    overrides: dict[str, Any] = dict(cfg.model.overrides)
+    if cfg.method == "moco":
+        # create_pretrain_model keeps MoCo's defaults; the config's MoCo settings are passed here.
+        from timm.models.vision_transformer import VisionTransformer
+
+        from kamim.models.moco import MoCoV3
+
+        encoder, spec = create_encoder(cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+        if not isinstance(encoder, VisionTransformer):
+            raise ConfigError(f"method=moco needs a ViT arch, got model.arch={cfg.model.arch!r}")
+        m = cfg.moco
+        return MoCoV3(encoder, spec, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, momentum=m.momentum)
+    if cfg.method == "kamim":
+        overrides.update(temperature=cfg.kamim.temperature, loss_normalize=cfg.kamim.normalize)
+    return create_pretrain_model(cfg.method, cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+
+
+def model_patch_size(model: nn.Module) -> int:
+    """Pixel stride of the grid the SimMIM mask is applied on (the patch-embedding stride)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "patch_size"):
+        return int(backbone.patch_size)
+    return int(model.encoder.patch_embed.feat_ratio())
+
+
+def build_pretrain_dataset(cfg: Config, model: nn.Module):
+    """Dataset of ``cfg.data.path`` with the transform of ``cfg.method`` (geometry from the model)."""
+    from kamim.data import build_dataset
+
+    img = cfg.model.img_size
+    d = cfg.data
+    if cfg.method == "moco":
+        from kamim.data import TwoViewTransform
+
+        transform = TwoViewTransform(img)
+    else:
+        from kamim.data import MIMTransform
+        from kamim.masking import MaskGenerator
+
+        patch = model_patch_size(model)
+        if cfg.mask.mask_patch_size % patch:
+            raise ConfigError(
+                f"mask.mask_patch_size={cfg.mask.mask_patch_size} must be a multiple of the model patch size {patch}"
+            )
+        masker = MaskGenerator(
+            input_size=img, mask_patch_size=cfg.mask.mask_patch_size, model_patch_size=patch,
+            mask_ratio=cfg.mask.mask_ratio,
+        )
+        keypoints = None
+        if cfg.method == "kamim":
+            from kamim.keypoints import KeypointMapper
+
+            keypoints = KeypointMapper(cfg.kamim.detector, cfg.kamim.render)
+        transform = MIMTransform(
+            img, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), hflip=d.hflip,
+            mask_generator=masker, keypoints=keypoints, weight_patch_size=cfg.kamim.weight_patch_size,
+        )
+    dataset = build_dataset(d.path, transform, strict=d.strict)
+    if len(dataset) == 0:
+        raise FileNotFoundError(f"no images found in {d.path}")
+    return dataset
+
+
+# --------------------------------------------------------------------------- RNG / checkpoints
+
+def rng_state() -> dict[str, Any]:
+    """This process' torch CPU/CUDA, numpy and python RNG states (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4]),
+        },
+        "python": [py_version, list(py_internal), py_gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_pretrain_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a ``kamim-pretrain`` checkpoint (``weights_only``)."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a kamim pretraining checkpoint (format '{CHECKPOINT_FORMAT}')")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def find_resume_checkpoint(out_dir: Path, resume: str | Path | bool | None) -> Optional[Path]:
+    """The checkpoint to resume from: ``"auto"``/True -> ``out_dir/checkpoint-last.pt`` if present;
+    None/False/``"none"`` -> none; a run directory or checkpoint file -> that one (must exist)."""
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() == "none"):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() == "auto"):
+        path = out_dir / LAST_CHECKPOINT
+        return path if path.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def encoder_prefix(model: nn.Module) -> Optional[str]:
+    """Prefix of ``model.encoder``'s keys in ``model.state_dict()`` (e.g. ``"backbone.encoder."``)."""
+    target = getattr(model, "encoder", None)
+    return next((f"{name}." for name, module in model.named_modules() if name and module is target), None)
+
+
+def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int) -> Path:
+    """Write ``model.encoder.state_dict()`` (timm keys) + ``encoder_spec`` metadata as safetensors."""
+    spec = getattr(model, "encoder_spec", None) or {}
+    meta = {
+        "format": "kamim-encoder", "model_name": str(spec.get("model_name", "")),
+        "kwargs": json.dumps(spec.get("kwargs", {})), "method": method, "step": str(step),
+    }
+    return save_safetensors(model.encoder.state_dict(), path, metadata=meta)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for key in ("image", "view1"):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[0])
+    return 0
+
+
+# --------------------------------------------------------------------------- the loop
+
+class _Trainer:
+    def __init__(self, cfg: Config, out_dir: Path, info: kdist.DistInfo, resume: Any) -> None:
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.device = info.device
+        self.main = info.is_main
+        if cfg.run.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"run.amp=fp16 needs a CUDA device (device is {self.device}); use bf16 or none")
+        o = cfg.optim
+        if o.batch_size % (info.world_size * o.accum_steps):
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} is not divisible by world size {info.world_size} x "
+                f"optim.accum_steps={o.accum_steps}"
+            )
+        self.resume_path = find_resume_checkpoint(out_dir, resume)
+        self.ckpt = load_pretrain_checkpoint(self.resume_path) if self.resume_path else None
+        if self.ckpt is not None:
+            diff = config_diff(self.ckpt["config"], to_dict(cfg))
+            if diff:
+                old = self.ckpt["config"]
+                show = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(to_dict(cfg), k)!r})" for k in diff[:5])
+                raise ConfigError(
+                    f"cannot resume from {self.resume_path}: the config differs in {show}; "
+                    f"use a new --out directory or --resume none"
+                )
+
+        # Same initial weights on every rank (DDP would broadcast them anyway); training-time
+        # randomness (drop path, ...) then differs per rank.
+        _seed_all(cfg.run.seed)
+        self.model = build_model(cfg).to(self.device)
+        _seed_all(cfg.run.seed + info.rank)
+
+        self.dataset = build_pretrain_dataset(cfg, self.model)
+        n = len(self.dataset)
+        if self.ckpt is not None and self.ckpt.get("num_samples") not in (None, n):
+            raise ConfigError(
+                f"cannot resume from {self.resume_path}: the dataset has {n} images, the run was started "
+                f"with {self.ckpt['num_samples']}"
+            )
+        self.sampler = ResumableBatchSampler(
+            n, o.batch_size, rank=info.rank, world_size=info.world_size, accum_steps=o.accum_steps,
+            seed=cfg.run.seed,
+        )
+        self.lengths = schedule_lengths(cfg, self.sampler.steps_per_epoch)
+        if self.main:  # only now: bad input must not leave an empty run directory behind
+            out_dir.mkdir(parents=True, exist_ok=True)
+        kdist.barrier()
+        workers = cfg.data.num_workers
+        from kamim.data import collate_skip_bad
+
+        self.loader = DataLoader(
+            SeededDataset(self.dataset, cfg.run.seed), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.run.seed),
+        )
+
+        from timm.optim import create_optimizer_v2
+
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=o.opt, lr=o.peak_lr(), weight_decay=o.weight_decay, betas=tuple(o.betas),
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.lengths)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" else None
+
+        self.step = 0
+        self.num_skipped = 0
+        self.elapsed = 0.0
+        self.final_loss: Optional[float] = None
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+
+        self.train_model: nn.Module = self.model
+        if info.world_size > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False,
+            )
+        if cfg.run.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # ---------------------------------------------------------------- state
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.num_skipped = int(ckpt.get("num_skipped", 0))
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
+        self.final_loss = ckpt.get("final_loss")
+        self.scheduler.step_update(self.step)
+        states = ckpt.get("rng") or []
+        if len(states) == self.info.world_size:
+            set_rng_state(states[self.info.rank])
+        else:  # different world size: fresh but deterministic per-rank streams
+            _seed_all(self.cfg.run.seed + self.info.rank + 1_000_003 * self.step)
+        log.info("resumed from %s at step %d", self.resume_path, self.step)
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        state = rng_state()
+        if self.info.world_size == 1:
+            return [state]
+        states: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self) -> Path:
+        """Checkpoint + encoder export (rank 0 writes, all ranks take part in the RNG gather)."""
+        rngs = self._gather_rng()
+        last = self.out_dir / LAST_CHECKPOINT
+        if self.main:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rngs, "step": self.step, "epoch": self.step // self.lengths.steps_per_epoch,
+                "config": to_dict(self.cfg), "encoder_spec": getattr(self.model, "encoder_spec", None),
+                "encoder_prefix": encoder_prefix(self.model),
+                "method": self.cfg.method, "num_samples": len(self.dataset), "num_skipped": self.num_skipped,
+                "elapsed": self.elapsed + (time.perf_counter() - self.t0), "final_loss": self.final_loss,
+                "world_size": self.info.world_size,
+            }
+            if self.cfg.run.keep_step_checkpoints:
+                step_path = atomic_save(ckpt, self.out_dir / f"checkpoint-{self.step:08d}.pt")
+                _atomic_link_or_copy(step_path, last)
+            else:
+                atomic_save(ckpt, last)
+            export_encoder(self.model, self.out_dir / ENCODER_FILE, method=self.cfg.method, step=self.step)
+        kdist.barrier()
+        return last
+
+    # ---------------------------------------------------------------- loop
+    def _micro_batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(epoch, micro-batch) from the current step to the end, epoch after epoch."""
+        spe = self.lengths.steps_per_epoch
+        epoch, start = divmod(self.step, spe)
+        while True:
+            self.sampler.set_epoch(epoch, start)
+            for batch in self.loader:
+                yield epoch, batch
+            epoch, start = epoch + 1, 0
+
+    def _forward_backward(self, batch: dict[str, Any], sync: bool) -> float:
+        cfg = self.cfg
+        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        ctx = self.train_model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+        with ctx:
+            if _batch_size(batch) > 0:
+                with _autocast(self.device, cfg.run.amp):
+                    loss = self.train_model(_to_device(batch, self.device))["loss"]
+                value = loss.detach().float().reshape(1)
+                count = torch.ones(1, device=self.device)
+            else:  # every image of this micro-batch was corrupt: contribute zero gradient (keeps DDP in step)
+                loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                value = torch.zeros(1, device=self.device)
+                count = torch.zeros(1, device=self.device)
+            stats = kdist.all_reduce_sum(torch.cat([value, count]))
+            mean = (stats[0] / stats[1].clamp_min(1)).item()
+            if not math.isfinite(mean):
+                raise NonFiniteLossError(
+                    f"non-finite loss {mean} at step {self.step + 1}; stopped, last checkpoint left intact "
+                    f"({self.out_dir / LAST_CHECKPOINT})"
+                )
+            loss = loss / cfg.optim.accum_steps
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return mean
+
+    def _optimizer_step(self) -> float:
+        o = self.cfg.optim
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = o.clip_grad if o.clip_grad else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler is not None:  # fp16: inf grads mean "skip and lower the scale"
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm {grad_norm} at step {self.step + 1}; stopped, last checkpoint "
+                    f"left intact ({self.out_dir / LAST_CHECKPOINT})"
+                )
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _sync_skipped(self, pending: int) -> None:
+        self.num_skipped += int(kdist.all_reduce_sum(torch.tensor([pending], device=self.device)).item())
+
+    def run(self) -> Path:
+        cfg, lengths = self.cfg, self.lengths
+        self.t0 = time.perf_counter()
+        if self.step >= lengths.stop_step:
+            log.info("nothing to do: checkpoint step %d >= stop step %d", self.step, lengths.stop_step)
+            if self.main and not (self.out_dir / ENCODER_FILE).is_file():
+                export_encoder(self.model, self.out_dir / ENCODER_FILE, method=cfg.method, step=self.step)
+            self._write_summary()
+            return self.out_dir / LAST_CHECKPOINT
+
+        if self.main:
+            save_config(cfg, self.out_dir / CONFIG_FILE)
+        logger = MetricsLogger(
+            self.out_dir, enabled=self.main, resume_step=self.step if self.ckpt is not None else None,
+            tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
+            config=to_dict(cfg),
+        )
+        from tqdm.auto import tqdm
+
+        # tqdm's disable=None: a bar on terminals only; elsewhere (batch jobs, pipes) rows go to the log.
+        bar = tqdm(
+            total=lengths.stop_step, initial=self.step, disable=None if (self.main and cfg.run.progress) else True,
+            desc=f"{cfg.method} {cfg.model.arch}", dynamic_ncols=True, unit="step",
+        )
+        log.info(
+            "pretraining %s/%s on %d images: %d steps/epoch, schedule %d steps (warmup %d), stopping at %d, "
+            "world %d, micro-batch %d x %d accumulation",
+            cfg.method, cfg.model.arch, len(self.dataset), lengths.steps_per_epoch, lengths.total_steps,
+            lengths.warmup_steps, lengths.stop_step, self.info.world_size, self.sampler.micro_batch_size,
+            cfg.optim.accum_steps,
+        )
+        self.train_model.train()
+        accum = cfg.optim.accum_steps
+        window_losses: list[float] = []
+        window_images, pending_skipped = 0, 0
+        t_window = time.perf_counter()
+        micro = self._micro_batches()
+        try:
+            while self.step < lengths.stop_step:
+                lr = self.optimizer.param_groups[0]["lr"]
+                step_losses = []
+                for j in range(accum):
+                    _, batch = next(micro)
+                    pending_skipped += int(batch.get("num_skipped", 0))
+                    step_losses.append(self._forward_backward(batch, sync=j == accum - 1))
+                grad_norm = self._optimizer_step()
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                hook = getattr(self.model, "on_after_optimizer_step", None)
+                if callable(hook):
+                    hook(self.step, lengths.total_steps)
+                window_losses.append(sum(step_losses) / accum)
+                window_images += cfg.optim.batch_size
+                bar.update(1)
+
+                last = self.step == lengths.stop_step
+                if self.step % cfg.run.log_every == 0 or last:
+                    self._sync_skipped(pending_skipped)
+                    pending_skipped = 0
+                    now = time.perf_counter()
+                    loss = sum(window_losses) / len(window_losses)
+                    self.final_loss = loss
+                    row = {
+                        "step": self.step, "epoch": round(self.step / lengths.steps_per_epoch, 4),
+                        "loss": loss, "lr": lr, "images_per_s": window_images / max(now - t_window, 1e-9),
+                        "num_skipped": self.num_skipped, "time": round(self.elapsed + now - self.t0, 3),
+                        "grad_norm": grad_norm,
+                    }
+                    logger.log(row)
+                    if bar.disable:
+                        if self.main:
+                            log.info("step %d/%d epoch %.2f loss %.4f lr %.3e %.1f img/s", self.step,
+                                     lengths.stop_step, row["epoch"], loss, lr, row["images_per_s"])
+                    else:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
+                    window_losses, window_images, t_window = [], 0, now
+                if last or (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0):
+                    self._sync_skipped(pending_skipped)  # a collective: every rank, unconditionally
+                    pending_skipped = 0
+                    self.save()
+        finally:
+            micro.close()  # shuts the loader iterator (and its workers) down
+            bar.close()
+            logger.close()
+        if self.num_skipped:
+            log.warning("skipped %d unreadable images during training", self.num_skipped)
+        self._write_summary()
+        return self.out_dir / LAST_CHECKPOINT
+
+    def _write_summary(self) -> None:
+        if not self.main:
+            return
+        atomic_write_json(
+            {
+                "method": self.cfg.method, "arch": self.cfg.model.arch, "step": self.step,
+                "stop_step": self.lengths.stop_step, "total_steps": self.lengths.total_steps,
+                "epoch": self.step // self.lengths.steps_per_epoch,
+                "final_loss": self.final_loss if self.final_loss is None or math.isfinite(self.final_loss) else None,
+                "num_skipped": self.num_skipped, "checkpoint": str(self.out_dir / LAST_CHECKPOINT),
+                "encoder": str(self.out_dir / ENCODER_FILE), "config": to_dict(self.cfg),
+            },
+            self.out_dir / SUMMARY_FILE,
+        )
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _atomic_link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` atomically (hard link, else copy) without a torn ``dst``."""
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def pretrain(
+    cfg: Config,
+    data: Optional[str | Path] = None,
+    out_dir: str | Path = "runs/pretrain",
+    resume: str | Path | bool | None = "auto",
+) -> Path:
+    """Pretrain ``cfg.method`` on the images of ``data`` (default ``cfg.data.path``) into ``out_dir``.
+
+    ``resume``: ``"auto"`` (resume from ``out_dir/checkpoint-last.pt`` if present), a run directory
+    or checkpoint file, or None/``"none"`` (start from scratch). Returns the final checkpoint path
+    (``out_dir/checkpoint-last.pt``; the encoder export is ``out_dir/encoder.safetensors``).
+    Works single-process or under torchrun (the process group is created here if needed).
+    """
+    cfg = copy.deepcopy(cfg)
+    if data is not None:
+        cfg.data.path = str(data)
+    if not cfg.data.path:
+        raise ConfigError("no training data: pass data (CLI: --data PATH) or set data.path in the config")
+    cfg.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    created_group = not kdist.is_distributed()
+    info = kdist.init_distributed(cfg.run.device)
+    try:
+        return _Trainer(cfg, out_dir, info, resume).run()
+    finally:
+        if created_group:
+            kdist.cleanup()

@@ -1,0 +1,160 @@
+"""Atomic writes and safe loading of checkpoints and results.
+
+* Every write goes to a temporary file in the destination directory, is flushed and fsync'ed,
+  then ``os.replace``'d over the target: a crash or a failing writer never leaves a partial file.
+* ``safe_load`` only ever unpickles with ``torch.load(weights_only=True)``; a pickle that would
+  import or call arbitrary code is refused with a one-line ``UnsafeCheckpointError``.
+* ``save_safetensors``/``load_safetensors`` for weight exports (no pickle at all).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping, Optional
+
+import torch
+
+__all__ = [
+    "CheckpointError", "UnsafeCheckpointError", "atomic_write", "atomic_save",
+    "atomic_write_text", "atomic_write_json", "safe_load", "save_safetensors",
+    "load_safetensors", "read_safetensors_metadata",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (corrupt, truncated, wrong format)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would run code when loaded; refused."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not supported on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Context manager yielding a temp file in ``path``'s directory, renamed over ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write a text file atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
+    """Write JSON atomically (``allow_nan=False``: NaN/inf must be handled by the caller)."""
+    return atomic_write_text(json.dumps(obj, indent=indent, allow_nan=False) + "\n", path)
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    Raises ``FileNotFoundError`` for a missing file, ``UnsafeCheckpointError`` for a pickle that
+    needs code execution (anything outside the ``weights_only`` allow-list) and
+    ``CheckpointError`` for a truncated or corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is not a weights-only checkpoint and could run code when "
+            f"unpickled{(' (' + detail + ')') if detail else ''}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from None
+
+
+def _contiguous_cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage and non-contiguous views; an independent
+    # contiguous CPU clone of each entry stores shared weights (e.g. tied embeddings) twice,
+    # which keeps every key loadable with strict=True.
+    out = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state_dict entry '{k}' is a {type(v).__name__}, not a tensor")
+        out[k] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[Mapping[str, Any]] = None
+) -> Path:
+    """Write ``state_dict`` as safetensors atomically; metadata values are stored as strings
+    (non-string values JSON-encoded)."""
+    from safetensors.torch import save
+
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    blob = save(_contiguous_cpu(state_dict), metadata=meta)
+    with atomic_write(path, "wb") as f:
+        f.write(blob)
+    return Path(path)
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file -> (state_dict, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors file not found: {path}")
+    try:
+        return load_file(path, device=device), read_safetensors_metadata(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (without loading the tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+

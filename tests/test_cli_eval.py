@@ -1,0 +1,106 @@
+"""`kamim linprobe | finetune | knn | reconstruct`: end to end on tiny models, one-line errors."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from kamim.cli import main
+from kamim.data import write_labelled_demo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Labelled real-photo crops and a 2-step SimMIM pretraining run (checkpoint + encoder export)."""
+    from kamim.config import from_dict
+    from kamim.engine.pretrain import pretrain
+
+    base = tmp_path_factory.mktemp("cli")
+    data = write_labelled_demo(base / "data", kind="photo-crops", size=32, n_train_per_class=6, n_val_per_class=3,
+                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+    cfg = from_dict({
+        "method": "simmim",
+        "model": {"arch": "vit_pico", "img_size": 32, "overrides": {"embed_dim": 32, "depth": 3, "num_heads": 2}},
+        "data": {"path": str(data / "train"), "num_workers": 0}, "mask": {"mask_patch_size": 16},
+        "optim": {"batch_size": 8, "epochs": 1, "warmup_epochs": 0, "lr": 1e-3},
+        "run": {"device": "cpu", "amp": "none", "max_steps": 2, "progress": False},
+    })
+    run = base / "pretrain"
+    pretrain(cfg, out_dir=run, resume="none")
+    return {"data": data, "run": run, "encoder": run / "encoder.safetensors"}
+
+
+def _common(setup, out, *extra):
+    return ["--checkpoint", str(setup["encoder"]), "--data", str(setup["data"]), "--out", str(out),
+            "--num-workers", "0", "--device", "cpu", "--amp", "none", "--no-progress", *extra]
+
+
+def test_linprobe_all_layers(setup, tmp_path, capsys):
+    out = tmp_path / "lp"
+    rc = main(["-q", "linprobe", *_common(setup, out, "--layers", "all", "--epochs", "2", "--warmup-epochs", "0",
+                                         "--batch-size", "12", "--aug", "none", "--batchnorm", "--lr", "0.01")])
+    assert rc == 0
+    rows = list(csv.DictReader((out / "linprobe.csv").open()))
+    assert [(int(r["epoch"]), int(r["layer"])) for r in rows] == [(e, k) for e in (1, 2) for k in (1, 2, 3)]
+    summary = json.loads((out / "linprobe.json").read_text())
+    assert summary["config"]["batchnorm"] is True and summary["encoder"]["format"] == "kamim-encoder"
+    assert "best_top1" in capsys.readouterr().out
+    # rerun with resume=auto: nothing left to do, same results
+    assert main(["-q", "linprobe", *_common(setup, out, "--layers", "all", "--epochs", "2", "--warmup-epochs", "0",
+                                            "--batch-size", "12", "--aug", "none", "--batchnorm", "--lr", "0.01")]) == 0
+    assert json.loads((out / "linprobe.json").read_text())["final"] == summary["final"]
+
+
+def test_knn_and_finetune(setup, tmp_path):
+    assert main(["-q", "knn", *_common(setup, tmp_path / "knn", "--layers", "-1", "--k", "5,100",
+                                       "--train-chunk-size", "7")]) == 0
+    res = json.loads((tmp_path / "knn" / "knn.json").read_text())
+    assert [(r["layer"], r["k"], r["k_used"]) for r in res["results"]] == [(3, 5, 5), (3, 100, 24)]
+    assert main(["-q", "finetune", *_common(setup, tmp_path / "ft", "--epochs", "1", "--warmup-epochs", "0",
+                                            "--batch-size", "8", "--lr", "1e-3", "--ema")]) == 0
+    assert (tmp_path / "ft" / "checkpoint-best.pt").is_file() and (tmp_path / "ft" / "checkpoint-last.pt").is_file()
+    hist = json.loads((tmp_path / "ft" / "finetune.json").read_text())["history"]
+    assert len(hist) == 1 and "ema_top1" in hist[0]
+
+
+def test_reconstruct(setup, tmp_path):
+    out = tmp_path / "rec"
+    assert main(["-q", "reconstruct", "--checkpoints", f"mine={setup['run']}", "--data", str(setup["data"] / "val"),
+                 "--out", str(out), "--num-workers", "0", "--device", "cpu", "--figure-images", "2",
+                 "--no-progress"]) == 0
+    res = json.loads((out / "reconstruct.json").read_text())
+    assert res["results"][0]["model"] == "mine" and res["results"][0]["num_images"] == 12
+    assert (out / "reconstructions.png").is_file()
+
+
+def test_bad_input_is_one_line(setup, tmp_path, capsys):
+    def err(argv):
+        assert main(argv) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.startswith("kamim: error: ") and "\n" not in msg and "Traceback" not in msg
+        return msg
+
+    assert "valid layers are 1..3" in err(["-q", "linprobe", *_common(setup, tmp_path / "x", "--layers", "7")])
+    assert "3x48x48 but the model expects 3x32x32" in err(
+        ["-q", "knn", *_common(setup, tmp_path / "x", "--img-size", "48")])
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["data"], bad)
+    shutil.copytree(bad / "val" / "coffee", bad / "val" / "zebra")
+    args = _common(setup, tmp_path / "x")
+    args[args.index("--data") + 1] = str(bad)
+    assert "zebra" in err(["-q", "knn", *args])
+    assert "not a checkpoint file" in err(["-q", "finetune", "--checkpoint", str(tmp_path / "missing.pt"),
+                                           "--data", str(setup["data"]), "--out", str(tmp_path / "x")])
+    assert "mask_ratio" in err(["-q", "reconstruct", "--checkpoints", str(setup["run"]), "--data", "x",
+                                "--out", str(tmp_path / "x"), "--mask-ratio", "1.5"])

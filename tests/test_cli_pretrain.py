@@ -1,0 +1,137 @@
+"""The ``kamim`` command: help, presets, pretrain, sweep, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kamim.cli import build_parser, main
+from kamim.config import list_presets
+from kamim.data import write_demo_folder
+from kamim.metrics_log import read_metrics
+from kamim.serialization import safe_load
+
+SMALL = [
+    "model.img_size=48", "model.overrides={embed_dim: 32, depth: 2, num_heads: 2}", "optim.batch_size=6",
+    "run.progress=false", "run.ckpt_every_steps=0", "run.max_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_folder(tmp_path_factory.mktemp("demo"), crops_per_photo=1, max_side=96)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # exactly one line, no traceback
+    assert err[0].startswith("kamim: error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ["pretrain", "sweep", "presets"]),
+    (["pretrain"], ["--config", "--data", "--out", "--set", "--resume"]),
+    (["sweep"], ["--detectors", "--weight-patch-sizes", "--temperatures", "--set", "--out"]),
+    (["presets"], ["usage: kamim presets"]),
+])
+def test_help(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in expected:
+        assert word in out
+
+
+def test_parser_is_extensible():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) >= {"pretrain", "sweep", "presets"}
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    names = [ln.split()[0] for ln in capsys.readouterr().out.strip().splitlines()]
+    assert names == list_presets() and "tiny_kamim" in names
+
+
+def test_bad_inputs_print_one_line_and_exit_2(tmp_path, demo, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["pretrain", "--config", "tiny_kamim", "--data", str(empty), "--out", str(tmp_path / "o")], str(empty)),
+        (["pretrain", "--config", "tiny_kamim", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+         str(tmp_path / "missing")),
+        (["pretrain", "--config", "kamim_vit_zz", "--out", str(tmp_path / "o")], "unknown preset 'kamim_vit_zz'"),
+        (["pretrain", "--config", "tiny_kamim", "--data", str(demo), "--out", str(tmp_path / "o"),
+          "--set", "kamim.temperature=0"], "kamim.temperature=0.0 must be > 0"),
+        (["pretrain", "--config", "tiny_kamim", "--data", str(demo), "--out", str(tmp_path / "o"),
+          "--set", "kamim.temprature=1"], "unknown config key 'kamim.temprature'"),
+        (["pretrain", "--config", "tiny_kamim", "--data", str(demo), "--out", str(tmp_path / "o"),
+          "--resume", str(tmp_path / "nowhere")], "resume checkpoint not found"),
+        (["sweep", "--config", "tiny_simmim", "--data", str(demo), "--out", str(tmp_path / "s")],
+         "a sweep varies KAMIM settings but the config has method='simmim'"),
+        (["sweep", "--config", "tiny_kamim", "--data", str(demo), "--out", str(tmp_path / "s"),
+          "--weight-patch-sizes", "8,7"], "kamim.weight_patch_size=7 must divide model.img_size=96"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        assert expected in _error_line(capsys), argv
+    assert not (tmp_path / "o").exists()  # failed runs leave no empty run directory
+
+
+def test_error_exit_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kamim.cli", "pretrain", "--config", "tiny_kamim", "--out", str(tmp_path),
+         "--set", "mask.mask_ratio=1.5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kamim: error: mask.mask_ratio=1.5 must be in (0, 1)"
+
+
+def test_pretrain_command_prints_outputs_and_resumes(tmp_path, demo, capsys):
+    out = tmp_path / "run"
+    argv = ["-q", "pretrain", "--config", "tiny_simmim", "--data", str(demo), "--out", str(out), "--set", *SMALL]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"checkpoint: {out / 'checkpoint-last.pt'}", f"encoder:    {out / 'encoder.safetensors'}"]
+    assert safe_load(out / "checkpoint-last.pt")["step"] == 2
+    # --resume auto continues the run when max_steps grows
+    assert main([*argv, "run.max_steps=3"]) == 0
+    assert safe_load(out / "checkpoint-last.pt")["step"] == 3
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_sweep_writes_table_and_reuses_finished_runs(tmp_path, demo, capsys):
+    out = tmp_path / "sweep"
+    argv = ["-q", "sweep", "--config", "tiny_kamim", "--data", str(demo), "--out", str(out),
+            "--detectors", "fast,sift", "--weight-patch-sizes", "8", "--temperatures", "0.25,1", "--set", *SMALL]
+    assert main(argv) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    table = json.loads((out / "results.json").read_text())
+    assert [(r["detector"], r["weight_patch_size"], r["temperature"]) for r in table] == [
+        ("fast", 8, 0.25), ("fast", 8, 1.0), ("sift", 8, 0.25), ("sift", 8, 1.0)]
+    assert [r["status"] for r in table] == ["trained"] * 4
+    for r, c in zip(table, rows):
+        run = out / f"{r['detector']}_wps8_T{r['temperature']:g}"
+        assert r["run_dir"] == str(run) == c["run_dir"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert r["final_loss"] == summary["final_loss"] == read_metrics(run / "metrics.jsonl")[-1]["loss"]
+        assert float(c["final_loss"]) == pytest.approx(r["final_loss"])
+        ckpt = safe_load(run / "checkpoint-last.pt")
+        assert ckpt["config"]["kamim"]["detector"] == r["detector"]
+        assert ckpt["config"]["kamim"]["temperature"] == r["temperature"]
+    # FAST finds keypoints in these crops; a higher temperature flattens the weights towards 1, so the
+    # weighted loss on the same batches is lower
+    assert table[1]["final_loss"] < table[0]["final_loss"]
+    capsys.readouterr()
+    assert main(argv) == 0  # second call: every point is reused, nothing retrained
+    again = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in again] == ["reused"] * 4
+    assert [r["final_loss"] for r in again] == [r["final_loss"] for r in table]
+    assert "results:" in capsys.readouterr().out
