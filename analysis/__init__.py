@@ -1,1 +1,55 @@
-"""Model-agnostic representation analysis for vision transformers."""
+"""Model-agnostic representation analysis for vision transformers.
+
+Pure functions on tensors plus streaming accumulators (bounded memory, batch-size invariant) for
+any timm ViT (any depth, patch size, image size, prefix tokens); geometry comes from the model.
+Layers are numbered ``1..L`` (block ``l - 1``), ``0`` is the embedding. Entry point for a whole
+dataset: :func:`analysis.runner.run_analyses`.
+"""
+from .attention import (
+    PatchAttention,
+    AttentionDistance,
+    AttentionEntropy,
+    AttentionNMI,
+    attention_distance,
+    attention_entropy,
+    attention_maps,
+    normalized_mutual_information,
+    uniform_attention_distance,
+    uniform_attention_entropy,
+    uniform_nmi,
+)
+from .attribution import ProbeClassifier, integrated_gradients, patch_occlusion
+from .capture import (
+    Captured,
+    SwinCapture,
+    SwinGeometry,
+    ViTCapture,
+    ViTGeometry,
+    capture,
+    geometry_from_dict,
+    model_geometry,
+)
+from .fourier import FourierAccumulator, delta_log_amplitude, fourier_frequencies
+from .results import AnalysisResult, Record, records_to_frame
+from .rollout import RolloutMap, attention_rollout, rollout_map
+from .runner import ANALYSES, cross_model_cka, run_analyses
+from .similarity import (
+    AttentionSimilarity,
+    CKAAccumulator,
+    HeadSimilarity,
+    attention_similarity,
+    head_similarity,
+    linear_cka,
+)
+from .tokens import AttentionShift, Reservoir, pre_post_pca, tsne_embedding
+
+__all__ = [
+    "ANALYSES", "AnalysisResult", "AttentionDistance", "AttentionEntropy", "AttentionNMI", "AttentionShift",
+    "AttentionSimilarity", "CKAAccumulator", "Captured", "FourierAccumulator", "HeadSimilarity", "ProbeClassifier",
+    "PatchAttention", "Record", "Reservoir", "RolloutMap", "SwinCapture", "SwinGeometry", "ViTCapture", "ViTGeometry",
+    "attention_distance", "attention_entropy", "attention_maps", "attention_rollout", "attention_similarity",
+    "capture", "cross_model_cka", "geometry_from_dict", "delta_log_amplitude", "fourier_frequencies", "head_similarity",
+    "integrated_gradients", "linear_cka", "model_geometry", "normalized_mutual_information", "patch_occlusion",
+    "pre_post_pca", "records_to_frame", "rollout_map", "run_analyses", "tsne_embedding",
+    "uniform_attention_distance", "uniform_attention_entropy", "uniform_nmi",
+]

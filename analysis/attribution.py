@@ -1,0 +1,123 @@
+"""Input attributions with captum for a ViT classifier or a linear-probe head on a ViT.
+
+* :func:`integrated_gradients`: ``captum.attr.IntegratedGradients`` (``internal_batch_size`` bounds
+  memory); the map is the attribution summed over colour channels (so by completeness the map sums
+  to about ``f(x) - f(baseline)`` for the target logit).
+* :func:`patch_occlusion`: ``captum.attr.Occlusion`` with windows and strides equal to the model's
+  patch size (one occluded token per evaluation, aligned with the token grid); the map holds, at
+  every pixel of a patch, the drop of the target logit when that patch is replaced by the baseline.
+
+Both return ``(B, H, W)`` float32 maps. The target defaults to the predicted class. The model's
+``training`` flags are restored afterwards; parameter gradients are never accumulated.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .capture import _frozen_state, ViTGeometry, is_vit, unwrap_backbone
+
+__all__ = ["ProbeClassifier", "predicted_class", "integrated_gradients", "patch_occlusion", "attribute", "ATTRIBUTION_METHODS"]
+
+ATTRIBUTION_METHODS = ("integrated-gradients", "occlusion")
+
+
+class ProbeClassifier(nn.Module):
+    """A ViT backbone with a (linear-probe) head on the pooled tokens of one layer.
+
+    ``layer`` in ``1..L`` (default: last block); ``pool`` ``"mean"`` (patch tokens, as the KAMIM
+    reference probe) or ``"cls"``; ``norm`` applies the backbone's final norm to that layer.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, layer: int | None = None, pool: str = "mean",
+                 norm: bool = False) -> None:
+        super().__init__()
+        self.backbone = unwrap_backbone(backbone)
+        if not is_vit(self.backbone):
+            raise TypeError(f"ProbeClassifier needs a timm VisionTransformer, got {type(self.backbone).__name__}")
+        geometry = ViTGeometry.from_model(self.backbone)
+        self.layer = geometry.depth if layer is None else geometry.check_layer(layer)
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"unknown pool {pool!r}; expected 'mean' or 'cls'")
+        if pool == "cls" and not geometry.has_class_token:
+            raise ValueError("pool='cls' needs a model with a class token")
+        self.head, self.pool, self.norm = head, pool, norm
+
+    def forward(self, images: Tensor) -> Tensor:
+        (item,) = self.backbone.forward_intermediates(
+            images, indices=[self.layer - 1], return_prefix_tokens=self.pool == "cls", norm=self.norm,
+            stop_early=True, output_fmt="NLC", intermediates_only=True,
+        )
+        features = item[1][:, 0] if self.pool == "cls" else item.mean(1)
+        return self.head(features)
+
+
+def _target(classifier: nn.Module, images: Tensor, target: Tensor | Sequence[int] | int | None) -> Tensor:
+    if target is None:
+        with torch.no_grad():
+            logits = classifier(images)
+        if logits.ndim != 2:
+            raise ValueError(f"the classifier must return (B, classes) logits, got {tuple(logits.shape)}")
+        return logits.argmax(-1)
+    target = torch.as_tensor(target, device=images.device, dtype=torch.long)
+    return target.expand(images.shape[0]) if target.ndim == 0 else target
+
+
+def predicted_class(classifier: nn.Module, images: Tensor) -> Tensor:
+    """Arg-max class of ``classifier(images)`` in eval mode (training flags restored)."""
+    with _frozen_state(classifier):
+        return _target(classifier, images, None)
+
+
+def _check(classifier: nn.Module, images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {getattr(images, 'shape', type(images).__name__)}")
+    if getattr(classifier, "num_classes", None) == 0:
+        raise ValueError("the model has no classifier head (num_classes=0): wrap it in ProbeClassifier(model, head)")
+
+
+def integrated_gradients(classifier: nn.Module, images: Tensor, target: Tensor | Sequence[int] | int | None = None, *,
+                         n_steps: int = 32, internal_batch_size: int = 16, baselines: float | Tensor = 0.0) -> Tensor:
+    """Integrated Gradients map ``(B, H, W)``: attribution summed over channels."""
+    from captum.attr import IntegratedGradients
+
+    _check(classifier, images)
+    with _frozen_state(classifier):
+        tgt = _target(classifier, images, target)
+        attr = IntegratedGradients(classifier).attribute(
+            images, baselines=baselines, target=tgt, n_steps=n_steps, internal_batch_size=internal_batch_size
+        )
+    return attr.detach().float().sum(1)
+
+
+def patch_occlusion(classifier: nn.Module, images: Tensor, patch_size: int | Sequence[int],
+                    target: Tensor | Sequence[int] | int | None = None, *, baselines: float | Tensor = 0.0,
+                    perturbations_per_eval: int = 16) -> Tensor:
+    """Occlusion map ``(B, H, W)`` with patch-aligned windows/strides (``patch_size`` from the geometry)."""
+    from captum.attr import Occlusion
+
+    _check(classifier, images)
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(int(v) for v in patch_size)
+    c, h, w = images.shape[1:]
+    if h % ph or w % pw:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+    with _frozen_state(classifier), torch.no_grad():
+        tgt = _target(classifier, images, target)
+        attr = Occlusion(classifier).attribute(
+            images, sliding_window_shapes=(c, ph, pw), strides=(c, ph, pw), baselines=baselines, target=tgt,
+            perturbations_per_eval=perturbations_per_eval,
+        )
+    return attr.detach().float().mean(1)
+
+
+def attribute(classifier: nn.Module, images: Tensor, method: str, *, patch_size: int | Sequence[int],
+              target: Tensor | Sequence[int] | int | None = None, n_steps: int = 32, internal_batch_size: int = 16,
+              perturbations_per_eval: int = 16) -> Tensor:
+    """Dispatch to :func:`integrated_gradients` or :func:`patch_occlusion` by ``method`` name."""
+    if method == "integrated-gradients":
+        return integrated_gradients(classifier, images, target, n_steps=n_steps, internal_batch_size=internal_batch_size)
+    if method == "occlusion":
+        return patch_occlusion(classifier, images, patch_size, target, perturbations_per_eval=perturbations_per_eval)
+    raise ValueError(f"unknown attribution method {method!r}; expected one of {ATTRIBUTION_METHODS}")

@@ -1,0 +1,134 @@
+"""Fourier analysis of token maps: relative log amplitude from frequency 0 to pi.
+
+Follows naver-ai/cl-vs-mim: patch tokens (prefix removed) are laid out as ``(B, C, h, h)``,
+``log(|FFT2| + 1e-6)`` is taken per channel, averaged over images and channels, shifted so
+frequency 0 sits at index ``h // 2`` (the notebook's roll by ``h / 2``), and the diagonal from the
+centre to the last element (``h - h // 2`` values: frequencies ``(2 pi k / h, 2 pi k / h)``) is
+taken relative to its first value. The last value is the "high-frequency" log amplitude.
+
+Only those ``h - h // 2`` diagonal coefficients are used, so instead of a full FFT we project the
+tokens on the matching DFT basis vectors ``exp(-2 pi i k (y + x) / h)`` (one float64 matmul,
+exactly the same coefficients as ``fft2``; :func:`log_amplitude` still gives the full 2-D map).
+Streaming is exact: per-image channel-mean log amplitudes are summed in float64.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "log_amplitude",
+    "diagonal_log_amplitude",
+    "delta_log_amplitude",
+    "fourier_frequencies",
+    "FourierAccumulator",
+]
+
+EPS = 1e-6
+
+
+def _square_side(grid: int | Sequence[int]) -> int:
+    if isinstance(grid, int):
+        return grid
+    h, w = (int(v) for v in grid)
+    if h != w:
+        raise ValueError(f"Fourier analysis needs a square token grid, got {h}x{w}")
+    return h
+
+
+def _check_tokens(tokens: Tensor, side: int, num_prefix_tokens: int) -> None:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be (B, N, C), got {shape}")
+    n = tokens.shape[1]
+    if n != num_prefix_tokens + side * side:
+        raise ValueError(
+            f"tokens have {n} entries but grid {side}x{side} + {num_prefix_tokens} prefix tokens = "
+            f"{num_prefix_tokens + side * side}"
+        )
+
+
+def log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
+    """Per-image channel-mean ``log(|FFT2| + 1e-6)`` map ``(B, h, h)`` (float32, unshifted)."""
+    side = _square_side(grid)
+    _check_tokens(tokens, side, num_prefix_tokens)
+    b, _, c = tokens.shape
+    x = tokens[:, num_prefix_tokens:].float().transpose(1, 2).reshape(b, c, side, side)
+    return torch.log(torch.fft.fft2(x).abs() + EPS).mean(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _diagonal_basis(side: int, device: str) -> Tensor:
+    """``(2F, N)`` float64: cos then sin of ``2 pi k (y + x) / side`` for ``k < F = side - side // 2``."""
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    k = torch.arange(side - side // 2, dtype=torch.float64)
+    angle = 2 * math.pi * k[:, None] * (ys + xs).flatten()[None, :] / side  # (F, N)
+    return torch.cat([torch.cos(angle), torch.sin(angle)]).to(device)
+
+
+def diagonal_log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
+    """Per-image channel-mean ``log(|F(k, k)| + 1e-6)`` for ``k = 0..h - h//2 - 1``: ``(B, h - h//2)`` float64."""
+    side = _square_side(grid)
+    _check_tokens(tokens, side, num_prefix_tokens)
+    basis = _diagonal_basis(side, str(tokens.device))
+    coeffs = basis @ tokens[:, num_prefix_tokens:].double()  # (B, 2F, C): real parts, then imaginary parts
+    f = basis.shape[0] // 2
+    return torch.log(torch.hypot(coeffs[:, :f], coeffs[:, f:]) + EPS).mean(-1)
+
+
+def delta_log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
+    """Relative log amplitude ``(h - h // 2,)`` (float64) from frequency 0 to ``2 pi (h - h//2 - 1) / h``."""
+    curve = diagonal_log_amplitude(tokens, grid, num_prefix_tokens).mean(0)
+    return curve - curve[0]
+
+
+def fourier_frequencies(grid: int | Sequence[int]) -> Tensor:
+    """Frequencies of :func:`delta_log_amplitude` in units of pi: ``2 k / h`` for ``k = 0..h - h//2 - 1``."""
+    side = _square_side(grid)
+    return torch.arange(side - side // 2, dtype=torch.float64) * 2.0 / side
+
+
+class FourierAccumulator:
+    """Streaming :func:`delta_log_amplitude` for several layers (e.g. embedding + every block).
+
+    ``update(tokens_per_layer)`` takes one ``(B, N, C)`` tensor per layer (same images);
+    ``compute()`` returns ``(num_layers, h - h // 2)`` float64.
+    """
+
+    def __init__(self, grid: int | Sequence[int], num_prefix_tokens: int = 1, num_layers: int | None = None) -> None:
+        self.side = _square_side(grid)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_layers = num_layers
+        self._sum: Tensor | None = None
+        self.images = 0
+
+    def update(self, tokens_per_layer: Sequence[Tensor] | Tensor) -> None:
+        if isinstance(tokens_per_layer, Tensor):
+            tokens_per_layer = [tokens_per_layer]
+        tokens_per_layer = list(tokens_per_layer)
+        if self.num_layers is None:
+            self.num_layers = len(tokens_per_layer)
+        if len(tokens_per_layer) != self.num_layers:
+            raise ValueError(f"expected tokens for {self.num_layers} layers, got {len(tokens_per_layer)}")
+        batch = {t.shape[0] for t in tokens_per_layer}
+        if len(batch) != 1:
+            raise ValueError(f"all layers must hold the same images, got batch sizes {sorted(batch)}")
+        curves = torch.stack(
+            [diagonal_log_amplitude(t, self.side, self.num_prefix_tokens).sum(0).cpu() for t in tokens_per_layer]
+        )
+        self._sum = curves if self._sum is None else self._sum + curves
+        self.images += batch.pop()
+
+    def compute(self) -> Tensor:
+        if self._sum is None or self.images == 0:
+            raise ValueError("FourierAccumulator: no images accumulated")
+        mean = self._sum / self.images
+        return mean - mean[:, :1]
+
+    def frequencies(self) -> Tensor:
+        return fourier_frequencies(self.side)
