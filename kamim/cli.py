@@ -91,12 +91,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from kamim.engine.sweep import PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
+    from kamim.engine.sweep import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 
     p = sub.add_parser(
         "sweep", help="KAMIM grid over detectors x weight patch sizes x temperatures",
         description="One run directory per grid point under OUT (finished points are reused, interrupted "
-                    "ones resumed) and a results table OUT/results.csv + OUT/results.json.",
+                    "ones resumed) and a results table OUT/results.csv + OUT/results.json. Final losses are "
+                    "not comparable across temperatures (the KAMIM weights scale the loss): give --eval-data "
+                    "to add an evaluation column (top-1 as a fraction in [0, 1]; the table is printed best "
+                    "first). Recorded evaluations of unchanged encoders are reused on rerun.",
     )
     add_config_arguments(p)
     p.add_argument("--data", default=None, metavar="PATH", help="training data (default: the config's data.path)")
@@ -107,20 +110,44 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    metavar="W1,W2", help="default: %(default)s (the paper's grid)")
     p.add_argument("--temperatures", type=_csv_list(float), default=list(PAPER_TEMPERATURES),
                    metavar="T1,T2", help="default: %(default)s (the paper's grid)")
+    g = p.add_argument_group("evaluation of each run's encoder")
+    g.add_argument("--eval-data", default=None, metavar="PATH",
+                   help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision "
+                        "dataset, demo-photos or demo-digits (enables evaluation)")
+    g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=["knn"], metavar="M1,M2",
+                   help=f"evaluations, some of {','.join(EVAL_METHODS)}; the first sorts the table "
+                        "(default: knn)")
+    g.add_argument("--eval-layer", default="default", metavar="LAYER",
+                   help="one layer: 'default' (block 8 of 12, scaled to depth), 'last' or a block index")
+    g.add_argument("--eval-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=128, help="default: %(default)s")
+    g.add_argument("--linprobe-epochs", type=int, default=10, help="linear probe epochs (default: %(default)s)")
     p.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from kamim.engine.sweep import sweep
+    from kamim.engine.sweep import SweepEval, result_fields, sort_by_metric, sweep
 
     cfg = load_config_from_args(args)
-    rows = sweep(cfg, args.data, args.out, detectors=args.detectors,
-                 weight_patch_sizes=args.weight_patch_sizes, temperatures=args.temperatures)
+    evaluation = None
+    if args.eval_data is not None:
+        evaluation = SweepEval(
+            data=args.eval_data, methods=tuple(args.eval_methods), layer=args.eval_layer, k=args.eval_k,
+            batch_size=args.eval_batch_size, linprobe_epochs=args.linprobe_epochs,
+        ).validate()
+    elif args.eval_methods != ["knn"]:
+        raise ValueError("--eval needs --eval-data (labelled data to evaluate each run's encoder on)")
+    rows = sweep(cfg, args.data, args.out, detectors=args.detectors, weight_patch_sizes=args.weight_patch_sizes,
+                 temperatures=args.temperatures, evaluation=evaluation)
     if _is_main():
-        for r in rows:
-            loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-            print(f"{r['detector']:>6} w_ps={r['weight_patch_size']:<3} T={r['temperature']:<5g} "
-                  f"loss={loss} ({r['status']}) {r['run_dir']}")
+        from kamim.eval.common import format_table
+
+        title = "sweep results"
+        if evaluation is not None:
+            metric = evaluation.metric(evaluation.methods[0])
+            rows = sort_by_metric(rows, metric)
+            title += f", best {metric} first"
+        print(format_table(rows, columns=result_fields(evaluation), title=title))
         print(f"results: {Path(args.out) / 'results.csv'}")
     return 0
 

@@ -1,8 +1,6 @@
 """The ``kamim`` command: help, presets, pretrain, sweep, and one-line errors with exit status 2."""
 from __future__ import annotations
 
-import csv
-import json
 import subprocess
 import sys
 
@@ -105,33 +103,3 @@ def test_pretrain_command_prints_outputs_and_resumes(tmp_path, demo, capsys):
     assert safe_load(out / "checkpoint-last.pt")["step"] == 3
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
-
-def test_sweep_writes_table_and_reuses_finished_runs(tmp_path, demo, capsys):
-    out = tmp_path / "sweep"
-    argv = ["-q", "sweep", "--config", "tiny_kamim", "--data", str(demo), "--out", str(out),
-            "--detectors", "fast,sift", "--weight-patch-sizes", "8", "--temperatures", "0.25,1", "--set", *SMALL]
-    assert main(argv) == 0
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    table = json.loads((out / "results.json").read_text())
-    assert [(r["detector"], r["weight_patch_size"], r["temperature"]) for r in table] == [
-        ("fast", 8, 0.25), ("fast", 8, 1.0), ("sift", 8, 0.25), ("sift", 8, 1.0)]
-    assert [r["status"] for r in table] == ["trained"] * 4
-    for r, c in zip(table, rows):
-        run = out / f"{r['detector']}_wps8_T{r['temperature']:g}"
-        assert r["run_dir"] == str(run) == c["run_dir"]
-        summary = json.loads((run / "summary.json").read_text())
-        assert r["final_loss"] == summary["final_loss"] == read_metrics(run / "metrics.jsonl")[-1]["loss"]
-        assert float(c["final_loss"]) == pytest.approx(r["final_loss"])
-        ckpt = safe_load(run / "checkpoint-last.pt")
-        assert ckpt["config"]["kamim"]["detector"] == r["detector"]
-        assert ckpt["config"]["kamim"]["temperature"] == r["temperature"]
-    # FAST finds keypoints in these crops; a higher temperature flattens the weights towards 1, so the
-    # weighted loss on the same batches is lower
-    assert table[1]["final_loss"] < table[0]["final_loss"]
-    capsys.readouterr()
-    assert main(argv) == 0  # second call: every point is reused, nothing retrained
-    again = json.loads((out / "results.json").read_text())
-    assert [r["status"] for r in again] == ["reused"] * 4
-    assert [r["final_loss"] for r in again] == [r["final_loss"] for r in table]
-    assert "results:" in capsys.readouterr().out
