@@ -507,6 +507,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must be in [0, 1)")
     if o.clip_grad is not None and o.clip_grad < 0:
         raise ConfigError(f"optim.clip_grad={o.clip_grad} must be >= 0 (0 or null disables clipping)")
+    from timm.optim import list_optimizers
+
+    if o.opt.lower() not in list_optimizers():
+        raise ConfigError(f"optim.opt={o.opt!r} is not a timm optimizer; e.g. adamw, lamb, sgd, lars")
 
     r = cfg.run
     _check_choice("run.amp", r.amp, AMP_MODES)

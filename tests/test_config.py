@@ -128,6 +128,7 @@ def test_base_inheritance_from_user_file(tmp_path):
     ("colour=red", "unknown config key 'colour'; valid keys: method, model"),
     ("kamim.temperature.x=1", "config key 'kamim.temperature' has no sub-keys"),
     ("noequals", "bad override 'noequals': expected key.sub=value"),
+    ("optim.opt=adamx", "optim.opt='adamx' is not a timm optimizer"),
 ])
 def test_validation_errors_are_one_line_and_name_the_value(override, message):
     with pytest.raises(ConfigError) as err:

@@ -430,3 +430,32 @@ def test_optional_loggers_are_lazy(flag, tmp_path):
             MetricsLogger(tmp_path / flag, **{flag: True})
     else:
         pytest.skip(f"{flag} is installed")
+
+
+def test_gradients_are_clipped_to_clip_grad(demo30, tmp_path, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    norms: list[tuple[float, float, float]] = []
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = float(real_clip(params, float("inf")))
+        out = real_clip(params, max_norm, *args, **kwargs)
+        after = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        norms.append((before, after, max_norm))
+        return out
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    pretrain(small_cfg("kamim", "optim.clip_grad=0.001", "run.max_steps=3"), demo30, tmp_path / "clip", resume="none")
+    assert len(norms) == 3
+    for before, after, max_norm in norms:
+        assert max_norm == 0.001
+        assert before > max_norm  # clipping really had something to do
+        assert after == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_model_overrides_and_mask_geometry_errors_name_the_value(demo30, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.overrides=.*'colour'.*rejected by 'vit_pico'"):
+        pretrain(small_cfg("kamim", "model.overrides={colour: 1}"), demo30, tmp_path / "a", resume="none")
+    # 12 px mask blocks divide the 48 px image but not the 8 px model patches
+    with pytest.raises(ValueError, match=r"mask_patch_size.*12.*8"):
+        pretrain(small_cfg("kamim", "mask.mask_patch_size=12"), demo30, tmp_path / "b", resume="none")

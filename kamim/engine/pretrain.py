@@ -131,14 +131,20 @@ def build_model(cfg: Config) -> nn.Module:
 
         from kamim.models.moco import MoCoV3
 
-        encoder, spec = create_encoder(cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+        try:
+            encoder, spec = create_encoder(cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+        except TypeError as e:
+            raise ConfigError(f"model.overrides={overrides!r} rejected by {cfg.model.arch!r}: {e}") from None
         if not isinstance(encoder, VisionTransformer):
             raise ConfigError(f"method=moco needs a ViT arch, got model.arch={cfg.model.arch!r}")
         m = cfg.moco
         return MoCoV3(encoder, spec, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, momentum=m.momentum)
     if cfg.method == "kamim":
         overrides.update(temperature=cfg.kamim.temperature, loss_normalize=cfg.kamim.normalize)
-    return create_pretrain_model(cfg.method, cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+    try:
+        return create_pretrain_model(cfg.method, cfg.model.arch, img_size=cfg.model.img_size, **overrides)
+    except TypeError as e:  # an unknown model.overrides key reaches timm's constructor
+        raise ConfigError(f"model.overrides={dict(cfg.model.overrides)!r} rejected by {cfg.model.arch!r}: {e}") from None
 
 
 def model_patch_size(model: nn.Module) -> int:
