@@ -1,0 +1,115 @@
+"""The paper's architectures (ViT-T/S/B at 192 px, Swin-T/B with window 6) and tiny CPU presets.
+
+Every encoder is a plain timm model built with ``pretrained=False, num_classes=0``; its spec
+``{"model_name", "kwargs"}`` (with ``img_size`` and ``patch_size`` always stored) recreates it exactly
+with ``timm.create_model(spec["model_name"], **spec["kwargs"])``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+from kamim.models.moco import MoCoV3
+from kamim.models.simmim import SimMIM
+
+__all__ = ["PRESETS", "METHODS", "create_encoder", "create_pretrain_model"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper: 192 px, patch 16 (12x12 tokens); widths 192/384/768, heads 3/6/12, 12 layers.
+    "vit_t": {"model_name": "vit_tiny_patch16_224", "kwargs": {"img_size": 192, "patch_size": 16}},
+    "vit_s": {"model_name": "vit_small_patch16_224", "kwargs": {"img_size": 192, "patch_size": 16}},
+    "vit_b": {"model_name": "vit_base_patch16_224", "kwargs": {"img_size": 192, "patch_size": 16}},
+    # Paper: Swin-T/B, patch 4, window 6 at 192 px (grids 48/24/12/6).
+    "swin_t": {
+        "model_name": "swin_tiny_patch4_window7_224",
+        "kwargs": {"img_size": 192, "patch_size": 4, "window_size": 6},
+    },
+    "swin_b": {
+        "model_name": "swin_base_patch4_window7_224",
+        "kwargs": {"img_size": 192, "patch_size": 4, "window_size": 6},
+    },
+    # CPU presets. vit_pico keeps the paper's 12x12 token grid (96 px / patch 8); its MoCo heads are
+    # scaled down with it (MoCo v3's 4096-wide MLPs would be 25x the size of the encoder).
+    "vit_pico": {
+        "model_name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 96, "patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3},
+        "moco": {"dim": 128, "mlp_dim": 1024},
+    },
+    # swin_pico: 96 px, patch 4 -> grids 24/12/6/3, window 3, stride 32 like Swin-T/B.
+    "swin_pico": {
+        "model_name": "swin_tiny_patch4_window7_224",
+        "kwargs": {
+            "img_size": 96,
+            "patch_size": 4,
+            "window_size": 3,
+            "embed_dim": 32,
+            "depths": (1, 1, 2, 1),
+            "num_heads": (1, 2, 4, 8),
+        },
+    },
+}
+
+METHODS = ("simmim", "kamim", "moco")
+
+
+def _preset(arch: str) -> dict[str, Any]:
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[arch])
+
+
+def create_encoder(arch: str, img_size: int | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the timm encoder of preset ``arch`` (``pretrained=False, num_classes=0``) and its spec.
+
+    ``img_size`` and any timm keyword ``overrides`` (e.g. ``patch_size``, ``drop_path_rate``,
+    ``reg_tokens``) replace the preset's values and are recorded in the spec.
+    """
+    preset = _preset(arch)
+    kwargs = {**preset["kwargs"], "num_classes": 0, **overrides}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if kwargs.get("pretrained"):
+        raise ValueError("pretrained weights are never downloaded; use kamim.checkpoints.load_encoder instead")
+    kwargs.pop("pretrained", None)
+    model = timm.create_model(preset["model_name"], pretrained=False, **kwargs)
+    # Tuples become lists in YAML/JSON configs; store lists so the spec round-trips through them unchanged.
+    spec = {"model_name": preset["model_name"], "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    return model, spec
+
+
+def create_pretrain_model(
+    method: str,
+    arch: str,
+    *,
+    img_size: int | None = None,
+    temperature: float | None = None,
+    loss_normalize: str = "mask",
+    moco_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Pretraining model ``method`` in {"simmim", "kamim", "moco"} on preset ``arch``.
+
+    ``temperature`` is KAMIM's T (required for "kamim", ignored by "simmim"; MoCo's InfoNCE temperature
+    is ``moco_kwargs["temperature"]``, default 0.2). ``moco_kwargs`` (dim, mlp_dim, temperature, momentum,
+    fixed_sincos_pos_embed) update the preset's MoCo settings; ``overrides`` go to the timm encoder.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    preset = _preset(arch)  # validate before building anything
+    if method == "kamim" and temperature is None:
+        raise ValueError("method 'kamim' needs a temperature (paper: 0.25)")
+    encoder, spec = create_encoder(arch, img_size=img_size, **overrides)
+    if method == "moco":
+        if not arch.startswith("vit"):
+            raise ValueError(f"method 'moco' needs a ViT arch, got {arch!r}; valid: "
+                             f"{', '.join(a for a in PRESETS if a.startswith('vit'))}")
+        return MoCoV3(encoder, spec, **{**preset.get("moco", {}), **(moco_kwargs or {})})
+    return SimMIM(
+        encoder,
+        loss_normalize=loss_normalize,
+        temperature=temperature if method == "kamim" else None,
+        encoder_spec=spec,
+    )
