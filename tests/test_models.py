@@ -315,7 +315,8 @@ def test_moco_sincos_frozen_and_correct():
     rows = []
     for i in range(4):
         for j in range(4):
-            rows.append(torch.cat([torch.sin(i * omega), torch.sin(j * omega), torch.cos(i * omega), torch.cos(j * omega)]))
+            a, b = i * omega, j * omega
+            rows.append(torch.cat([torch.sin(a), torch.sin(b), torch.cos(a), torch.cos(b)]))
     torch.testing.assert_close(pe[0, 1:].double(), torch.stack(rows), atol=1e-6, rtol=0)
     model({"view1": torch.randn(4, 3, 32, 32), "view2": torch.randn(4, 3, 32, 32)})["loss"].backward()
     assert pe.grad is None
@@ -370,7 +371,8 @@ def test_moco_momentum_schedule_and_update():
         for p in [*model.encoder.parameters(), *model.projector.parameters()]:
             p.add_(0.1)
     online = [p.detach().clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]]
-    before = [p.detach().clone() for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]]
+    momentum = [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]
+    before = [p.detach().clone() for p in momentum]
     model.on_after_optimizer_step(25, 100)
     m = 1 - 0.1 * (math.cos(math.pi * 0.25) + 1) / 2
     assert model.current_momentum == pytest.approx(m)

@@ -314,6 +314,11 @@ class _Trainer:
         # randomness (drop path, ...) then differs per rank.
         _seed_all(cfg.run.seed)
         self.model = build_model(cfg).to(self.device)
+        if info.world_size > 1 and self.device.type == "cuda":
+            # MoCo v3 normalises its projector/predictor with batch statistics over the global
+            # batch; SyncBatchNorm keeps the parameters, so the optimizer is unaffected. (torch's
+            # SyncBatchNorm runs on GPUs only: CPU/gloo runs keep per-rank statistics.)
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         _seed_all(cfg.run.seed + info.rank)
 
         self.dataset = build_pretrain_dataset(cfg, self.model)

@@ -76,7 +76,8 @@ def create_encoder(arch: str, img_size: int | None = None, **overrides: Any) -> 
     kwargs.pop("pretrained", None)
     model = timm.create_model(preset["model_name"], pretrained=False, **kwargs)
     # Tuples become lists in YAML/JSON configs; store lists so the spec round-trips through them unchanged.
-    spec = {"model_name": preset["model_name"], "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    spec_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    spec = {"model_name": preset["model_name"], "kwargs": spec_kwargs}
     return model, spec
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models.swin_transformer import SwinTransformer
@@ -170,7 +169,7 @@ class SwinEncoderForMIM(nn.Module):
         return tuple(self.encoder.patch_embed.dynamic_feat_size(tuple(image_size)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, C_in, H, W) image and (B, h, w) mask (1 = masked, grid dividing H/patch) -> (B, C, H/stride, W/stride)."""
+        """(B, C_in, H, W) image and (B, h, w) mask (1 = masked, grid dividing H/patch) -> (B, C, H/s, W/s)."""
         swin = self.encoder
         pe = swin.patch_embed
         _check_image(x, self.in_chans, pe.img_size if pe.strict_img_size else None, self.stride)
@@ -274,5 +273,7 @@ class SimMIM(nn.Module):
             # The loss is computed in float32 even under bf16/fp16 autocast.
             pred = pred.float()
             weights = weights_from_density(batch["density"].float(), self.temperature) if kamim else None
-            loss = reconstruction_loss(pred, image.float(), mask.float(), weights=weights, normalize=self.loss_normalize)
+            loss = reconstruction_loss(
+                pred, image.float(), mask.float(), weights=weights, normalize=self.loss_normalize
+            )
         return {"loss": loss, "pred": pred}

@@ -1,0 +1,277 @@
+"""Pretraining-step throughput: our SimMIM/KAMIM (timm ViT) vs the reference model on the CPU.
+
+The reference is what the KAMIM reference code trains: Hugging Face ``ViTForMaskedImageModeling`` with
+eager attention, configured like our preset (192 px, patch 16, encoder_stride 16, same width / depth /
+heads / MLP). A step is forward + loss + backward + AdamW step on the same batch (images, a SimMIM mask
+of 32 px blocks at ratio 0.6 on the token grid, keypoint densities at w_ps = 8 for KAMIM).
+
+Variants are timed side by side, interleaved over ``--rounds`` rounds (order rotated each round) so that
+load from other processes on shared cores hits all of them alike; the median over rounds is reported,
+with the ratios last:
+ours/reference in fp32 (target >= 1.0), ours bf16 autocast / ours fp32 (target >= 1.5), KAMIM / SimMIM
+(target >= 0.98) and, with ``--compile``, torch.compile / eager.
+
+    python bench/bench_train_step.py --model vit_t --batch 8 --steps 1 --rounds 9 --threads 1 --no-bf16
+    python bench/bench_train_step.py --model vit_t --batch 8 --steps 1 --rounds 3 --threads 1 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+from transformers import ViTConfig, ViTForMaskedImageModeling
+
+from kamim.loss import reconstruction_loss
+from kamim.models import SimMIM, create_pretrain_model
+from kamim.weights import weights_from_density
+
+StepFn = Callable[[], torch.Tensor]
+
+
+def hf_reference(vit: VisionTransformer, attn_implementation: str = "eager") -> ViTForMaskedImageModeling:
+    """``ViTForMaskedImageModeling`` with the geometry of ``vit`` (reference KAMIM model, random init)."""
+    block = vit.blocks[0]
+    patch = int(vit.patch_embed.patch_size[0])
+    config = ViTConfig(
+        hidden_size=vit.embed_dim,
+        num_hidden_layers=len(vit.blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        image_size=int(vit.patch_embed.img_size[0]),
+        patch_size=patch,
+        encoder_stride=patch,
+        qkv_bias=block.attn.qkv.bias is not None,
+    )
+    return ViTForMaskedImageModeling._from_config(config, attn_implementation=attn_implementation)
+
+
+def make_batch(
+    batch: int, img_size: int, patch: int, mask_patch: int = 32, ratio: float = 0.6, w_ps: int = 8,
+    device: str | torch.device = "cpu", seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Images, a SimMIM block mask on the token grid (ceil(ratio * blocks) blocks per image) and densities."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = img_size // mask_patch
+    n_mask = math.ceil(ratio * blocks * blocks)
+    order = torch.rand(batch, blocks * blocks, generator=g).argsort(dim=1)
+    mask = torch.zeros(batch, blocks * blocks, dtype=torch.bool)
+    mask.scatter_(1, order[:, :n_mask], True)
+    scale = mask_patch // patch
+    mask = mask.view(batch, blocks, blocks).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    out = {
+        "image": torch.randn(batch, 3, img_size, img_size, generator=g),
+        "mask": mask,
+        "density": torch.rand(batch, img_size // w_ps, img_size // w_ps, generator=g).half(),
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def make_step(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
+    amp_dtype: torch.dtype | None, device_type: str = "cpu",
+) -> StepFn:
+    """One training step (zero_grad, forward + loss under optional autocast, backward, optimizer step)."""
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def build_variants(
+    arch: str, batch: int, compile_model: bool, device: str = "cpu", amp_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[dict[str, StepFn], dict[str, object]]:
+    """Step functions of every variant, all on the same batch, and a few facts about the models.
+
+    ``amp_dtype=None`` leaves out the autocast variants.
+    """
+    ours: SimMIM = create_pretrain_model("kamim", arch, temperature=0.25).to(device).train()
+    vit = ours.encoder
+    ref = hf_reference(vit).to(device).train()
+    patch = int(vit.patch_embed.patch_size[0])
+    data = make_batch(batch, int(vit.patch_embed.img_size[0]), patch, device=device)
+    simmim_batch = {"image": data["image"], "mask": data["mask"]}
+    ref_mask = data["mask"].flatten(1)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.05)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def simmim_loss(model: nn.Module = ours) -> torch.Tensor:
+        ours.temperature = None
+        return model(simmim_batch)["loss"]
+
+    def kamim_loss() -> torch.Tensor:
+        ours.temperature = 0.25
+        return ours(data)["loss"]
+
+    def ref_loss() -> torch.Tensor:
+        return ref(pixel_values=data["image"], bool_masked_pos=ref_mask).loss
+
+    amp_name = str(amp_dtype).removeprefix("torch.")
+    variants = {
+        "reference_fp32": make_step(ref, ref_loss, opt_ref, None, device),
+        "ours_fp32": make_step(ours, simmim_loss, opt_ours, None, device),
+        "kamim_fp32": make_step(ours, kamim_loss, opt_ours, None, device),
+    }
+    if amp_dtype is not None:
+        variants[f"ours_{amp_name}"] = make_step(ours, simmim_loss, opt_ours, amp_dtype, device)
+        if device != "cpu":
+            variants[f"reference_{amp_name}"] = make_step(ref, ref_loss, opt_ref, amp_dtype, device)
+            variants[f"kamim_{amp_name}"] = make_step(ours, kamim_loss, opt_ours, amp_dtype, device)
+    if compile_model:
+        compiled = torch.compile(ours)
+        variants["ours_compiled_fp32"] = make_step(ours, lambda: simmim_loss(compiled), opt_ours, None, device)
+        if amp_dtype is not None:
+            variants[f"ours_compiled_{amp_name}"] = make_step(
+                ours, lambda: simmim_loss(compiled), opt_ours, amp_dtype, device
+            )
+    n_ours = sum(p.numel() for n, p in ours.named_parameters() if "mask_token" not in n)
+    facts = {
+        "params_ours_M": round(n_ours / 1e6, 3),
+        "params_reference_M": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3),
+        "fused_sdpa": all(getattr(b.attn, "fused_attn", False) for b in vit.blocks),
+        "reference_attn": ref.config._attn_implementation,
+        "data": data,
+    }
+    return variants, facts
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: str = "cpu", iters: int = 20) -> float:
+    """Measured dense matmul rate (FLOP/s) of an n x n x n product in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        c = a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        c = a @ b
+    float(c[0, 0])
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(
+    variants: dict[str, StepFn], batch: int, steps: int, warmup: int, rounds: int, device: str = "cpu",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median images/s of each variant over interleaved rounds, and each variant's warm-up time (s)."""
+    warm_s = {}
+    for name, step in variants.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            float(step())
+        warm_s[name] = time.perf_counter() - t0
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        # rotate the order each round so no variant always runs right after the same neighbour
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = variants[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            float(loss)  # wait for the last step
+            _sync(device)
+            rates[name].append(batch * steps / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}, warm_s
+
+
+def loss_overhead_ms(data: dict[str, torch.Tensor], temperature: float = 0.25, reps: int = 20) -> tuple[float, float]:
+    """Median ms of the SimMIM and of the KAMIM loss (weights from densities + weighted L1), forward + backward.
+
+    Isolates what KAMIM adds to a step, which end-to-end timings on shared cores cannot resolve.
+    """
+    image, mask = data["image"], data["mask"].float()
+    pred = torch.randn_like(image, requires_grad=True)
+    fns = {
+        "simmim": lambda: reconstruction_loss(pred, image, mask),
+        "kamim": lambda: reconstruction_loss(
+            pred, image, mask, weights=weights_from_density(data["density"].float(), temperature)
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn().backward()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times["simmim"]), statistics.median(times["kamim"])
+
+
+def ratio_lines(ips: dict[str, float], amp_name: str = "bfloat16") -> list[str]:
+    """The target ratios that can be formed from the measured variants."""
+    pairs = [
+        ("ours_fp32 / reference_fp32", "ours_fp32", "reference_fp32", 1.0),
+        (f"ours_{amp_name} / ours_fp32", f"ours_{amp_name}", "ours_fp32", 1.5),
+        ("kamim_fp32 / ours_fp32", "kamim_fp32", "ours_fp32", 0.98),
+        (f"ours_{amp_name} / reference_{amp_name}", f"ours_{amp_name}", f"reference_{amp_name}", 1.0),
+        (f"kamim_{amp_name} / ours_{amp_name}", f"kamim_{amp_name}", f"ours_{amp_name}", 0.98),
+        ("ours_compiled_fp32 / ours_fp32", "ours_compiled_fp32", "ours_fp32", None),
+        (f"ours_compiled_{amp_name} / ours_{amp_name}", f"ours_compiled_{amp_name}", f"ours_{amp_name}", None),
+    ]
+    lines = []
+    for label, a, b, target in pairs:
+        if a in ips and b in ips:
+            r = ips[a] / ips[b]
+            verdict = "" if target is None else (f"  (target >= {target}: {'met' if r >= target else 'NOT met'})")
+            lines.append(f"{label:<40s} {r:6.2f}x{verdict}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_t", choices=["vit_t", "vit_s", "vit_b", "vit_pico"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (includes compilation)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours), fp32 and bf16")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast variants")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--batch, --steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    amp = None if args.no_bf16 else torch.bfloat16
+    variants, facts = build_variants(args.model, args.batch, args.compile, amp_dtype=amp)
+    data = facts.pop("data")
+    print(f"model={args.model} batch={args.batch} steps={args.steps} rounds={args.rounds} warmup={args.warmup} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(" ".join(f"{k}={v}" for k, v in facts.items()))
+    # bf16 autocast can only pay off if the CPU multiplies bf16 faster than fp32 (AVX512-BF16 / AMX).
+    mm = {dt: matmul_rate(512, dt, iters=3) for dt in (torch.float32, torch.bfloat16)}
+    print(f"cpu_capability={torch.backends.cpu.get_cpu_capability()} matmul 512^3: "
+          f"fp32 {mm[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {mm[torch.bfloat16] / 1e9:.1f} GFLOP/s "
+          f"(bf16/fp32 {mm[torch.bfloat16] / mm[torch.float32]:.2f}x)")
+    ips, warm = time_variants(variants, args.batch, args.steps, args.warmup, args.rounds)
+    for name, rate in ips.items():
+        print(f"{name:<26s} {rate:8.2f} img/s   (warm-up {warm[name]:.1f} s)")
+    simmim_ms, kamim_ms = loss_overhead_ms(data)
+    step_ms = 1e3 * args.batch / ips["ours_fp32"]
+    print(f"loss only, fwd+bwd: simmim {simmim_ms:.2f} ms, kamim {kamim_ms:.2f} ms -> KAMIM adds "
+          f"{kamim_ms - simmim_ms:.2f} ms = {100 * (kamim_ms - simmim_ms) / step_ms:.2f}% of the fp32 step")
+    for line in ratio_lines(ips):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
