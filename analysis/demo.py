@@ -1,0 +1,212 @@
+"""The offline demo: tiny SimMIM, KAMIM and MoCo v3 ViTs pretrained on the demo photographs.
+
+Everything runs on a fresh machine without network: the photographs ship with scikit-image and
+scikit-learn (:mod:`kamim.data.demo`), the models are the tiny CPU presets (``tiny_simmim``,
+``tiny_kamim``, ``tiny_moco``: ``vit_pico``, 96 px, patch 8, 12×12 tokens) and training runs through
+the real pretraining engine (:func:`kamim.engine.pretrain.pretrain`).
+
+Checkpoints are cached (default ``checkpoints/demo/`` in the repository checkout, else
+``$KAMIM_DATA_DIR/demo-checkpoints``): each run directory gets a ``demo.json`` fingerprint (preset,
+overrides, kamim version) once training has finished, and a later call with the same settings reuses
+it instead of training again. An interrupted training run resumes from its last checkpoint.
+
+These are small demonstration models trained for a minute on a few dozen images: their numbers show
+what the toolkit measures, not what KAMIM, SimMIM or MoCo v3 do at ImageNet scale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = [
+    "DEMO_MODELS", "DEMO_NOTE", "DemoSettings", "default_cache_dir", "demo_settings",
+    "demo_checkpoints", "ensure_demo_checkpoints", "demo_eval_folder", "run_demo",
+]
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+
+# display name -> tiny preset (kamim/configs/<preset>.yaml)
+DEMO_MODELS: dict[str, str] = {"SimMIM": "tiny_simmim", "KAMIM": "tiny_kamim", "MoCo v3": "tiny_moco"}
+DEMO_NOTE = ("These are small demonstration models (vit_pico, 96 px, 12×12 tokens of 8 px) pretrained "
+             "for about a minute on a few dozen demo photographs on CPU; their numbers illustrate the "
+             "analyses and are not representative of KAMIM, SimMIM or MoCo v3 at scale.")
+_FINGERPRINT = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """How the demo models are trained and analysed."""
+
+    overrides: tuple[str, ...]  # config overrides on top of each tiny preset
+    images: int  # images analysed per model
+    batch_size: int
+    tsne_samples: int  # tokens in the t-SNE
+    attribution_steps: int  # integrated-gradients steps
+
+    tag: str  # cache sub-folder suffix distinguishing the settings
+
+
+def demo_settings(fast: bool = False) -> DemoSettings:
+    """Full demo (the tiny presets for 6 epochs) or ``fast`` (3 epochs, fewer images)."""
+    if fast:
+        return DemoSettings(overrides=("optim.epochs=3", "optim.warmup_epochs=1"), images=16,
+                            batch_size=16, tsne_samples=300, attribution_steps=8, tag="fast")
+    # 6 of the presets' 10 epochs: keeps a fresh `kamim-analyze demo` (three trainings + every
+    # analysis) well under 10 minutes on 2 CPU cores; MoCo v3 (two views, momentum encoder) costs
+    # about as much as SimMIM and KAMIM together.
+    return DemoSettings(overrides=("optim.epochs=6", "optim.warmup_epochs=1"), images=60,
+                        batch_size=20, tsne_samples=1000, attribution_steps=32, tag="full")
+
+
+def default_cache_dir() -> Path:
+    """``checkpoints/demo`` of the repository checkout, else ``<kamim data dir>/demo-checkpoints``."""
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file() and (repo / "checkpoints").is_dir():
+        return repo / "checkpoints" / "demo"
+    from kamim.data.demo import kamim_data_dir
+
+    return kamim_data_dir() / "demo-checkpoints"
+
+
+def _fingerprint(preset: str, overrides: Sequence[str], data: Optional[str]) -> dict:
+    import kamim
+
+    return {"preset": preset, "overrides": list(overrides), "data": data,
+            "kamim": kamim.__version__}
+
+
+def _run_dir(cache: Path, preset: str, tag: str) -> Path:
+    return cache / f"{preset}-{tag}"
+
+
+def _resolve(fast: bool, overrides: Sequence[str], data: Optional[PathLike]
+             ) -> tuple[tuple[str, ...], Optional[str], str]:
+    settings = demo_settings(fast)
+    overrides = settings.overrides + tuple(str(o) for o in overrides)
+    data = None if data is None else str(Path(data).expanduser().absolute())
+    tag = settings.tag
+    if overrides != settings.overrides or data is not None:  # custom runs get their own folder
+        digest = hashlib.sha1(json.dumps([list(overrides), data]).encode()).hexdigest()[:8]
+        tag = f"{tag}-{digest}"
+    return overrides, data, tag
+
+
+def demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = False,
+                     overrides: Sequence[str] = (), data: Optional[PathLike] = None
+                     ) -> dict[str, Path]:
+    """The cached demo training checkpoints (name -> ``checkpoint-last.pt``) if all are complete.
+
+    Raises FileNotFoundError (saying how to create them) when any is missing or was trained with
+    other settings.
+    """
+    cache = Path(cache) if cache is not None else default_cache_dir()
+    overrides, data_s, tag = _resolve(fast, overrides, data)
+    found: dict[str, Path] = {}
+    for name, preset in DEMO_MODELS.items():
+        run = _run_dir(cache, preset, tag)
+        if not _is_complete(run, _fingerprint(preset, overrides, data_s)):
+            flag = " --fast" if fast else ""
+            raise FileNotFoundError(
+                f"no finished demo checkpoint for {name} in {run}; create it with "
+                f"`kamim-analyze demo{flag} --cache {cache}`")
+        found[name] = run / "checkpoint-last.pt"
+    return found
+
+
+def _is_complete(run: Path, fingerprint: dict) -> bool:
+    fp = run / _FINGERPRINT
+    if not (fp.is_file() and (run / "checkpoint-last.pt").is_file()
+            and (run / "encoder.safetensors").is_file()):
+        return False
+    try:
+        return json.loads(fp.read_text()) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = False,
+                            progress: bool = True, overrides: Sequence[str] = (),
+                            data: Optional[PathLike] = None) -> dict[str, Path]:
+    """Train (or reuse) the three demo models; returns name -> training checkpoint path.
+
+    ``overrides`` (``key=value`` config overrides) and ``data`` (an image folder instead of the
+    built-in demo photographs) customise the runs; customised runs are cached in their own
+    folders (``<preset>-<fast|full>-<hash>``), so they never clobber the standard demo models.
+    """
+    from kamim.config import load_config
+    from kamim.engine.pretrain import pretrain
+    from kamim.serialization import atomic_write_json
+
+    cache = Path(cache) if cache is not None else default_cache_dir()
+    overrides, data_s, tag = _resolve(fast, overrides, data)
+    out: dict[str, Path] = {}
+    for name, preset in DEMO_MODELS.items():
+        run = _run_dir(cache, preset, tag)
+        fingerprint = _fingerprint(preset, overrides, data_s)
+        if _is_complete(run, fingerprint):
+            log.info("demo %s: reusing %s", name, run)
+            out[name] = run / "checkpoint-last.pt"
+            continue
+        if (run / _FINGERPRINT).exists():  # trained with other settings: start again
+            shutil.rmtree(run)
+        cfg = load_config(preset, [*overrides, "run.device=cpu",
+                                   f"run.progress={str(progress).lower()}"])
+        log.info("demo %s: pretraining %s into %s", name, preset, run)
+        ckpt = pretrain(cfg, data=data_s, out_dir=run, resume="auto")
+        atomic_write_json(fingerprint, run / _FINGERPRINT)
+        out[name] = Path(ckpt)
+    return out
+
+
+def demo_eval_folder(size: int = 96) -> Path:
+    """Labelled evaluation images (``val/`` of the photo-crops demo: one class per photograph)."""
+    from kamim.data.demo import kamim_data_dir, write_labelled_demo
+
+    root = write_labelled_demo(kamim_data_dir() / f"demo-labelled-{size}", kind="photo-crops",
+                               n_train_per_class=2, n_val_per_class=6, size=size)
+    return Path(root) / "val"
+
+
+def describe(checkpoints: Mapping[str, Path]) -> str:
+    """One line per demo model: name and checkpoint path."""
+    return "\n".join(f"  {n}: {p}" for n, p in checkpoints.items())
+
+
+def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = False,
+             progress: bool = True, device: str = "cpu") -> "AnalyzeOutput":  # noqa: F821
+    """Train (or reuse) the demo models, run every analysis on labelled demo images, write the report.
+
+    Also writes the reconstruction grid of the SimMIM and KAMIM demo models. Returns
+    :class:`analysis.cli.AnalyzeOutput`.
+    """
+    from analysis.cli import analyze
+    from analysis.paper import reconstruction_figure
+
+    settings = demo_settings(fast)
+    checkpoints = ensure_demo_checkpoints(cache, fast=fast, progress=progress)
+    data = demo_eval_folder()
+
+    def extra(staging: Path, results: Mapping, loaded: Mapping, notes: list) -> dict[str, list[Path]]:
+        from kamim.serialization import atomic_write_text
+
+        mim = {n: checkpoints[n] for n in ("SimMIM", "KAMIM")}
+        table = reconstruction_figure(mim, data, staging / "reconstructions",
+                                      images=settings.images, seed=0,
+                                      batch_size=settings.batch_size, device=device)
+        atomic_write_text(table.to_csv(index=False), staging / "reconstructions.csv")
+        return {"reconstructions": [staging / "reconstructions.pdf",
+                                    staging / "reconstructions.png"]}
+
+    return analyze(
+        {n: str(p) for n, p in checkpoints.items()}, data, out, analyses="all",
+        images=settings.images, batch_size=settings.batch_size, device=device, progress=progress,
+        notes=(DEMO_NOTE,), title="KAMIM toolkit demo (small demonstration models)",
+        options={"tsne_samples": settings.tsne_samples, "map_images": 2,
+                 "attribution_steps": settings.attribution_steps}, extra=extra)

@@ -1,0 +1,312 @@
+"""`kamim-analyze` end to end on tiny ViTs and real photographs, its bad-input errors, paper figures."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from analysis import cli
+from analysis.runner import ANALYSES
+from kamim.serialization import save_safetensors
+
+FAST = ["--images", "6", "--batch-size", "4", "--quiet", "--option", "tsne_samples=30",
+        "--option", "attribution_steps=2", "--option", "map_images=2"]
+
+
+def _export(path: Path, seed: int, **kw) -> Path:
+    """A tiny random timm ViT saved like the pretraining engine's encoder.safetensors."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    kwargs.update(kw)
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    meta = {"format": "kamim-encoder", "model_name": "vit_tiny_patch16_224",
+            "kwargs": json.dumps(kwargs), "method": "simmim"}
+    return save_safetensors(model.state_dict(), path, metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from kamim.data import write_labelled_demo
+
+    root = tmp_path_factory.mktemp("assets")
+    data = write_labelled_demo(root / "photos", n_train_per_class=1, n_val_per_class=2, size=48,
+                               photos=["astronaut", "coffee", "chelsea"])
+    return {
+        "data": Path(data) / "val",
+        "a": _export(root / "a.safetensors", 0),
+        "b": _export(root / "b.safetensors", 1),
+        "b48": _export(root / "b48.safetensors", 2, img_size=48),
+        "rect": _export(root / "rect.safetensors", 3, img_size=(32, 48)),
+        "root": root,
+    }
+
+
+def _run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], ["run", "paper-figures", "demo"]),
+    (["run"], ["--model", "--data", "--out", "--analyses", "--images", "--batch-size",
+               "--image-size", "--device", "--seed", "--workers", "attention-distance"]),
+    (["paper-figures"], ["--simmim", "--kamim", "--moco", "--data", "--out"]),
+    (["demo"], ["--out", "--fast", "--cache"]),
+])
+def test_help_of_every_command(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for word in expected:
+        assert word in text
+
+
+def test_run_all_analyses_end_to_end(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _run(["run", "--model", f"A={assets['a']}", "--model", f"B={assets['b']}",
+                            "--data", assets["data"], "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    figures = [a.replace("-", "_") for a in ANALYSES] + ["cross_cka"]
+    for stem in figures:
+        for ext in ("pdf", "png"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
+    for name in ("metrics.csv", "metrics.json", "summary.csv", "report.html"):
+        assert (out / name).is_file()
+    for model in ("A", "B"):
+        assert (out / "raw" / model / "arrays.npz").is_file()
+
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics["model"]) == {"A", "B", "A vs B"}
+    dist = metrics[(metrics["metric"] == "attention-distance") & (metrics["head"] == -1)]
+    assert sorted(dist[dist.model == "A"]["layer"]) == [1, 2]
+    assert set(dist["images"]) == {6}
+    assert len(json.loads((out / "metrics.json").read_text())) == len(metrics)
+
+    html = (out / "report.html").read_text()
+    for stem in figures:
+        assert f'href="{stem}.png"' in html and f'href="{stem}.pdf"' in html
+    assert html.count("data:image/png;base64,") == len(figures)
+    for model_file in ("a.safetensors", "b.safetensors"):
+        assert model_file in html
+    sha = __import__("hashlib").sha256(assets["a"].read_bytes()).hexdigest()
+    assert sha in html and "kamim-encoder" in html and "32 px, 4×4 × 8 px" in html
+    assert "attention distance (px)" in stdout and str(out) in stdout
+    _no_leftovers(tmp_path)
+
+
+def test_run_timm_name_and_common_resolution(assets, tmp_path, capsys):
+    out = tmp_path / "same"
+    rc, _, err = _run(["run", "--model", "T=test_vit", "--model", f"B48={assets['b48']}",
+                       "--data", assets["data"], "--out", out, "--analyses",
+                       "attention-distance,nmi", "--image-size", "32", *FAST], capsys)
+    assert rc == 0, err
+    html = (out / "report.html").read_text()
+    assert "all models at 32 px" in html and "timm-name" in html
+    meta = {m: json.loads((out / "raw" / m / "meta.json").read_text()) for m in ("T", "B48")}
+    assert meta["T"]["geometry"]["img_size"] == [32, 32]  # test_vit is natively 160 px
+    assert meta["B48"]["geometry"]["grid"] == [4, 4]
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention_distance.png", "nmi.png"]
+
+    out2 = tmp_path / "own"
+    rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--model", f"B48={assets['b48']}",
+                       "--data", assets["data"], "--out", out2, "--analyses", "cka", *FAST],
+                      capsys)
+    assert rc == 0, err
+    html = (out2 / "report.html").read_text()
+    assert "each model at its own resolution" in html
+    assert "Cross-model CKA skipped" in html  # 32 px vs 48 px: not the same inputs
+
+
+def _bad_cases(assets, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    textonly = tmp_path / "textonly"
+    textonly.mkdir()
+    (textonly / "notes.txt").write_text("not an image")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    good = ["--model", f"A={assets['a']}"]
+    data = ["--data", str(assets["data"])]
+    return {
+        "missing checkpoint": ([*data, "--model", f"A={tmp_path / 'nope.safetensors'}"],
+                               r"model A: checkpoint not found: .*nope\.safetensors"),
+        "unreadable checkpoint": ([*data, "--model", f"G={garbage}"], r"model G: cannot load"),
+        "unknown analysis": ([*data, *good, "--analyses", "nmi,bogus"],
+                             r"unknown analysis 'bogus'; valid: all, attention-distance, nmi"),
+        "empty folder": (["--data", str(empty), *good], r"--data: no image files .* found"),
+        "imageless folder": (["--data", str(textonly), *good], r"--data: no image files"),
+        "missing folder": (["--data", str(tmp_path / "nowhere"), *good], r"image folder not found"),
+        "zero images": ([*data, *good, "--images", "0"], r"--images must be >= 1, got 0"),
+        "non-square grid": ([*data, "--model", f"R={assets['rect']}", "--analyses", "fourier"],
+                            r"model R: Fourier analysis needs a square token grid, got 4x6"),
+        "unknown option": ([*data, *good, "--analyses", "nmi", "--option", "colour=red"],
+                           r"model A: unknown option\(s\) colour"),
+        "duplicate model names": ([*data, *good, "--model", f"A={assets['b']}"],
+                                  r"model names must be unique, repeated: A"),
+        "image size not a multiple of the patch": ([*data, *good, "--image-size", "36"],
+                                                   r"image size 36x36 is not a multiple of its "
+                                                   r"patch size 8x8"),
+        "attribution without labels": (["--data", str(assets["root"] / "flat"), *good,
+                                        "--analyses", "attribution"],
+                                       r"attribution needs images in at least 2 class subfolders"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "unreadable checkpoint", "unknown analysis",
+                                  "empty folder", "imageless folder", "missing folder",
+                                  "zero images", "non-square grid", "unknown option",
+                                  "image size not a multiple of the patch",
+                                  "duplicate model names", "attribution without labels"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, assets, tmp_path, capsys):
+    flat = assets["root"] / "flat"
+    if not flat.exists():
+        flat.mkdir()
+        for p in sorted(assets["data"].rglob("*.png"))[:2]:
+            (flat / p.name).write_bytes(p.read_bytes())
+    args, pattern = _bad_cases(assets, tmp_path)[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    rc, stdout, err = _run(["run", *args, "--out", out, "--quiet", "--images", "4"]
+                           if "--images" not in args else ["run", *args, "--out", out, "--quiet"],
+                           capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kamim-analyze: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not out.exists()
+    assert list(work.iterdir()) == []  # no half-written staging folder
+
+
+def test_failed_run_leaves_existing_output_untouched(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous results")
+    rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--data", assets["data"], "--out", out,
+                       "--analyses", "nmi", "--option", "batch_size=0", "--quiet"], capsys)
+    assert rc == 2 and "batch_size must be a positive int" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    _no_leftovers(tmp_path)
+
+
+def test_argparse_errors_are_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--data", "x", "--out", "y"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kamim-analyze: error: the following arguments are required: --model"]
+    if not torch.cuda.is_available():
+        assert cli.main(["run", "--model", "A=test_vit", "--data", ".", "--out", "o",
+                         "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_parsers_and_staged_output(tmp_path):
+    assert cli.parse_model_spec("KAMIM=/x/y.pt") == cli.ModelSpec("KAMIM", "/x/y.pt")
+    assert cli.parse_model_spec("/x/run/encoder.safetensors") == cli.ModelSpec(
+        "encoder", "/x/run/encoder.safetensors")
+    assert cli.parse_model_spec("vit_small_patch16_224") == cli.ModelSpec(
+        "vit_small_patch16_224", "vit_small_patch16_224")
+    with pytest.raises(cli.UsageError, match="NAME=CHECKPOINT"):
+        cli.parse_model_spec("A=")
+    assert cli.parse_analyses("all") == ANALYSES
+    assert cli.parse_analyses("nmi, attention-distance") == ("attention-distance", "nmi")
+    assert cli.parse_option("map_queries=[[1, 2]]") == ("map_queries", [[1, 2]])
+    assert cli.parse_option("tsne-samples=5") == ("tsne_samples", 5)
+
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with cli.staged_output(out) as staging:
+        assert staging.parent == tmp_path and staging != out
+        (staging / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()  # nothing replaced before success
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    with pytest.raises(RuntimeError):
+        with cli.staged_output(out) as staging:
+            (staging / "partial.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    _no_leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------------------ paper figures
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, assets):
+    """SimMIM, KAMIM and MoCo v3 training checkpoints of the tiny presets (one optimizer step)."""
+    from analysis.demo import ensure_demo_checkpoints
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    overrides = ["run.max_steps=1", "optim.batch_size=4", "data.num_workers=0"]
+    ckpts = ensure_demo_checkpoints(cache, fast=True, progress=False, overrides=overrides,
+                                    data=assets["data"])
+    return cache, overrides, ckpts
+
+
+def test_demo_checkpoints_are_cached(pretrained, assets):
+    from analysis.demo import demo_checkpoints, ensure_demo_checkpoints
+
+    cache, overrides, ckpts = pretrained
+    assert set(ckpts) == {"SimMIM", "KAMIM", "MoCo v3"}
+    mtimes = {n: p.stat().st_mtime_ns for n, p in ckpts.items()}
+    again = ensure_demo_checkpoints(cache, fast=True, progress=False, overrides=overrides,
+                                    data=assets["data"])  # second call: no training
+    assert again == ckpts and {n: p.stat().st_mtime_ns for n, p in again.items()} == mtimes
+    assert demo_checkpoints(cache, fast=True, overrides=overrides, data=assets["data"]) == ckpts
+    with pytest.raises(FileNotFoundError, match="kamim-analyze demo --fast --cache"):
+        demo_checkpoints(cache, fast=True)  # the standard fast demo was never trained here
+
+
+def test_paper_queries_same_relative_position():
+    from analysis.paper import paper_queries
+
+    assert paper_queries((12, 12)) == ((6, 6), (3, 9))
+    assert paper_queries((14, 14)) == ((7, 7), (3, 10))
+    assert paper_queries((24, 24)) == ((12, 12), (6, 18))
+
+
+@pytest.mark.slow
+def test_paper_figures_end_to_end(pretrained, assets, tmp_path, capsys):
+    from analysis.paper import PAPER_FIGURES, paper_queries
+
+    _, _, ckpts = pretrained
+    out = tmp_path / "paper"
+    rc, stdout, err = _run(["paper-figures", "--simmim", ckpts["SimMIM"], "--kamim", ckpts["KAMIM"],
+                            "--moco", ckpts["MoCo v3"], "--data", assets["data"], "--out", out,
+                            "--mim-image-size", "48", *FAST], capsys)
+    assert rc == 0, err
+    for key, stem in PAPER_FIGURES.items():
+        assert (out / f"{stem}.pdf").is_file() and (out / f"{stem}.png").is_file(), stem
+        assert (out / f"{stem}.csv").is_file(), stem
+    dist = pd.read_csv(out / "fig_attention_distance.csv")
+    assert set(dist["model"]) == {"SimMIM", "KAMIM", "MoCo v3"}
+    assert sorted(dist["layer"].unique()) == list(range(1, 7))  # vit_pico: 6 blocks
+    fourier = pd.read_csv(out / "fig_fourier_analysis.csv")
+    assert sorted(fourier["layer"].unique()) == list(range(0, 7))
+    maps = pd.read_csv(out / "fig_attention_maps.csv")
+    mim = maps[maps.model == "KAMIM"]
+    assert set(map(tuple, mim[["query_row", "query_col"]].drop_duplicates().values)) == \
+        set(paper_queries((6, 6)))  # 48 px / 8 px
+    moco = maps[maps.model == "MoCo v3"]  # MoCo at its own 96 px: 12x12 grid
+    assert set(map(tuple, moco[["query_row", "query_col"]].drop_duplicates().values)) == \
+        set(paper_queries((12, 12)))
+    sums = mim.groupby(["layer", "query_row", "query_col"])["attention"].sum()
+    assert sums.values == pytest.approx(1.0, abs=1e-5)  # each map is one attention row
+    recon = pd.read_csv(out / "fig_reconstructions.csv")
+    assert set(recon["model"]) == {"SimMIM", "KAMIM"} and (recon["psnr"] > 0).all()
+    html = (out / "report.html").read_text()
+    for stem in PAPER_FIGURES.values():
+        assert f'href="{stem}.png"' in html
+    assert "48 px, 6×6 × 8 px" in html and "96 px, 12×12 × 8 px" in html

@@ -1,0 +1,261 @@
+"""Figures (analysis.plots) and the HTML report (analysis.report)."""
+from __future__ import annotations
+
+import itertools
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from matplotlib.colors import to_rgb
+from matplotlib.patches import Rectangle
+
+from analysis import plots
+from analysis.capture import ViTGeometry
+from analysis.report import render_report, summary_table, write_report
+
+
+def _geometry(img: int, patch: int, depth: int = 4, heads: int = 3) -> ViTGeometry:
+    g = img // patch
+    return ViTGeometry(img_size=(img, img), patch_size=(patch, patch), grid=(g, g),
+                       num_prefix_tokens=1, depth=depth, num_heads=heads, embed_dim=heads * 16)
+
+
+def _uniform_distance(img: int, patch: int) -> float:
+    """Mean pairwise Euclidean distance (px) between all patch centres, by brute force."""
+    g = img // patch
+    pos = [(r, c) for r in range(g) for c in range(g)]
+    d = [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in itertools.product(pos, pos)]
+    return patch * float(np.mean(d))
+
+
+def _synthetic(name: str, geometry: ViTGeometry, offset: float) -> SimpleNamespace:
+    """A result with per-head and mean rows for the layer metrics (values are arbitrary)."""
+    rows = []
+    for metric in ("attention-distance", "nmi", "attention-entropy"):
+        for layer in range(1, geometry.depth + 1):
+            vals = [offset + layer + 0.1 * h for h in range(geometry.num_heads)]
+            rows += [dict(model=name, layer=layer, head=h, metric=metric, value=v, images=5)
+                     for h, v in enumerate(vals)]
+            rows.append(dict(model=name, layer=layer, head=-1, metric=metric,
+                             value=float(np.mean(vals)), images=5))
+    L = geometry.depth
+    arrays = {"fourier": np.linspace(0, -1, (L + 1) * 4).reshape(L + 1, 4) - offset,
+              "fourier_freqs": np.arange(4) * 2.0 / 8,
+              "cka": np.eye(L) * 0.5 + 0.5 * offset / 10,
+              "attention_similarity": np.full((L, L), offset)}
+    return SimpleNamespace(table=pd.DataFrame(rows), arrays=arrays, geometry=geometry, images=5,
+                           options={"similarity_kind": "jsd"})
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return {"SimMIM": _synthetic("SimMIM", _geometry(192, 16, depth=4), 1.0),
+            "KAMIM": _synthetic("KAMIM", _geometry(192, 16, depth=4), 2.0)}
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    """run_analyses of two tiny random ViTs on real photographs (all figure-producing analyses)."""
+    from skimage import data
+
+    from analysis.runner import run_analyses
+    from kamim.data import EvalTransform
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    out = {}
+    for name, (img, patch, seed) in {"A": (32, 8, 0), "B": (48, 8, 1)}.items():
+        tf = EvalTransform(img)
+        x = torch.stack([tf(p)["image"] for p in photos])
+        torch.manual_seed(seed)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img,
+                                  patch_size=patch, embed_dim=32, depth=2, num_heads=2,
+                                  num_classes=3).eval()
+        batch = {"image": x, "label": torch.tensor([0, 1, 2, 0])}
+        out[name] = run_analyses(
+            model, [batch], ["attention-distance", "nmi", "attention-maps", "rollout", "pre-post",
+                             "tsne", "attribution"],
+            model_name=name, progress=False, tsne_samples=24, map_images=2,
+            map_queries=((0, 3),), attribution_steps=4, attribution_methods=("occlusion",))
+    return out
+
+
+def _baselines(ax):
+    return [l for l in ax.lines if l.get_gid() == "uniform-baseline"]
+
+
+def test_palette_is_stable_and_distinct():
+    pal = plots.ModelPalette(["SimMIM", "KAMIM", "MoCo v3", "SimMIM"])
+    assert list(pal) == ["SimMIM", "KAMIM", "MoCo v3"]
+    assert len({s.color for s in pal.values()}) == 3
+    assert len({s.marker for s in pal.values()}) == 3
+    assert plots.ModelPalette(["SimMIM", "KAMIM"])["KAMIM"] == pal["KAMIM"]
+    with pytest.raises(KeyError, match="no style"):
+        pal["DINO"]
+    with pytest.raises(ValueError):
+        plots.ModelPalette([])
+
+
+def test_attention_distance_baseline_is_uniform_value(synthetic, tmp_path):
+    fig = plots.plot_attention_distance(synthetic, out=tmp_path / "dist")
+    ax = fig.axes[0]
+    (base,) = _baselines(ax)
+    assert base.get_linestyle() == "--"
+    assert np.allclose(base.get_ydata(), _uniform_distance(192, 16), rtol=0, atol=1e-6)
+    assert base.get_ydata()[0] == pytest.approx(99.75, abs=0.01)  # the paper's collapse value
+    assert [t for t in ax.get_xticks()] == [1, 2, 3, 4]
+    assert ax.get_xlim() == (0.5, 4.5)
+    assert "(px)" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("SimMIM · 192 px, 12×12 × 16 px" == t for t in labels)
+    assert any("99.75 px" in t for t in labels)  # 4 significant digits in the legend
+    assert (tmp_path / "dist.pdf").read_bytes()[:4] == b"%PDF"
+    assert (tmp_path / "dist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.pdf", "dist.png"]  # no temp files
+
+
+def test_baseline_per_geometry_when_resolutions_differ():
+    res = {"MIM": _synthetic("MIM", _geometry(192, 16), 1.0),
+           "MoCo": _synthetic("MoCo", _geometry(64, 16), 1.0)}
+    fig = plots.plot_attention_distance(res)
+    values = sorted(float(l.get_ydata()[0]) for l in _baselines(fig.axes[0]))
+    assert values == pytest.approx(sorted([_uniform_distance(192, 16), _uniform_distance(64, 16)]),
+                                   abs=1e-6)
+    pal = plots.ModelPalette(res)
+    colours = {to_rgb(l.get_color()) for l in _baselines(fig.axes[0])}
+    assert colours == {pal["MIM"].color, pal["MoCo"].color}
+
+
+def test_nmi_baseline_zero_and_entropy_baseline_log_n(synthetic):
+    (base,) = _baselines(plots.plot_nmi(synthetic).axes[0])
+    assert np.allclose(base.get_ydata(), 0.0)
+    (ent,) = _baselines(plots.plot_attention_entropy(synthetic).axes[0])
+    assert np.allclose(ent.get_ydata(), np.log(144))
+
+
+def test_mean_line_uses_head_mean_rows(synthetic):
+    fig = plots.plot_nmi(synthetic)
+    lines = {l.get_label(): l for l in fig.axes[0].lines if l.get_gid() != "uniform-baseline"}
+    line = lines["KAMIM · 192 px, 12×12 × 16 px"]
+    assert list(line.get_xdata()) == [1, 2, 3, 4]
+    assert np.allclose(line.get_ydata(), [2.0 + l + 0.1 for l in range(1, 5)])  # mean of 3 heads
+
+
+def test_same_colour_per_model_across_figures(synthetic):
+    pal = plots.ModelPalette(["KAMIM", "SimMIM"])  # order differs from the results mapping
+    figs = [plots.plot_attention_distance(synthetic, palette=pal),
+            plots.plot_nmi(synthetic, palette=pal)]
+    fourier = plots.plot_fourier(synthetic, palette=pal)
+    for name in synthetic:
+        label = plots.model_label(name, synthetic[name])
+        found = [l for f in figs for l in f.axes[0].lines if l.get_label() == label]
+        found += [l for l in fourier.axes[len(synthetic)].lines if l.get_label() == label]
+        assert len(found) == 3
+        assert {to_rgb(l.get_color()) for l in found} == {pal[name].color}
+        assert {l.get_marker() for l in found} == {pal[name].marker}
+
+
+def test_heatmaps_share_one_colour_scale(synthetic):
+    fig = plots.plot_attention_similarity(synthetic)
+    clims = [ax.collections[0].get_clim() for ax in fig.axes[:2]]  # the last axes: colourbar
+    assert clims[0] == clims[1] == (1.0, 2.0)
+    assert len(fig.axes) == 3  # one shared colourbar
+    fig = plots.plot_cka(synthetic)
+    assert all(ax.collections[0].get_clim() == (0.0, 1.0) for ax in fig.axes[:2])
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["1", "2", "3", "4"]
+
+
+def test_fourier_curves_and_high_frequency(synthetic):
+    fig = plots.plot_fourier(synthetic)
+    hf = fig.axes[len(synthetic)]
+    label = plots.model_label("SimMIM", synthetic["SimMIM"])
+    (line,) = [l for l in hf.lines if l.get_label() == label]
+    assert list(line.get_xdata()) == [0, 1, 2, 3, 4]
+    assert np.allclose(line.get_ydata(), synthetic["SimMIM"].arrays["fourier"][:, -1])
+    assert len(fig.axes[0].lines) == 5  # one curve per depth, embedding included
+
+
+def test_attention_maps_mark_query_at_pixel_position(real_results):
+    fig = plots.plot_attention_maps(real_results)
+    boxes = [p for ax in fig.axes for p in ax.patches
+             if isinstance(p, Rectangle) and p.get_gid() == "query-patch"]
+    assert len(boxes) == 2 * (1 + 2)  # per model: the input column and each of the 2 blocks
+    # query (0, 3) on an 8 px grid: x = 3 * 8 = 24, y = 0, 8x8 box
+    assert plots.query_pixel_box((0, 3), (8, 8)) == (24.0, 0.0, 8.0, 8.0)
+    first_row = fig.axes[0]
+    (box,) = [p for p in first_row.patches if p.get_gid() == "query-patch"]
+    assert box.get_xy() == (24.0, 0.0) and box.get_width() == 8.0 and box.get_height() == 8.0
+    # image shown in pixel units at the model's resolution
+    assert first_row.get_xlim() == (0.0, 32.0)
+    # every block of both models plotted (depth 2) + the input column
+    assert sum(1 for ax in fig.axes if ax.get_title().startswith("block")) == 2 * 2
+
+
+@pytest.mark.parametrize("fn", [plots.plot_rollout, plots.plot_pre_post, plots.plot_tsne,
+                                plots.plot_attribution])
+def test_other_figures_render_and_save(real_results, fn, tmp_path):
+    fig = fn(real_results, out=tmp_path / "fig")
+    assert fig.axes
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+    texts = " ".join([fig._suptitle.get_text() if fig._suptitle else ""] +
+                     [a.get_title() + a.get_ylabel() for a in fig.axes] +
+                     [t.get_text() for sf in getattr(fig, "subfigs", [])
+                      for t in ([sf._suptitle] if sf._suptitle else [])])
+    assert "32 px" in texts and "48 px" in texts  # resolution of each model stated
+
+
+def test_plot_analysis_dispatch_and_errors(synthetic):
+    assert set(plots.FIGURE_FUNCTIONS) >= {"attention-distance", "nmi", "fourier", "cka"}
+    with pytest.raises(ValueError, match="no figure for analysis 'bogus'"):
+        plots.plot_analysis("bogus", synthetic)
+    with pytest.raises(ValueError, match="no metric 'nmi'"):
+        plots.plot_nmi({"x": SimpleNamespace(table=pd.DataFrame(
+            columns=["model", "layer", "head", "metric", "value", "images"]),
+            arrays={}, geometry=_geometry(32, 8), images=1)})
+    with pytest.raises(ValueError, match="no results"):
+        plots.plot_nmi({})
+
+
+def test_summary_table_and_report(synthetic, tmp_path):
+    summary = summary_table(synthetic)
+    assert list(summary["model"].unique()) == ["SimMIM", "KAMIM"]
+    row = summary[(summary.model == "KAMIM") & (summary.layer == 2)].iloc[0]
+    assert row["attention distance (px)"] == pytest.approx(2.0 + 2 + 0.1)
+
+    figures = {}
+    for key, fn in (("attention-distance", plots.plot_attention_distance),
+                    ("nmi", plots.plot_nmi)):
+        fn(synthetic, out=tmp_path / key)
+        figures[key] = [tmp_path / f"{key}.pdf", tmp_path / f"{key}.png"]
+    sha = "ab" * 32
+    path = write_report(tmp_path / "report.html", synthetic, figures,
+                        settings={"seed": 3, "images": 5},
+                        models={"SimMIM": {"sha256": sha, "format": "kamim-encoder"},
+                                "KAMIM": {"sha256": "n/a", "format": "timm-name"}},
+                        notes=["small <demo> models"])
+    html = path.read_text()
+    for key in figures:
+        assert f'href="{key}.png"' in html and f'href="{key}.pdf"' in html
+        assert f'data-file="{key}.png"' in html
+    assert html.count("data:image/png;base64,") == 2
+    assert sha in html and "kamim-encoder" in html and "192 px, 12×12 × 16 px" in html
+    assert "small &lt;demo&gt; models" in html  # escaped
+    for lib in ("torch", "timm", "scikit-learn", "python"):
+        assert re.search(rf"<th>{lib}</th><td>[0-9]", html)
+    linked = render_report(synthetic, figures, report_dir=tmp_path, settings={}, models={},
+                           embed_images=False)
+    assert '<img src="nmi.png"' in linked and "base64" not in linked
+
+
+def test_cross_cka_axes_follow_each_model():
+    m = np.linspace(0, 1, 12).reshape(3, 4)
+    fig = plots.plot_cross_cka({("A", "B"): m}, {"A": 3, "B": 4})
+    ax = fig.axes[0]
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("A: depth (block)", "B: depth (block)")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]
+    assert ax.collections[0].get_clim() == (0.0, 1.0)
