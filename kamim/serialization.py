@@ -103,7 +103,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
             f"refusing to load {path}: it is not a weights-only checkpoint and could run code when "
             f"unpickled{(' (' + detail + ')') if detail else ''}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        # garbage bytes make the weights-only unpickler fail in assorted ways (IndexError on an
+        # empty stack, KeyError on a bad memo, ...): all mean "not a readable checkpoint"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from None
 

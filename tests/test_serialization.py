@@ -57,6 +57,14 @@ def test_safe_load_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*trunc.pt \(truncated or corrupt\?\)") as err:
         safe_load(trunc)
     assert "\n" not in str(err.value)
+    # arbitrary bytes (not a zip, not a pickle) fail inside torch's unpickler in assorted ways
+    for i, junk in enumerate([b"\x80\x02K\x01.", b"garbage" * 50, bytes(range(256)) * 4, b"\x80\x02)R."]):
+        bad = tmp_path / f"junk{i}.pt"
+        bad.write_bytes(junk)
+        with pytest.raises((CheckpointError, UnsafeCheckpointError)) as err:
+            obj = safe_load(bad)
+            pytest.fail(f"{junk[:10]!r} loaded as {obj!r}")
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_atomic_save_failure_leaves_no_partial_file_and_keeps_old(tmp_path):
