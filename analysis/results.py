@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from kamim.serialization import atomic_write, atomic_write_text
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -56,32 +56,18 @@ def records_to_frame(records: Iterable[Record | Mapping[str, Any]]) -> pd.DataFr
                          "images": "int64"})
 
 
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Kept for callers of the old name: the project's one atomic writer is kamim.serialization's.
+atomic_open = atomic_write
 
 
 def save_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Atomically save a table as ``.csv`` or ``.json`` (list of records), chosen by the suffix."""
     path = Path(path)
     if path.suffix == ".csv":
-        with atomic_open(path, "w") as f:
+        with atomic_write(path, "w") as f:
             frame.to_csv(f, index=False)
     elif path.suffix == ".json":
-        with atomic_open(path, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(frame.to_dict(orient="records"), f, indent=1)
     else:
         raise ValueError(f"table path must end in .csv or .json, got {path}")
@@ -113,7 +99,7 @@ def save_arrays(arrays: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Atomically save (nested) arrays to an ``.npz``; nested dict keys are joined with ``/``."""
     path = Path(path)
     flat = _flatten(arrays)
-    with atomic_open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **flat)
     return path
 
@@ -177,8 +163,7 @@ class AnalysisResult:
         save_table(self.table, directory / "table.csv")
         save_table(self.table, directory / "table.json")
         save_arrays(self.arrays, directory / "arrays.npz")
-        with atomic_open(directory / "meta.json", "w") as f:
-            json.dump(self.meta(), f, indent=1)
+        atomic_write_text(json.dumps(self.meta(), indent=1), directory / "meta.json")
         return directory
 
     @classmethod

@@ -13,6 +13,7 @@ print a single ``kamim: error: ...`` line and exit with status 2; a diverged run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -56,6 +57,24 @@ def load_config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _add_out_argument(p: argparse.ArgumentParser, help: str, metavar: str = "RUN_DIR") -> None:
+    p.add_argument("--out", required=True, type=Path, metavar=metavar, help=help)
+
+
+def _add_resume_argument(p: argparse.ArgumentParser) -> None:
+    """``--resume`` with the rules of ``kamim.engine.pretrain.find_resume_checkpoint``."""
+    p.add_argument("--resume", default="auto", metavar="RUN_DIR|CKPT|auto|none",
+                   help="'auto' (default): resume from RUN_DIR/checkpoint-last.pt if it exists; "
+                        "'none': start from scratch; or a run directory / checkpoint file")
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **explicit):
+    """``cls(...)`` from every field of the dataclass ``cls`` that is also an argument of the same
+    name, plus ``explicit`` values (renamed or converted arguments), which take precedence."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **explicit})
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -70,10 +89,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p)
     p.add_argument("--data", default=None, metavar="PATH",
                    help="image folder, NAME:ROOT torchvision dataset or 'demo' (default: the config's data.path)")
-    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
-    p.add_argument("--resume", default="auto", metavar="RUN_DIR|CKPT|auto|none",
-                   help="'auto' (default): resume from RUN_DIR/checkpoint-last.pt if it exists; "
-                        "'none': start from scratch; or a run directory / checkpoint file")
+    _add_out_argument(p, "run directory")
+    _add_resume_argument(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -103,7 +120,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(p)
     p.add_argument("--data", default=None, metavar="PATH", help="training data (default: the config's data.path)")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT", help="sweep directory")
+    _add_out_argument(p, "sweep directory", metavar="OUT")
     p.add_argument("--detectors", type=_csv_list(str), default=None, metavar="D1,D2",
                    help="keypoint detectors, e.g. fast,sift,orb (default: the config's kamim.detector)")
     p.add_argument("--weight-patch-sizes", type=_csv_list(int), default=list(PAPER_WEIGHT_PATCH_SIZES),
@@ -181,13 +198,18 @@ def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = 
     p.add_argument("--data", required=True, metavar="PATH",
                    help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, "
                         "demo-photos or demo-digits")
-    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (results, checkpoints)")
+    _add_out_argument(p, "run directory (results, checkpoints)")
     p.add_argument("--model-name", default=None, help="timm model to build for a plain state dict")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads when the checkpoint cannot tell")
     p.add_argument("--encoder-img-size", type=int, default=None, metavar="PX",
                    help="build the encoder at this size (position embeddings resampled)")
     p.add_argument("--img-size", type=int, default=None, metavar="PX", help="data image size (default: the encoder's)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (default: %(default)s)")
+    _add_execution_arguments(p, batch_size, amp, "global batch size")
+
+
+def _add_execution_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str, batch_help: str) -> None:
+    """Batch size, loader workers, device, autocast and progress bars (every evaluation command)."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=4, help="data loader workers per process (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--amp", default=amp, choices=("bf16", "fp16", "none"), help="autocast (default: %(default)s)")
@@ -201,8 +223,7 @@ def _add_training_arguments(p: argparse.ArgumentParser, epochs: int, warmup: int
     p.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
     p.add_argument("--min-lr", type=float, default=min_lr, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default="auto", metavar="RUN_DIR|CKPT|auto|none",
-                   help="'auto' (default): resume from RUN_DIR/checkpoint-last.pt if it exists; 'none': start over")
+    _add_resume_argument(p)
     p.add_argument("--stop-epoch", type=int, default=None, metavar="N",
                    help="stop after N epochs without shortening the schedule (resume later)")
 
@@ -212,10 +233,9 @@ def _load_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _eval_common(args: argparse.Namespace) -> dict:
-    return dict(checkpoint=args.checkpoint, data=args.data, output_dir=str(args.out), img_size=args.img_size,
-                batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp,
-                progress=args.progress, load_options=_load_options(args))
+def _eval_config(cls: type, args: argparse.Namespace, **explicit):
+    """An evaluation config from the arguments (``--out`` and the encoder-building options renamed)."""
+    return _config_from_args(cls, args, output_dir=str(args.out), load_options=_load_options(args), **explicit)
 
 
 def _add_linprobe(sub: argparse._SubParsersAction) -> None:
@@ -243,12 +263,7 @@ def _add_linprobe(sub: argparse._SubParsersAction) -> None:
 def _cmd_linprobe(args: argparse.Namespace) -> int:
     from kamim.eval.linprobe import LinprobeConfig, linear_probe
 
-    linear_probe(LinprobeConfig(
-        **_eval_common(args), layers=args.layers, pool=args.pool, recipe=args.recipe, epochs=args.epochs,
-        warmup_epochs=args.warmup_epochs, accum_steps=args.accum_steps, opt=args.opt, base_lr=args.base_lr,
-        lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, batchnorm=args.batchnorm, aug=args.aug,
-        seed=args.seed, resume=args.resume, stop_epoch=args.stop_epoch,
-    ))
+    linear_probe(_eval_config(LinprobeConfig, args))
     return 0
 
 
@@ -280,13 +295,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from kamim.eval.finetune import FinetuneConfig, finetune
 
-    finetune(FinetuneConfig(
-        **_eval_common(args), pool=args.pool, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        accum_steps=args.accum_steps, base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr,
-        weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
-        clip_grad=args.clip_grad, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing,
-        auto_augment=None if args.auto_augment == "none" else args.auto_augment, re_prob=args.re_prob,
-        ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, resume=args.resume, stop_epoch=args.stop_epoch,
+    finetune(_eval_config(
+        FinetuneConfig, args, label_smoothing=args.smoothing,
+        auto_augment=None if args.auto_augment == "none" else args.auto_augment,
     ))
     return 0
 
@@ -312,10 +323,7 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
 def _cmd_knn(args: argparse.Namespace) -> int:
     from kamim.eval.knn import KNNConfig, run_knn
 
-    run_knn(KNNConfig(
-        **_eval_common(args), layers=args.layers, pool=args.pool, ks=tuple(args.ks), temperature=args.temperature,
-        train_chunk_size=args.train_chunk_size, query_chunk_size=args.query_chunk_size, bank_dtype=args.bank_dtype,
-    ))
+    run_knn(_eval_config(KNNConfig, args, ks=tuple(args.ks)))
     return 0
 
 
@@ -328,29 +336,20 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
                    help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
     p.add_argument("--data", required=True, metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")
-    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="output directory")
+    _add_out_argument(p, "output directory")
     p.add_argument("--mask-ratio", type=float, default=0.4, help="default: %(default)s (the paper's)")
     p.add_argument("--mask-patch-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="mask seed (default: %(default)s)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images")
     p.add_argument("--figure-images", type=int, default=4, help="rows of the figure, 0 = none (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none", choices=("bf16", "fp16", "none"), help="default: %(default)s")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_execution_arguments(p, batch_size=32, amp="none", batch_help="images per batch and process")
     p.set_defaults(func=_cmd_reconstruct)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from kamim.eval.reconstruct import ReconstructConfig, run_reconstruct
 
-    run_reconstruct(ReconstructConfig(
-        checkpoints=args.checkpoints, data=args.data, output_dir=str(args.out), mask_ratio=args.mask_ratio,
-        mask_patch_size=args.mask_patch_size, seed=args.seed, batch_size=args.batch_size,
-        num_workers=args.num_workers, max_images=args.max_images, figure_images=args.figure_images,
-        device=args.device, amp=args.amp, progress=args.progress,
-    ))
+    run_reconstruct(_config_from_args(ReconstructConfig, args, output_dir=str(args.out)))
     return 0
 
 

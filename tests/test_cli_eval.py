@@ -6,18 +6,9 @@ import json
 import shutil
 
 import pytest
-import torch
+from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
 
 from kamim.cli import main
-from kamim.data import write_labelled_demo
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +18,7 @@ def setup(tmp_path_factory):
     from kamim.engine.pretrain import pretrain
 
     base = tmp_path_factory.mktemp("cli")
-    data = write_labelled_demo(base / "data", kind="photo-crops", size=32, n_train_per_class=6, n_val_per_class=3,
-                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+    data = photo_crops(base / "data", n_train_per_class=6, n_val_per_class=3)
     cfg = from_dict({
         "method": "simmim",
         "model": {"arch": "vit_pico", "img_size": 32, "overrides": {"embed_dim": 32, "depth": 3, "num_heads": 2}},

@@ -5,33 +5,17 @@ import csv
 import json
 
 import pytest
-import timm
 import torch
+from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
+from eval_helpers import tiny_vit as _vit
 from timm.layers import DropPath
 
-from kamim.data import write_labelled_demo
 from kamim.eval.finetune import FinetuneConfig, add_classifier, build_finetune_optimizer, finetune, set_drop_path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _vit(depth: int = 2, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=depth, num_heads=2, num_classes=0, **kw)
 
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
-    return write_labelled_demo(tmp_path_factory.mktemp("ft") / "crops", kind="photo-crops", size=32,
-                               n_train_per_class=8, n_val_per_class=4,
-                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+    return photo_crops(tmp_path_factory.mktemp("ft") / "crops", n_train_per_class=8, n_val_per_class=4)
 
 
 def _cfg(model, data, out, **kw):

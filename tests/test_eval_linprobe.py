@@ -5,40 +5,27 @@ import csv
 import json
 
 import pytest
-import timm
 import torch
+from eval_helpers import one_thread  # noqa: F401 (autouse fixture)
+from eval_helpers import photo_crops as _photo_crops
+from eval_helpers import tiny_vit
 
-from kamim.data import write_labelled_demo
 from kamim.eval.linprobe import LinprobeConfig, ProbeHeads, build_probe_optimizer, linear_probe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on shared cores: one intra-op thread avoids spin-wait contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _vit(depth: int = 3):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=depth, num_heads=2, num_classes=0)
+    return tiny_vit(depth)
 
 
 @pytest.fixture(scope="module")
 def photo_crops(tmp_path_factory):
     """15 classes (one per real photograph), disjoint 32 px tiles for train and val."""
-    return write_labelled_demo(tmp_path_factory.mktemp("lp") / "crops", kind="photo-crops", size=32,
-                               n_train_per_class=12, n_val_per_class=6)
+    return _photo_crops(tmp_path_factory.mktemp("lp") / "crops", n_train_per_class=12, n_val_per_class=6, photos=None)
 
 
 @pytest.fixture(scope="module")
 def small_crops(tmp_path_factory):
-    return write_labelled_demo(tmp_path_factory.mktemp("lp") / "small", kind="photo-crops", size=32,
-                               n_train_per_class=8, n_val_per_class=4,
-                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+    return _photo_crops(tmp_path_factory.mktemp("lp") / "small", n_train_per_class=8, n_val_per_class=4)
 
 
 def _cfg(model, data, out, **kw):

@@ -7,22 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
-from kamim.data import write_labelled_demo
 from kamim.eval.reconstruct import (
     MaskedImages, ReconstructConfig, evaluate_reconstruction, load_pretrain_model, run_reconstruct, unnormalize,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pretrain(root, out, method="simmim", img=32):
@@ -44,8 +36,7 @@ def _pretrain(root, out, method="simmim", img=32):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("rec")
-    data = write_labelled_demo(base / "data", kind="photo-crops", size=32, n_train_per_class=8, n_val_per_class=3,
-                               photos=["astronaut", "coffee", "chelsea", "rocket"])
+    data = photo_crops(base / "data", n_train_per_class=8, n_val_per_class=3)
     return {"data": data, "simmim": _pretrain(data / "train", base / "simmim"),
             "kamim": _pretrain(data / "train", base / "kamim", method="kamim")}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import timm
 import torch
@@ -56,6 +56,12 @@ _SWIN_TABLES = ("attention.self.relative_position_bias_table",
                 "attention.relative_position_bias.relative_position_bias_table")
 _EXTRAS = {"embeddings.mask_token": "mask_token", "decoder.": "decoder", "pooler.": "pooler",
            "classifier.": "classifier"}
+# HF top-level parameters -> timm, common to ViT and Swin.
+_COMMON_RENAMES = {
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+}
 # (embed_dim, depths) -> (timm size name, heads) of the standard Swin family.
 _STANDARD_SWIN = {
     (96, (2, 2, 6, 2)): ("tiny", (3, 6, 12, 24)), (96, (2, 2, 18, 2)): ("small", (3, 6, 12, 24)),
@@ -102,6 +108,80 @@ class _QKVFuser:
                 out.update({src: v for src, v in parts.values()})
 
 
+class _TimmStateDict:
+    """The timm state dict being built: converted tensors (counted), q/k/v parts to fuse, kept keys."""
+
+    def __init__(self, conv: Conversion) -> None:
+        self.conv, self.out, self.fuser = conv, {}, _QKVFuser()
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        self.out[name] = value
+        self.conv.converted += 1
+
+
+def _convert_keys(
+    sd: Mapping[str, torch.Tensor],
+    prefix: str,
+    conv: Conversion,
+    renames: Mapping[str, str],
+    convert_key: Callable[[str, str, torch.Tensor, _TimmStateDict], bool],
+) -> dict[str, torch.Tensor]:
+    """The key loop of both converters: the HF model ``prefix`` stripped, extras recorded, ``renames``
+    applied, every other key offered to ``convert_key(key, name, value, target)``, which returns False
+    for a key it does not know (kept under its own name so the loader reports it); q/k/v fused last."""
+    target = _TimmStateDict(conv)
+    for key, v in sd.items():
+        name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        cat = next((c for e, c in _EXTRAS.items() if name == e or name.startswith(e)), None)
+        if cat is not None:
+            conv.add_extra(cat, key)
+        elif (new := renames.get(name)) is not None:
+            target.put(new, v)
+        elif not convert_key(key, name, v, target):
+            target.out[key] = v
+    target.fuser.emit(target.out, conv)
+    return target.out
+
+
+def _convert_vit_key(key: str, name: str, v: torch.Tensor, target: _TimmStateDict) -> bool:
+    m = _VIT_BLOCK.match(name)
+    if not m or not (m.group(2) in _QKV or m.group(2) in _BLOCK_RENAMES):
+        return False
+    i, mod, param = m.groups()
+    if mod in _QKV:
+        target.fuser.add(f"blocks.{i}.", param, _QKV[mod], key, v)
+    else:
+        target.put(f"blocks.{i}.{_BLOCK_RENAMES[mod]}.{param}", v)
+    return True
+
+
+def _convert_swin_key(key: str, name: str, v: torch.Tensor, target: _TimmStateDict) -> bool:
+    if name == "embeddings.position_embeddings":
+        raise ConversionError(
+            f"'{key}': Swin with absolute position embeddings (use_absolute_embeddings=True) has no timm "
+            "SwinTransformer equivalent")
+    if m := _SWIN_DOWN.match(name):  # HF: end of stage N, timm: start of stage N+1
+        target.put(f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}.{m.group(3)}", v)
+        return True
+    m = _SWIN_BLOCK.match(name)
+    if not m:
+        return False
+    i, j, sub = m.groups()
+    block = f"layers.{i}.blocks.{j}."
+    mod, _, param = sub.rpartition(".")
+    if sub.endswith("relative_position_index"):
+        target.conv.derived[f"{block}attn.relative_position_index"] = v
+    elif sub in _SWIN_TABLES:
+        target.put(f"{block}attn.relative_position_bias_table", v)
+    elif mod in _QKV:
+        target.fuser.add(block, param, _QKV[mod], key, v)
+    elif mod in _BLOCK_RENAMES:
+        target.put(f"{block}{_BLOCK_RENAMES[mod]}.{param}", v)
+    else:
+        target.out[key] = v
+    return True
+
+
 def convert_hf_vit(
     sd: Mapping[str, torch.Tensor],
     *,
@@ -115,34 +195,9 @@ def convert_hf_vit(
     Geometry comes from the shapes; the image size from the position embedding (square grid), the
     heads from ``num_heads``, else ``config['num_attention_heads']``, else width / 64 (noted).
     """
-    p = _prefix(sd, "vit")
     conv = Conversion(format="hf-vit", state_dict={}, model_name="", model_kwargs={})
-    renames = {
-        "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-    }
-    out: dict[str, torch.Tensor] = {}
-    fuser = _QKVFuser()
-    for key, v in sd.items():
-        name = key[len(p):] if p and key.startswith(p) else key
-        cat = next((c for e, c in _EXTRAS.items() if name == e or name.startswith(e)), None)
-        if cat is not None:
-            conv.add_extra(cat, key)
-        elif (new := renames.get(name)) is not None:
-            out[new] = v
-            conv.converted += 1
-        elif (m := _VIT_BLOCK.match(name)) and (m.group(2) in _QKV or m.group(2) in _BLOCK_RENAMES):
-            i, mod, param = m.groups()
-            if mod in _QKV:
-                fuser.add(f"blocks.{i}.", param, _QKV[mod], key, v)
-            else:
-                out[f"blocks.{i}.{_BLOCK_RENAMES[mod]}.{param}"] = v
-                conv.converted += 1
-        else:
-            out[key] = v
-    fuser.emit(out, conv)
+    renames = {**_COMMON_RENAMES, "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed"}
+    out = _convert_keys(sd, _prefix(sd, "vit"), conv, renames, _convert_vit_key)
 
     w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
     if w is None or w.ndim != 4 or pos is None or "blocks.0.mlp.fc1.weight" not in out:
@@ -194,50 +249,10 @@ def convert_hf_swin(
     (patch * window * 2^(stages-1): 224 for window 7, 192 for KAMIM's window 6), which is noted.
     ``num_heads`` is accepted for signature symmetry and checked against the tables when given.
     """
-    p = _prefix(sd, "swin")
     conv = Conversion(format="hf-swin", state_dict={}, model_name="", model_kwargs={})
-    renames = {
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "embeddings.norm.weight": "patch_embed.norm.weight", "embeddings.norm.bias": "patch_embed.norm.bias",
-        "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-    }
-    out: dict[str, torch.Tensor] = {}
-    fuser = _QKVFuser()
-    for key, v in sd.items():
-        name = key[len(p):] if p and key.startswith(p) else key
-        cat = next((c for e, c in _EXTRAS.items() if name == e or name.startswith(e)), None)
-        if name == "embeddings.position_embeddings":
-            raise ConversionError(
-                f"'{key}': Swin with absolute position embeddings (use_absolute_embeddings=True) has no timm "
-                "SwinTransformer equivalent")
-        if cat is not None:
-            conv.add_extra(cat, key)
-        elif (new := renames.get(name)) is not None:
-            out[new] = v
-            conv.converted += 1
-        elif m := _SWIN_DOWN.match(name):
-            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}.{m.group(3)}"] = v
-            conv.converted += 1
-        elif m := _SWIN_BLOCK.match(name):
-            i, j, sub = m.groups()
-            block = f"layers.{i}.blocks.{j}."
-            mod, _, param = sub.rpartition(".")
-            if sub.endswith("relative_position_index"):
-                conv.derived[f"{block}attn.relative_position_index"] = v
-            elif sub in _SWIN_TABLES:
-                out[f"{block}attn.relative_position_bias_table"] = v
-                conv.converted += 1
-            elif mod in _QKV:
-                fuser.add(block, param, _QKV[mod], key, v)
-            elif mod in _BLOCK_RENAMES:
-                out[f"{block}{_BLOCK_RENAMES[mod]}.{param}"] = v
-                conv.converted += 1
-            else:
-                out[key] = v
-        else:
-            out[key] = v
-    fuser.emit(out, conv)
+    renames = {**_COMMON_RENAMES, "embeddings.norm.weight": "patch_embed.norm.weight",
+               "embeddings.norm.bias": "patch_embed.norm.bias"}
+    out = _convert_keys(sd, _prefix(sd, "swin"), conv, renames, _convert_swin_key)
 
     w = out.get("patch_embed.proj.weight")
     if w is None or w.ndim != 4 or "layers.0.blocks.0.mlp.fc1.weight" not in out:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import io
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from timm.data import create_transform
@@ -32,11 +33,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from kamim import distributed as kdist
 from kamim.checkpoints import load_encoder
 from kamim.data import EvalTransform, build_labelled_splits, collate_skip_bad
 from kamim.distributed import DistInfo, all_reduce_sum
+from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
-from kamim.serialization import atomic_write_json, atomic_write_text
+from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, safe_load
 
 from .features import check_input_size, num_layers, unpack_labelled
 
@@ -56,6 +59,23 @@ __all__ = [
     "eval_loader",
     "train_loader",
     "cosine_scheduler",
+    "distributed_session",
+    "check_output_dir",
+    "micro_batch_size",
+    "classification_data",
+    "training_loaders",
+    "epoch_scheduler",
+    "config_record",
+    "load_resume_checkpoint",
+    "ddp_wrap",
+    "sync_context",
+    "zero_loss",
+    "check_finite_loss",
+    "epoch_progress",
+    "stop_epoch",
+    "EpochRunConfig",
+    "RESUME_SAFE_KEYS",
+    "prepare_run_dir",
     "topk_correct",
     "evaluate_logits",
     "json_safe",
@@ -276,6 +296,43 @@ def train_loader(
     return loader, sampler
 
 
+def classification_data(
+    spec: str | os.PathLike,
+    img_size: int | Sequence[int],
+    aug: str,
+    auto_augment: str | None,
+    re_prob: float,
+    model: nn.Module,
+) -> LabelledData:
+    """Labelled splits of ``spec`` for classifier training: ``classification_train_transform`` on train,
+    the evaluation transform on val, both at ``img_size``; checked against ``model``'s input size."""
+    img = image_size_2d(img_size)
+    train_tf = classification_train_transform(img, aug, auto_augment, re_prob)
+    data = build_labelled_data(spec, img, train_tf, eval_transform(img))
+    data.check_geometry(model)
+    return data
+
+
+def micro_batch_size(batch_size: int, accum_steps: int, info: DistInfo) -> int:
+    """Per-rank micro-batch of a GLOBAL ``batch_size``; one-line error unless it divides evenly."""
+    world_micro = info.world_size * accum_steps
+    if batch_size % world_micro:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by world size {info.world_size} x accum_steps={accum_steps}"
+        )
+    return batch_size // world_micro
+
+
+def training_loaders(
+    data: LabelledData, batch_size: int, accum_steps: int, info: DistInfo, seed: int, num_workers: int
+) -> tuple[DataLoader, ResumableBatchSampler, DataLoader]:
+    """(train loader, its sampler, val loader): :func:`train_loader` over ``data.train`` and the sharded
+    :func:`eval_loader` over ``data.val`` at the per-rank micro-batch size."""
+    loader, sampler = train_loader(data.train, batch_size, accum_steps, info, seed, num_workers)
+    val_loader, _ = eval_loader(data.val, micro_batch_size(batch_size, accum_steps, info), num_workers, info)
+    return loader, sampler, val_loader
+
+
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -291,6 +348,29 @@ def cosine_scheduler(
         optimizer, t_initial=max(1, int(total_steps) - warmup_steps), lr_min=min_lr, warmup_t=warmup_steps,
         warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
     )
+
+
+class EpochRunConfig(Protocol):
+    """The fields of an epoch-based training config (``LinprobeConfig``, ``FinetuneConfig``) used here."""
+
+    checkpoint: Any
+    epochs: int
+    warmup_epochs: int
+    warmup_lr: float
+    min_lr: float
+    stop_epoch: int | None
+
+
+def epoch_scheduler(optimizer: torch.optim.Optimizer, cfg: EpochRunConfig, steps_per_epoch: int):
+    """:func:`cosine_scheduler` over ``cfg.epochs`` epochs with ``cfg.warmup_epochs`` of warmup."""
+    return cosine_scheduler(
+        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.warmup_lr, cfg.min_lr
+    )
+
+
+def stop_epoch(cfg: EpochRunConfig) -> int:
+    """The epoch after which this invocation stops: ``cfg.stop_epoch`` (capped at ``cfg.epochs``) or ``cfg.epochs``."""
+    return cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -336,6 +416,112 @@ def evaluate_logits(
     return out
 
 
+# --------------------------------------------------------------------------- training runs
+
+# config keys that may change between a run and its resumption
+RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"})
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[DistInfo]:
+    """``init_distributed(device)`` for the body; the process group is destroyed afterwards only if
+    this call created it (one set up by the caller, e.g. a sweep under torchrun, is left alone)."""
+    created = not kdist.is_distributed()
+    info = kdist.init_distributed(device)
+    try:
+        yield info
+    finally:
+        if created:
+            kdist.cleanup()
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; one-line error if it exists and is not a directory."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
+    return out
+
+
+def prepare_run_dir(out_dir: Path, info: DistInfo) -> None:
+    """Create the run directory on rank 0, then wait for every rank."""
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    kdist.barrier()
+
+
+def config_record(cfg: EpochRunConfig) -> dict[str, Any]:
+    """A dataclass config as plain JSON for checkpoints and results (an in-memory model is named, not stored)."""
+    d = dataclasses.asdict(cfg)
+    if isinstance(cfg.checkpoint, nn.Module):
+        d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
+    return json_safe(d)
+
+
+def load_resume_checkpoint(
+    out_dir: Path,
+    resume: Any,
+    fmt: str,
+    what: str,
+    config: Mapping[str, Any],
+    ignore: Iterable[str] = RESUME_SAFE_KEYS,
+) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) to resume from (``kamim.engine.pretrain.find_resume_checkpoint`` rules), or None.
+
+    One-line errors for a checkpoint of another ``fmt`` (``what`` names the kind in the message) and
+    for one whose stored config differs from ``config`` outside ``ignore``.
+    """
+    path = find_resume_checkpoint(out_dir, resume)
+    if path is None:
+        return None
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a kamim {what} checkpoint (format '{fmt}')")
+    diff = config_changes(ckpt["config"], config, ignore=ignore)
+    if diff:
+        show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {config.get(k)!r})" for k in diff[:4])
+        raise ValueError(
+            f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
+        )
+    return path, ckpt
+
+
+def ddp_wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` when running on several ranks, else ``module`` itself."""
+    if info.world_size == 1:
+        return module
+    device = info.device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_context(module: nn.Module, sync: bool):
+    """``module.no_sync()`` for a DDP module on a micro-batch that must not all-reduce (gradient
+    accumulation), else a no-op context."""
+    if not sync and isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def zero_loss(module: nn.Module) -> torch.Tensor:
+    """A zero loss touching every parameter: a micro-batch whose images were all unreadable still
+    backpropagates (zero gradients), which keeps DDP ranks in step."""
+    return sum(p.sum() for p in module.parameters()) * 0.0
+
+
+def check_finite_loss(loss: torch.Tensor, what: str, epoch: int, step: int, checkpoint: Path) -> None:
+    """``NonFiniteLossError`` naming 1-based ``epoch``/``step`` if ``loss`` is NaN/inf."""
+    if not math.isfinite(float(loss.detach())):
+        raise NonFiniteLossError(
+            f"non-finite {what} loss at epoch {epoch + 1}, step {step + 1}; stopped, last checkpoint left intact "
+            f"({checkpoint})"
+        )
+
+
+def epoch_progress(total: int, desc: str, enabled: bool) -> tqdm:
+    """Progress bar over the optimizer steps of one epoch."""
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -360,9 +546,7 @@ def write_results(
     out_dir: str | os.PathLike, name: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
 ) -> tuple[Path, Path]:
     """Write ``summary`` to ``out_dir/name.json`` and ``rows`` to ``out_dir/name.csv`` (both atomic)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fields: list[str] = []
     for r in rows:

@@ -20,11 +20,9 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,16 +39,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
-from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint, rng_state, set_rng_state
-from kamim.serialization import CheckpointError, atomic_save, safe_load
+from kamim.engine.pretrain import rng_state, set_rng_state
+from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, build_labelled_data, classification_train_transform, config_changes, cosine_scheduler,
-    eval_loader, eval_transform, evaluate_logits, image_size_2d, json_safe, print_table, resolve_encoder,
-    train_loader, write_results,
+    amp_dtype_of, autocast, check_finite_loss, check_output_dir, classification_data, config_record,
+    ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
+    micro_batch_size, prepare_run_dir, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
+    write_results, zero_loss,
 )
 from .features import is_token_model, unpack_labelled
 
@@ -61,7 +59,6 @@ log = logging.getLogger("kamim.finetune")
 CHECKPOINT_FORMAT = "kamim-finetune"
 LAST_CHECKPOINT = "checkpoint-last.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
-_RESUME_SAFE = {"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"}
 
 
 @dataclass
@@ -212,16 +209,9 @@ def _gather_rng_states(world_size: int) -> list[dict[str, Any]]:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
     cfg = dataclasses.replace(cfg).validate()
-    out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
-    created = not kdist.is_distributed()
-    info = kdist.init_distributed(cfg.device)
-    try:
+    out_dir = check_output_dir(cfg.output_dir)
+    with distributed_session(cfg.device) as info:
         return _Finetuner(cfg, out_dir, info).run()
-    finally:
-        if created:
-            kdist.cleanup()
 
 
 class _Finetuner:
@@ -229,13 +219,7 @@ class _Finetuner:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
         self.amp = amp_dtype_of(cfg.amp, self.device)
-        world_micro = info.world_size * cfg.accum_steps
-        if cfg.batch_size % world_micro:
-            raise ValueError(
-                f"batch_size={cfg.batch_size} is not divisible by world size {info.world_size} x "
-                f"accum_steps={cfg.accum_steps}"
-            )
-        self.micro_batch = cfg.batch_size // world_micro
+        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
         if cfg.mixup_active and self.micro_batch % 2:
             raise ValueError(
                 f"mixup/cutmix need an even per-rank micro-batch, got {self.micro_batch} (batch_size="
@@ -243,27 +227,21 @@ class _Finetuner:
             )
         torch.manual_seed(cfg.seed)
         self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=False)
-        img = image_size_2d(cfg.img_size or self.enc.image_size)
-        train_tf = classification_train_transform(img, "finetune", cfg.auto_augment, cfg.re_prob)
-        self.data = build_labelled_data(cfg.data, img, train_tf, eval_transform(img))
-        self.data.check_geometry(self.enc.model)
+        self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, "finetune", cfg.auto_augment,
+                                        cfg.re_prob, self.enc.model)
         self.model = add_classifier(self.enc.model, self.data.num_classes, cfg.pool)
         set_drop_path(self.model, cfg.drop_path)
         self.model.to(self.device).requires_grad_(True)
         _seed_everything(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
 
-        self.loader, self.sampler = train_loader(
-            self.data.train, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
+        self.loader, self.sampler, self.val_loader = training_loaders(
+            self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
         )
-        self.val_loader, _ = eval_loader(self.data.val, self.micro_batch, cfg.num_workers, info)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas
         )
-        self.scheduler = cosine_scheduler(
-            self.optimizer, cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch,
-            cfg.warmup_lr, cfg.min_lr,
-        )
+        self.scheduler = epoch_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.mixup = None
         if cfg.mixup_active:
@@ -279,26 +257,15 @@ class _Finetuner:
         self.ema = None
         if cfg.ema:
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
-        d = dataclasses.asdict(cfg)
-        if isinstance(cfg.checkpoint, nn.Module):
-            d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
-        self.config = json_safe(d)
+        self.config = config_record(cfg)
         self.spec = _model_spec(self.enc, self.data.num_classes, cfg.pool)
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
         self.history: list[dict[str, Any]] = []
 
-        path = find_resume_checkpoint(out_dir, cfg.resume)
-        if path is not None:
-            ckpt = safe_load(path)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a kamim finetuning checkpoint (format '{CHECKPOINT_FORMAT}')")
-            diff = config_changes(ckpt["config"], self.config, ignore=_RESUME_SAFE)
-            if diff:
-                show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {self.config.get(k)!r})" for k in diff[:4])
-                raise ValueError(
-                    f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
-                )
+        resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "finetuning", self.config)
+        if resumed is not None:
+            path, ckpt = resumed
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scaler is not None and ckpt.get("scaler"):
@@ -314,25 +281,19 @@ class _Finetuner:
             else:
                 _seed_everything(cfg.seed + info.rank + 1_000_003 * self.step)
             log.info("resumed finetuning from %s after epoch %d", path, self.epoch)
-        self.train_model: nn.Module = self.model
-        if info.world_size > 1:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.train_model = ddp_wrap(self.model, info)
 
     # ---------------------------------------------------------------- epoch
     def _train_epoch(self, epoch: int) -> float:
         cfg, accum = self.cfg, self.cfg.accum_steps
         self.train_model.train()
         self.sampler.set_epoch(epoch)
-        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
         stats = torch.zeros(2, device=self.device)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
+        bar = epoch_progress(self.steps_per_epoch, f"finetune epoch {epoch + 1}/{cfg.epochs}",
+                             cfg.progress and self.info.is_main)
         for i, batch in enumerate(self.loader):
             last_micro = (i + 1) % accum == 0
-            ctx = self.train_model.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
-            with ctx:
+            with sync_context(self.train_model, last_micro):
                 if "image" in batch:
                     images, target = unpack_labelled(batch)
                     images, target = images.to(self.device, non_blocking=True), target.to(self.device)
@@ -344,13 +305,9 @@ class _Finetuner:
                     with autocast(self.device, self.amp):
                         loss = self.criterion(self.train_model(images).float(), target)
                     stats += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
-                else:  # every image unreadable: zero gradient keeps DDP ranks in step
-                    loss = sum(p.sum() for p in self.model.parameters()) * 0.0
-                if not math.isfinite(float(loss.detach())):
-                    raise NonFiniteLossError(
-                        f"non-finite finetuning loss at epoch {epoch + 1}, step {self.step + 1}; stopped, last "
-                        f"checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})"
-                    )
+                else:  # every image unreadable
+                    loss = zero_loss(self.model)
+                check_finite_loss(loss, "finetuning", epoch, self.step, self.out_dir / LAST_CHECKPOINT)
                 loss = loss / accum
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -423,13 +380,11 @@ class _Finetuner:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        kdist.barrier()
+        prepare_run_dir(self.out_dir, self.info)
         log.info("finetuning on %d train / %d val images, %d classes, %d steps/epoch, peak lr %.3g",
                  len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch, cfg.peak_lr())
         t0 = time.perf_counter()
-        stop = cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
+        stop = stop_epoch(cfg)
         while self.epoch < stop:
             lr = max(g["lr"] for g in self.optimizer.param_groups)
             train_loss = self._train_epoch(self.epoch)

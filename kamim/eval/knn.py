@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kamim.distributed import all_reduce_sum, cleanup, init_distributed, is_distributed, is_main_process
+from kamim.distributed import all_reduce_sum, is_main_process
 
-from .common import amp_dtype_of, build_labelled_data, eval_loader, print_table, resolve_encoder, write_results
+from .common import (
+    amp_dtype_of, build_labelled_data, distributed_session, eval_loader, print_table, resolve_encoder, write_results,
+)
 from .features import extract_dataset_features, resolve_layers
 
 __all__ = ["knn_topk", "knn_scores", "knn_evaluate", "KNNConfig", "run_knn"]
@@ -187,13 +189,8 @@ def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
     if cfg.bank_dtype not in ("float16", "float32"):
         raise ValueError(f"bank_dtype {cfg.bank_dtype!r} is not valid; expected float16 or float32")
-    created = not is_distributed()
-    info = init_distributed(cfg.device)
-    try:
+    with distributed_session(cfg.device) as info:
         return _run_knn(cfg, info)
-    finally:
-        if created:
-            cleanup()
 
 
 def _run_knn(cfg: KNNConfig, info) -> dict:

@@ -26,10 +26,8 @@ rewritten atomically after every epoch, and a printed table of the final epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,16 +38,15 @@ import torch
 import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
-from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
-from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
-from kamim.serialization import CheckpointError, atomic_save, safe_load
+from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, build_labelled_data, classification_train_transform, config_changes, cosine_scheduler,
-    eval_loader, eval_transform, evaluate_logits, image_size_2d, json_safe, print_table, resolve_encoder,
-    train_loader, write_results,
+    amp_dtype_of, autocast, check_finite_loss, check_output_dir, classification_data, config_record, ddp_wrap,
+    distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
+    micro_batch_size, prepare_run_dir, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
+    write_results, zero_loss,
 )
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
 
@@ -64,8 +61,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 OPTIMIZERS = ("adamw", "lars", "sgd")
 CHECKPOINT_FORMAT = "kamim-linprobe"
 LAST_CHECKPOINT = "checkpoint-last.pt"
-# config keys that may change between a run and its resumption
-_RESUME_SAFE = {"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"}
 
 
 @dataclass
@@ -172,26 +167,12 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
     raise ValueError(f"opt {opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def _config_dict(cfg: LinprobeConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    if isinstance(cfg.checkpoint, nn.Module):
-        d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
-    return json_safe(d)
-
-
 def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Run (or resume) a linear probe; returns the results summary (also written to ``output_dir``)."""
     cfg = cfg.resolved()
-    out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
-    created = not kdist.is_distributed()
-    info = kdist.init_distributed(cfg.device)
-    try:
+    out_dir = check_output_dir(cfg.output_dir)
+    with distributed_session(cfg.device) as info:
         return _Probe(cfg, out_dir, info).run()
-    finally:
-        if created:
-            kdist.cleanup()
 
 
 class _Probe:
@@ -199,57 +180,34 @@ class _Probe:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
         self.amp = amp_dtype_of(cfg.amp, self.device)
-        if cfg.batch_size % (info.world_size * cfg.accum_steps):
-            raise ValueError(
-                f"batch_size={cfg.batch_size} is not divisible by world size {info.world_size} x "
-                f"accum_steps={cfg.accum_steps}"
-            )
+        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
         self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=True)
         self.model = self.enc.model
         self.layers = resolve_layers(self.model, cfg.layers)
-        img = image_size_2d(cfg.img_size or self.enc.image_size)
-        train_tf = classification_train_transform(img, cfg.aug, cfg.auto_augment, cfg.re_prob)
-        self.data = build_labelled_data(cfg.data, img, train_tf, eval_transform(img))
-        self.data.check_geometry(self.model)
+        self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, cfg.aug, cfg.auto_augment,
+                                        cfg.re_prob, self.model)
 
         torch.manual_seed(cfg.seed)
         self.heads = ProbeHeads(feature_dims(self.model, self.layers), self.data.num_classes, cfg.batchnorm)
         self.heads.to(self.device)
-        self.loader, self.sampler = train_loader(
-            self.data.train, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
+        self.loader, self.sampler, self.val_loader = training_loaders(
+            self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
         )
-        self.val_loader, _ = eval_loader(self.data.val, max(1, cfg.batch_size // (info.world_size * cfg.accum_steps)),
-                                         cfg.num_workers, info)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.optimizer = build_probe_optimizer(self.heads, cfg.opt, cfg.peak_lr(), cfg.weight_decay)
-        self.scheduler = cosine_scheduler(
-            self.optimizer, cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch,
-            cfg.warmup_lr, cfg.min_lr,
-        )
-        self.config = _config_dict(cfg)
+        self.scheduler = epoch_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.config = config_record(cfg)
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, Any]] = []
-        path = find_resume_checkpoint(out_dir, cfg.resume)
-        if path is not None:
-            ckpt = safe_load(path)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a kamim linear-probe checkpoint (format '{CHECKPOINT_FORMAT}')")
-            diff = config_changes(ckpt["config"], self.config, ignore=_RESUME_SAFE)
-            if diff:
-                show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {self.config.get(k)!r})" for k in diff[:4])
-                raise ValueError(
-                    f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
-                )
+        resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "linear-probe", self.config)
+        if resumed is not None:
+            path, ckpt = resumed
             self.heads.load_state_dict(ckpt["heads"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.epoch, self.step, self.history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
             self.scheduler.step_update(self.step)
             log.info("resumed linear probe from %s after epoch %d", path, self.epoch)
-        self.train_heads: nn.Module = self.heads
-        if info.world_size > 1:
-            self.train_heads = nn.parallel.DistributedDataParallel(
-                self.heads, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.train_heads = ddp_wrap(self.heads, info)
 
     # ---------------------------------------------------------------- steps
     def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -262,13 +220,11 @@ class _Probe:
         self.heads.train()
         self.sampler.set_epoch(epoch)
         loss_sum = torch.zeros(len(self.layers) + 1, device=self.device)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"linprobe epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
-        ddp = isinstance(self.train_heads, nn.parallel.DistributedDataParallel)
+        bar = epoch_progress(self.steps_per_epoch, f"linprobe epoch {epoch + 1}/{cfg.epochs}",
+                             cfg.progress and self.info.is_main)
         for i, batch in enumerate(self.loader):
             last_micro = (i + 1) % accum == 0
-            ctx = self.train_heads.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
-            with ctx:
+            with sync_context(self.train_heads, last_micro):
                 if "image" in batch:
                     images, target = unpack_labelled(batch)
                     images, target = images.to(self.device, non_blocking=True), target.to(self.device)
@@ -276,13 +232,9 @@ class _Probe:
                     losses = torch.stack([F.cross_entropy(logits[k], target) for k in self.layers])
                     loss = losses.sum()
                     loss_sum += torch.cat([losses.detach(), torch.ones(1, device=self.device)])
-                else:  # every image unreadable: zero gradient keeps DDP ranks in step
-                    loss = sum(p.sum() for p in self.heads.parameters()) * 0.0
-                if not math.isfinite(float(loss.detach())):
-                    raise NonFiniteLossError(
-                        f"non-finite probe loss at epoch {epoch + 1}, step {self.step + 1}; stopped, last checkpoint "
-                        f"left intact ({self.out_dir / LAST_CHECKPOINT})"
-                    )
+                else:  # every image unreadable
+                    loss = zero_loss(self.heads)
+                check_finite_loss(loss, "probe", epoch, self.step, self.out_dir / LAST_CHECKPOINT)
                 (loss / accum).backward()
             if last_micro:
                 self.optimizer.step()
@@ -339,13 +291,11 @@ class _Probe:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        kdist.barrier()
+        prepare_run_dir(self.out_dir, self.info)
         log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
                  self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
         t0 = time.perf_counter()
-        stop = cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
+        stop = stop_epoch(cfg)
         while self.epoch < stop:
             lr = self.optimizer.param_groups[0]["lr"]
             train_loss = self._train_epoch(self.epoch)

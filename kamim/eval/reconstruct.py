@@ -39,7 +39,7 @@ from kamim.engine.pretrain import LAST_CHECKPOINT, build_model, load_pretrain_ch
 from kamim.masking import MaskGenerator
 from kamim.serialization import CheckpointError, atomic_write
 
-from .common import amp_dtype_of, autocast, eval_loader, eval_transform, print_table, write_results
+from .common import amp_dtype_of, autocast, distributed_session, eval_loader, eval_transform, print_table, write_results
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -396,9 +396,7 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
     if not 0 < cfg.mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
-    created = not kdist.is_distributed()
-    info = kdist.init_distributed(cfg.device)
-    try:
+    with distributed_session(cfg.device) as info:
         amp = amp_dtype_of(cfg.amp, info.device)
         models, infos = {}, {}
         for name, path in _named_checkpoints(cfg.checkpoints).items():
@@ -434,6 +432,3 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
             print_table(rows, ["model", "method", "step", "psnr", "ssim", "psnr_masked", "num_images"],
                         title=f"reconstruction at mask ratio {cfg.mask_ratio} ({len(data)} images)")
         return summary
-    finally:
-        if created:
-            kdist.cleanup()

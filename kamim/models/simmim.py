@@ -60,36 +60,20 @@ def _check_image(image: Any, in_chans: int, fixed_size: tuple[int, int] | None, 
         raise ValueError(f"image size {h}x{w} must be divisible by the encoder stride {multiple}")
 
 
-class ViTEncoderForMIM(nn.Module):
-    """Masked forward of a timm :class:`~timm.models.vision_transformer.VisionTransformer`.
+class _MaskedEncoder(nn.Module):
+    """What the ViT and Swin adaptors share: the wrapped timm ``encoder``, a learned ``mask_token``
+    (truncated normal, std 0.02) and the geometry read from the encoder's patch embedding."""
 
-    ``patch_embed`` -> mask token replaces masked embeddings -> timm's ``_pos_embed``, ``patch_drop``,
-    ``norm_pre``, ``blocks``, ``norm`` -> prefix tokens (CLS, registers) dropped -> (B, C, h, w).
-    Works for any embed dim / depth / image size / patch size / number of prefix tokens, and for
-    ``dynamic_img_size`` models. Attributes: ``encoder`` (the timm model), ``mask_token`` (1, 1, D).
-    """
-
-    def __init__(self, encoder: VisionTransformer) -> None:
+    def __init__(self, encoder: nn.Module, mask_token_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if not isinstance(encoder, VisionTransformer):
-            raise TypeError(f"ViTEncoderForMIM needs a timm VisionTransformer, got {type(encoder).__name__}")
-        if not isinstance(encoder.patch_drop, nn.Identity):
-            raise ValueError("patch_drop_rate > 0 is incompatible with MIM: every token must stay on the grid")
-        if getattr(encoder.patch_embed, "dynamic_img_pad", False):
-            raise ValueError("dynamic_img_pad=True is incompatible with MIM: the reconstruction must tile the image")
         self.encoder = encoder
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(*mask_token_shape))
         trunc_normal_(self.mask_token, std=0.02)
 
     @property
     def patch_size(self) -> int:
-        """Token stride of the backbone in pixels (square patches)."""
+        """Stride of the patch embedding in pixels (square patches)."""
         return int(self.encoder.patch_embed.feat_ratio())
-
-    @property
-    def stride(self) -> int:
-        """Stride of the output feature map w.r.t. the image."""
-        return self.patch_size
 
     @property
     def out_channels(self) -> int:
@@ -100,8 +84,32 @@ class ViTEncoderForMIM(nn.Module):
         return int(self.encoder.patch_embed.proj.in_channels)
 
     def mask_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """Grid the mask is applied on (= the token grid) for an image of ``image_size``."""
+        """Grid the mask is applied on: the patch-embedding grid (a ViT's token grid, H/4 for Swin-T/B)."""
         return tuple(self.encoder.patch_embed.dynamic_feat_size(tuple(image_size)))
+
+
+class ViTEncoderForMIM(_MaskedEncoder):
+    """Masked forward of a timm :class:`~timm.models.vision_transformer.VisionTransformer`.
+
+    ``patch_embed`` -> mask token replaces masked embeddings -> timm's ``_pos_embed``, ``patch_drop``,
+    ``norm_pre``, ``blocks``, ``norm`` -> prefix tokens (CLS, registers) dropped -> (B, C, h, w).
+    Works for any embed dim / depth / image size / patch size / number of prefix tokens, and for
+    ``dynamic_img_size`` models. Attributes: ``encoder`` (the timm model), ``mask_token`` (1, 1, D).
+    """
+
+    def __init__(self, encoder: VisionTransformer) -> None:
+        if not isinstance(encoder, VisionTransformer):
+            raise TypeError(f"ViTEncoderForMIM needs a timm VisionTransformer, got {type(encoder).__name__}")
+        if not isinstance(encoder.patch_drop, nn.Identity):
+            raise ValueError("patch_drop_rate > 0 is incompatible with MIM: every token must stay on the grid")
+        if getattr(encoder.patch_embed, "dynamic_img_pad", False):
+            raise ValueError("dynamic_img_pad=True is incompatible with MIM: the reconstruction must tile the image")
+        super().__init__(encoder, (1, 1, encoder.embed_dim))
+
+    @property
+    def stride(self) -> int:
+        """Stride of the output feature map w.r.t. the image (= the patch size)."""
+        return self.patch_size
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, C_in, H, W) image and (B, h, w) mask (1 = masked, any grid dividing the token grid) -> (B, C, h, w)."""
@@ -132,7 +140,7 @@ class ViTEncoderForMIM(nn.Module):
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay() if f"encoder.{n}" in names}
 
 
-class SwinEncoderForMIM(nn.Module):
+class SwinEncoderForMIM(_MaskedEncoder):
     """Masked forward of a timm :class:`~timm.models.swin_transformer.SwinTransformer`.
 
     ``patch_embed`` (NHWC, includes its norm) -> mask token replaces masked embeddings on the patch-embed
@@ -141,32 +149,14 @@ class SwinEncoderForMIM(nn.Module):
     """
 
     def __init__(self, encoder: SwinTransformer) -> None:
-        super().__init__()
         if not isinstance(encoder, SwinTransformer):
             raise TypeError(f"SwinEncoderForMIM needs a timm SwinTransformer, got {type(encoder).__name__}")
-        self.encoder = encoder
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.patch_embed.proj.out_channels))
-        trunc_normal_(self.mask_token, std=0.02)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.encoder.patch_embed.feat_ratio())
+        super().__init__(encoder, (1, 1, 1, encoder.patch_embed.proj.out_channels))
 
     @property
     def stride(self) -> int:
+        """Stride of the output feature map w.r.t. the image (the reduction of the last stage)."""
         return int(self.encoder.feature_info[-1]["reduction"])
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.encoder.num_features)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.encoder.patch_embed.proj.in_channels)
-
-    def mask_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """Grid the mask is applied on (= the patch-embed grid, H/4 for Swin-T/B)."""
-        return tuple(self.encoder.patch_embed.dynamic_feat_size(tuple(image_size)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, C_in, H, W) image and (B, h, w) mask (1 = masked, grid dividing H/patch) -> (B, C, H/s, W/s)."""

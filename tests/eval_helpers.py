@@ -1,0 +1,45 @@
+"""Shared helpers of the evaluation tests: one intra-op thread, tiny seeded ViTs, labelled photo crops.
+
+Imported by ``tests/test_eval_*.py`` and ``tests/test_cli_eval.py`` (pytest puts ``tests/`` on
+``sys.path``). Import :func:`one_thread` into a test module to activate it there (autouse fixture).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from kamim.data import write_labelled_demo
+
+# four photographs with clearly different content: a small, quick classification problem
+FOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on shared cores: one intra-op thread avoids spin-wait contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(depth: int = 2, **kw: Any) -> nn.Module:
+    """A seeded 32 px timm ViT (patch 8, width 32, 2 heads) without a classifier."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=depth, num_heads=2, num_classes=0, **kw)
+
+
+def photo_crops(
+    root: Path, n_train_per_class: int, n_val_per_class: int, photos: Sequence[str] | None = FOUR_PHOTOS
+) -> Path:
+    """Labelled 32 px crops of real photographs (one class per photo; ``photos=None``: every demo photo)."""
+    kw = {} if photos is None else {"photos": list(photos)}
+    return write_labelled_demo(root, kind="photo-crops", size=32, n_train_per_class=n_train_per_class,
+                               n_val_per_class=n_val_per_class, **kw)
