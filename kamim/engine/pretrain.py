@@ -55,7 +55,7 @@ __all__ = [
     "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_scheduler",
     "build_model", "build_pretrain_dataset", "model_patch_size", "encoder_prefix", "export_encoder",
     "load_pretrain_checkpoint",
-    "find_resume_checkpoint", "rng_state", "set_rng_state",
+    "find_resume_checkpoint", "rng_state", "set_rng_state", "seed_all", "gather_rng_states",
 ]
 
 log = logging.getLogger("kamim.pretrain")
@@ -210,6 +210,23 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch, numpy's global RNG (timm's Mixup draws from it) and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, on every rank (a collective when ``world_size > 1``)."""
+    state = rng_state()
+    if world_size == 1:
+        return [state]
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
@@ -312,14 +329,14 @@ class _Trainer:
 
         # Same initial weights on every rank (DDP would broadcast them anyway); training-time
         # randomness (drop path, ...) then differs per rank.
-        _seed_all(cfg.run.seed)
+        seed_all(cfg.run.seed)
         self.model = build_model(cfg).to(self.device)
         if info.world_size > 1 and self.device.type == "cuda":
             # MoCo v3 normalises its projector/predictor with batch statistics over the global
             # batch; SyncBatchNorm keeps the parameters, so the optimizer is unaffected. (torch's
             # SyncBatchNorm runs on GPUs only: CPU/gloo runs keep per-rank statistics.)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        _seed_all(cfg.run.seed + info.rank)
+        seed_all(cfg.run.seed + info.rank)
 
         self.dataset = build_pretrain_dataset(cfg, self.model)
         n = len(self.dataset)
@@ -385,20 +402,12 @@ class _Trainer:
         if len(states) == self.info.world_size:
             set_rng_state(states[self.info.rank])
         else:  # different world size: fresh but deterministic per-rank streams
-            _seed_all(self.cfg.run.seed + self.info.rank + 1_000_003 * self.step)
+            seed_all(self.cfg.run.seed + self.info.rank + 1_000_003 * self.step)
         log.info("resumed from %s at step %d", self.resume_path, self.step)
-
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        state = rng_state()
-        if self.info.world_size == 1:
-            return [state]
-        states: list[Any] = [None] * self.info.world_size
-        dist.all_gather_object(states, state)
-        return states
 
     def save(self) -> Path:
         """Checkpoint + encoder export (rank 0 writes, all ranks take part in the RNG gather)."""
-        rngs = self._gather_rng()
+        rngs = gather_rng_states(self.info.world_size)
         last = self.out_dir / LAST_CHECKPOINT
         if self.main:
             ckpt = {
@@ -595,12 +604,6 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
             return None
         d = d[part]
     return d
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def _atomic_link_or_copy(src: Path, dst: Path) -> None:

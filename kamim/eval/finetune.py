@@ -23,15 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from timm.data.mixup import one_hot
 from timm.layers import DropPath
@@ -41,7 +38,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from kamim import distributed as kdist
-from kamim.engine.pretrain import rng_state, set_rng_state
+from kamim.engine.pretrain import gather_rng_states, seed_all, set_rng_state
 from kamim.serialization import atomic_save
 
 from .common import (
@@ -190,22 +187,6 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
         return None
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)  # timm Mixup draws from numpy's global RNG
-    random.seed(seed)
-
-
-def _gather_rng_states(world_size: int) -> list[dict[str, Any]]:
-    """Every rank's RNG states (torch, CUDA, numpy, python), on every rank."""
-    state = rng_state()
-    if world_size == 1:
-        return [state]
-    states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
     cfg = dataclasses.replace(cfg).validate()
@@ -232,7 +213,7 @@ class _Finetuner:
         self.model = add_classifier(self.enc.model, self.data.num_classes, cfg.pool)
         set_drop_path(self.model, cfg.drop_path)
         self.model.to(self.device).requires_grad_(True)
-        _seed_everything(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
+        seed_all(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
 
         self.loader, self.sampler, self.val_loader = training_loaders(
             self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
@@ -279,7 +260,7 @@ class _Finetuner:
             if len(states) == info.world_size:  # drop path / mixup continue exactly where they stopped
                 set_rng_state(states[info.rank])
             else:
-                _seed_everything(cfg.seed + info.rank + 1_000_003 * self.step)
+                seed_all(cfg.seed + info.rank + 1_000_003 * self.step)
             log.info("resumed finetuning from %s after epoch %d", path, self.epoch)
         self.train_model = ddp_wrap(self.model, info)
 
@@ -351,7 +332,7 @@ class _Finetuner:
                 "config": self.config, "classes": self.data.classes, "model_spec": self.spec, "pool": self.cfg.pool}
 
     def _save(self, improved: bool) -> None:
-        rngs = _gather_rng_states(self.info.world_size)
+        rngs = gather_rng_states(self.info.world_size)
         if not self.info.is_main:
             return
         if improved:
