@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -305,7 +305,76 @@ def _check_images(images: Tensor, model: nn.Module, img_size: tuple[int, int]) -
         )
 
 
-class ViTCapture:
+_C = TypeVar("_C", bound="_HookCapture")
+
+
+class _HookCapture:
+    """Shared life cycle of :class:`ViTCapture` and :class:`SwinCapture`.
+
+    ``__enter__`` freezes the model's training flags and lets the subclass register its hooks
+    (:meth:`_install`); ``__exit__`` removes them and undoes any model change (:meth:`_restore`),
+    also when installing failed halfway; ``__call__`` runs one batch (:meth:`_forward`) into a
+    fresh :class:`Captured` under ``torch.no_grad``.
+    """
+
+    model: nn.Module
+    geometry: Any
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._store: Captured | None = None
+        self._state: Any = None
+
+    def _install(self) -> None:
+        """Register the forward hooks (appending their handles to ``self._handles``)."""
+        raise NotImplementedError
+
+    def _forward(self, images: Tensor) -> None:
+        """Run the model on ``images`` so that the hooks fill ``self._store``."""
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        """Undo model changes made by :meth:`_install` other than the hooks (none by default)."""
+
+    def __enter__(self: _C) -> _C:
+        self._state = _frozen_state(self.model)
+        self._state.__enter__()
+        try:
+            self._install()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+        finally:
+            self._handles.clear()
+            try:
+                self._restore()
+            finally:
+                if self._state is not None:
+                    self._state.__exit__(None, None, None)
+                    self._state = None
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Captured:
+        """Run the model on ``images`` (B, C, H, W) and return the requested activations."""
+        if self._state is None:
+            name = type(self).__name__
+            raise RuntimeError(f"{name} must be used as a context manager (with {name}(...) as cap)")
+        _check_images(images, self.model, self.geometry.img_size)
+        self._store = Captured()
+        try:
+            self._forward(images)
+            return self._store
+        finally:
+            self._store = None
+
+
+class ViTCapture(_HookCapture):
     """Context manager capturing activations of a timm ViT; reusable across batches.
 
     Example::
@@ -351,10 +420,8 @@ class ViTCapture:
         self._last = max(needed, default=1 if self.embedding else 0)
         if self._last == 0:
             raise ValueError("nothing to capture: request attention, pre/post_attention, block_output or embedding")
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._fused: list[tuple[nn.Module, bool]] = []
-        self._store: Captured | None = None
-        self._state: Any = None
 
     # hooks -------------------------------------------------------------------------------
     def _hook(self, kind: str, layer: int):
@@ -368,70 +435,48 @@ class ViTCapture:
         assert self._store is not None
         self._store.embedding = args[0].detach()
 
-    def __enter__(self) -> ViTCapture:
+    def _install(self) -> None:
         blocks = self.model.blocks
-        self._state = _frozen_state(self.model)
-        self._state.__enter__()
-        try:
-            for layer in self.attention:
-                attn = blocks[layer - 1].attn
-                self._fused.append((attn, attn.fused_attn))
-                attn.fused_attn = False
-                self._handles.append(attn.attn_drop.register_forward_hook(self._hook("attention", layer)))
-            for layer in self.pre_attention:
-                self._handles.append(blocks[layer - 1].norm1.register_forward_hook(self._hook("pre_attention", layer)))
-            for layer in self.post_attention:
-                self._handles.append(blocks[layer - 1].attn.register_forward_hook(self._hook("post_attention", layer)))
-            if self.embedding:
-                self._handles.append(blocks[0].register_forward_pre_hook(self._embedding_hook))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        for layer in self.attention:
+            attn = blocks[layer - 1].attn
+            self._fused.append((attn, attn.fused_attn))
+            attn.fused_attn = False
+            self._handles.append(attn.attn_drop.register_forward_hook(self._hook("attention", layer)))
+        for layer in self.pre_attention:
+            self._handles.append(blocks[layer - 1].norm1.register_forward_hook(self._hook("pre_attention", layer)))
+        for layer in self.post_attention:
+            self._handles.append(blocks[layer - 1].attn.register_forward_hook(self._hook("post_attention", layer)))
+        if self.embedding:
+            self._handles.append(blocks[0].register_forward_pre_hook(self._embedding_hook))
 
-    def __exit__(self, *exc: object) -> None:
+    def _restore(self) -> None:
         try:
-            for handle in self._handles:
-                handle.remove()
             for attn, fused in self._fused:
                 attn.fused_attn = fused
         finally:
-            self._handles.clear()
             self._fused.clear()
-            if self._state is not None:
-                self._state.__exit__(None, None, None)
-                self._state = None
 
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> Captured:
-        """Run the model on ``images`` (B, C, H, W) and return the requested activations."""
-        if self._state is None:
-            raise RuntimeError("ViTCapture must be used as a context manager (with ViTCapture(...) as cap)")
-        _check_images(images, self.model, self.geometry.img_size)
-        self._store = Captured()
-        try:
-            indices = sorted(set(l - 1 for l in self.block_output) | {self._last - 1})
-            inter = self.model.forward_intermediates(
-                images,
-                indices=indices,
-                return_prefix_tokens=True,
-                norm=False,
-                stop_early=True,
-                output_fmt="NLC",
-                intermediates_only=True,
-            )
-            for idx, item in zip(indices, inter):
-                if idx + 1 not in self.block_output:
-                    continue
-                if isinstance(item, tuple):  # (patch tokens, prefix tokens)
-                    item = torch.cat([item[1], item[0]], dim=1)
-                self._store.block_output[idx + 1] = item.detach()
-            return self._store
-        finally:
-            self._store = None
+    def _forward(self, images: Tensor) -> None:
+        assert self._store is not None
+        indices = sorted(set(l - 1 for l in self.block_output) | {self._last - 1})
+        inter = self.model.forward_intermediates(
+            images,
+            indices=indices,
+            return_prefix_tokens=True,
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        for idx, item in zip(indices, inter):
+            if idx + 1 not in self.block_output:
+                continue
+            if isinstance(item, tuple):  # (patch tokens, prefix tokens)
+                item = torch.cat([item[1], item[0]], dim=1)
+            self._store.block_output[idx + 1] = item.detach()
 
 
-class SwinCapture:
+class SwinCapture(_HookCapture):
     """Capture block outputs (``(B, h*w, C)``) and the patch embedding of a timm SwinTransformer."""
 
     def __init__(self, model: nn.Module, *, block_output: Iterable[int] | bool | None = None, embedding: bool = False,
@@ -446,14 +491,9 @@ class SwinCapture:
         self.block_output = _layers("block_output", block_output, self.geometry)
         self.embedding = bool(embedding)
         self._blocks = [blk for stage in self.model.layers for blk in stage.blocks]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._store: Captured | None = None
-        self._state: Any = None
+        super().__init__()
 
-    def __enter__(self) -> SwinCapture:
-        self._state = _frozen_state(self.model)
-        self._state.__enter__()
-
+    def _install(self) -> None:
         def to_tokens(x: Tensor) -> Tensor:  # timm Swin blocks are NHWC
             return x.detach().reshape(x.shape[0], -1, x.shape[-1])
 
@@ -468,37 +508,13 @@ class SwinCapture:
             assert self._store is not None
             self._store.embedding = to_tokens(output)
 
-        try:
-            for layer in self.block_output:
-                self._handles.append(self._blocks[layer - 1].register_forward_hook(block_hook(layer)))
-            if self.embedding:
-                self._handles.append(self.model.patch_embed.register_forward_hook(embed_hook))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        for layer in self.block_output:
+            self._handles.append(self._blocks[layer - 1].register_forward_hook(block_hook(layer)))
+        if self.embedding:
+            self._handles.append(self.model.patch_embed.register_forward_hook(embed_hook))
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            for handle in self._handles:
-                handle.remove()
-        finally:
-            self._handles.clear()
-            if self._state is not None:
-                self._state.__exit__(None, None, None)
-                self._state = None
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> Captured:
-        if self._state is None:
-            raise RuntimeError("SwinCapture must be used as a context manager")
-        _check_images(images, self.model, self.geometry.img_size)
-        self._store = Captured()
-        try:
-            self.model.forward_features(images)
-            return self._store
-        finally:
-            self._store = None
+    def _forward(self, images: Tensor) -> None:
+        self.model.forward_features(images)
 
 
 def capture(model: nn.Module, images: Tensor, **request: Any) -> Captured:

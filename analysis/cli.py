@@ -15,75 +15,24 @@ Bad input (missing checkpoint, unknown analysis, empty image folder, ``--images 
 an analysis cannot handle, ...) ends with one line ``kamim-analyze: error: ...`` and exit code 2.
 Outputs are written into a temporary folder next to ``--out`` and moved into place at the end, so
 a failed run leaves ``--out`` untouched. ``KAMIM_DEBUG=1`` shows full tracebacks.
+
+This module only parses arguments, prints and maps errors to exit codes; the work is done by
+:func:`analysis.pipeline.analyze` (and :mod:`analysis.paper`, :mod:`analysis.demo`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from collections.abc import Sequence
+from typing import Any, Optional
 
-__all__ = [
-    "PROG", "UsageError", "ModelSpec", "AnalyzeOutput", "parse_model_spec", "parse_analyses",
-    "parse_option", "fit_probe_classifier", "check_geometry",
-    "staged_output", "load_models", "make_loader", "analyze", "build_parser", "main",
-]
+from analysis.pipeline import (AnalyzeOutput, UsageError, analyze, models_from_specs, one_line,
+                               parse_model_spec)
+
+__all__ = ["PROG", "parse_option", "build_parser", "main"]
 
 PROG = "kamim-analyze"
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".tar", ".ckpt", ".pkl")
-PathLike = Union[str, Path]
-
-
-class UsageError(ValueError):
-    """A user error reported as one line ``kamim-analyze: error: ...`` with exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# argument parsing helpers
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model to analyse: display ``name`` and ``source`` (checkpoint path, manifest or timm name)."""
-
-    name: str
-    source: str
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """``NAME=CHECKPOINT`` (or just ``CHECKPOINT``: the name is the file stem / model name)."""
-    text = text.strip()
-    if not text:
-        raise UsageError("--model needs NAME=CHECKPOINT, got an empty value")
-    name, sep, source = text.partition("=")
-    if not sep:
-        source, name = text, Path(text).stem if Path(text).suffix else text
-    name, source = name.strip(), source.strip()
-    if not name or not source:
-        raise UsageError(f"--model needs NAME=CHECKPOINT, got '{text}'")
-    return ModelSpec(name, source)
-
-
-def parse_analyses(text: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    """``"all"`` or comma-separated analysis names -> validated tuple (order of ``ANALYSES``)."""
-    from analysis.runner import ANALYSES
-
-    items = text.split(",") if isinstance(text, str) else list(text)
-    names = [s.strip() for s in items if s.strip()]
-    if not names:
-        raise UsageError(f"no analyses given; valid: all, {', '.join(ANALYSES)}")
-    if "all" in names:
-        return tuple(ANALYSES)
-    unknown = [n for n in names if n not in ANALYSES]
-    if unknown:
-        raise UsageError(f"unknown analysis {', '.join(repr(u) for u in unknown)}; valid: all, "
-                         f"{', '.join(ANALYSES)}")
-    return tuple(a for a in ANALYSES if a in names)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -100,433 +49,6 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise UsageError(f"--option {key}: cannot parse value '{value}'") from None
 
 
-def _positive(name: str, value: Optional[int], allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic output folder
-@contextlib.contextmanager
-def staged_output(out: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out`` (renames).
-
-    On any exception the temporary folder is removed and ``out`` is left as it was. An existing
-    ``out`` is moved aside first and deleted only after the new folder is in place.
-    """
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out '{out}' exists and is not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as err:
-        raise UsageError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# models and data
-def _check_device(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise UsageError(f"--device must be cpu, cuda or cuda:N, got '{device}'")
-    return device
-
-
-def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
-                device: str = "cpu") -> dict[str, Any]:
-    """Load every model with :func:`kamim.checkpoints.load_encoder`; name -> ``LoadedEncoder``.
-
-    ``image_size`` rebuilds every model for that resolution (position embeddings resampled).
-    Errors name the model and its source in one line.
-    """
-    from kamim.checkpoints import load_encoder
-
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UsageError(f"model names must be unique, repeated: {', '.join(dupes)}")
-    loaded = {}
-    for spec in specs:
-        src = Path(spec.source).expanduser()
-        # Anything that is not an existing path may be a timm or manifest name (which can contain
-        # dots, e.g. "vit_base_patch16_224.mae"); only file-like names are reported as missing.
-        if not src.exists() and (src.suffix.lower() in _CHECKPOINT_SUFFIXES
-                                 or "/" in spec.source or os.sep in spec.source):
-            raise UsageError(f"model {spec.name}: checkpoint not found: '{spec.source}'")
-        try:
-            enc = load_encoder(str(src) if src.exists() else spec.source, device=device,
-                               **({"img_size": image_size} if image_size else {}))
-        except Exception as err:  # noqa: BLE001 - any failure to read a user's file is bad input
-            # (e.g. torch's weights-only unpickler raises IndexError on some garbage files)
-            kind = "" if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: "
-            raise UsageError(f"model {spec.name}: cannot load '{spec.source}': "
-                             f"{kind}{_one_line(err)}") from None
-        if enc.patch_size is None:
-            raise UsageError(f"model {spec.name}: '{spec.source}' has no patch embedding; "
-                             f"only ViT-style models can be analysed")
-        ph, pw = (enc.patch_size, enc.patch_size) if isinstance(enc.patch_size, int) \
-            else enc.patch_size
-        h, w = enc.image_size
-        if h % ph or w % pw:
-            raise UsageError(f"model {spec.name}: image size {h}x{w} is not a multiple of its "
-                             f"patch size {ph}x{pw}; pick an --image-size divisible by {ph}")
-        loaded[spec.name] = enc
-    return loaded
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    msg = text[0] if text else type(err).__name__
-    return msg.strip("'\"") if isinstance(err, KeyError) else msg
-
-
-def check_geometry(name: str, geometry: Any, analyses: Sequence[str]) -> None:
-    """Refuse analyses a model's geometry cannot support, before any work is done."""
-    gh, gw = geometry.grid
-    if "fourier" in analyses and gh != gw:
-        raise UsageError(
-            f"model {name}: Fourier analysis needs a square token grid, got {gh}x{gw} "
-            f"({geometry.img_size[0]}x{geometry.img_size[1]} px / {geometry.patch_size[0]}x"
-            f"{geometry.patch_size[1]} px patches); drop 'fourier' from --analyses or pass a "
-            f"square --image-size")
-    from analysis.capture import ViTGeometry
-
-    attention_based = {"attention-distance", "nmi", "attention-entropy", "attention-similarity",
-                       "attention-maps", "rollout", "pre-post"}
-    if not isinstance(geometry, ViTGeometry) and attention_based & set(analyses):
-        raise UsageError(
-            f"model {name}: {type(geometry).__name__} models support only block-output analyses "
-            f"(cka, fourier, tsne); drop {', '.join(sorted(attention_based & set(analyses)))}")
-
-
-class _NonEmptyBatches:
-    """Iterate a loader, dropping batches whose every image was unreadable (``collate_skip_bad``)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.dataset = loader.dataset  # lets progress bars know the total
-        self.num_skipped = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
-            self.num_skipped += int(batch.get("num_skipped", 0))
-            if "image" in batch:
-                yield batch
-
-
-def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int], batch_size: int,
-                workers: int, seed: int) -> tuple[_NonEmptyBatches, Any]:
-    """Deterministic evaluation loader over ``data`` at ``img_size`` -> (loader, dataset).
-
-    With ``images`` smaller than the folder, a seeded subset is used (the same images for every
-    model, spread over all classes), in folder order.
-    """
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
-    from kamim.data import EvalTransform, ImageFolderDataset, collate_skip_bad
-
-    try:
-        dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="auto")
-    except ValueError:
-        dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="flat")
-    subset: Any = dataset
-    if images is not None and images < len(dataset):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:images])
-        subset = Subset(dataset, idx.tolist())
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=False)
-    return _NonEmptyBatches(loader), dataset
-
-
-def fit_probe_classifier(model: Any, loader: Any, *, max_images: Optional[int] = None,
-                         device: str = "cpu", seed: int = 0) -> Any:
-    """A linear-probe classifier for attributions on a headless encoder.
-
-    Features are the mean-pooled patch tokens of the last block (as
-    :class:`analysis.attribution.ProbeClassifier` computes them); the head is scikit-learn's
-    ``LogisticRegression`` on standardised features, folded into one ``nn.Linear`` (the scaler's
-    mean/scale absorbed into weights and bias). It is fitted on the analysed images themselves: it
-    only has to give attributions a meaningful class logit, it is not an accuracy estimate.
-    """
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from torch import nn
-
-    from analysis.attribution import ProbeClassifier
-    from analysis.runner import iterate_images
-
-    extractor = ProbeClassifier(model, nn.Identity()).to(device).eval()
-    feats, labels = [], []
-    with torch.no_grad():
-        for images, y in iterate_images(loader, max_images):
-            if y is None or bool((y < 0).any()):
-                raise UsageError("attribution needs class labels (class subfolders in --data) to fit "
-                                 "a linear-probe head on these headless encoders")
-            feats.append(extractor(images.to(device)).float().cpu())
-            labels.append(y.cpu())
-    x = torch.cat(feats).double().numpy()
-    y = torch.cat(labels).numpy()
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise UsageError(f"attribution needs images of at least 2 classes to fit a probe head, "
-                         f"found only class {classes.tolist()}")
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    pipe.fit(x, y)
-    scaler, clf = pipe[0], pipe[1]
-    coef = clf.coef_ / scaler.scale_
-    bias = clf.intercept_ - coef @ scaler.mean_
-    if len(classes) == 2:  # sklearn's binary model has one logit z: use logits (0, z)
-        coef, bias = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, bias[0]])
-    n_out = int(y.max()) + 1
-    head = nn.Linear(x.shape[1], n_out)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.fill_(-1e4)  # classes absent from the analysed images are never predicted
-        head.weight[torch.as_tensor(classes)] = torch.as_tensor(coef, dtype=torch.float32)
-        head.bias[torch.as_tensor(classes)] = torch.as_tensor(bias, dtype=torch.float32)
-    return ProbeClassifier(model, head.to(device)).eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# the analysis pipeline
-@dataclass
-class AnalyzeOutput:
-    """What :func:`analyze` wrote: the output folder, per-model results, figure files, metrics."""
-
-    out_dir: Path
-    results: dict[str, Any]
-    figures: dict[str, list[Path]]
-    metrics: Any  # pandas DataFrame (tidy)
-    summary: Any  # pandas DataFrame (wide, per model and depth)
-    files: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-ExtraStep = Callable[[Path, dict[str, Any], dict[str, Any], list[str]], dict[str, list[Path]]]
-
-
-def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
-            analyses: Union[str, Sequence[str]] = "all", images: Optional[int] = None,
-            batch_size: int = 32, image_size: Optional[int] = None,
-            image_sizes: Optional[Mapping[str, Optional[int]]] = None, device: str = "cpu",
-            seed: int = 0, workers: int = 0, progress: bool = True, notes: Sequence[str] = (),
-            title: str = "Representation analysis",
-            figure_names: Optional[Mapping[str, str]] = None,
-            options: Optional[Mapping[str, Any]] = None,
-            model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
-            cross_cka: bool = True, extra: Optional[ExtraStep] = None) -> AnalyzeOutput:
-    """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
-
-    Args:
-        analyses: ``"all"`` or names from :data:`analysis.runner.ANALYSES`. With ``"all"``,
-            ``attribution`` is skipped (with a note) when the data has no class labels to fit the
-            linear-probe head it needs; asked for explicitly, that is an error.
-        image_size: one resolution for all models (default: each model's own); ``image_sizes``:
-            per-model resolution (None = the model's own), overriding ``image_size``.
-        figure_names: analysis -> file stem (default: the analysis name with ``_``).
-        options: keyword options of :func:`analysis.runner.run_analyses` for every model;
-            ``model_options(name, geometry)`` adds per-model ones (e.g. query positions).
-        cross_cka: with ``cka`` and 2-4 models evaluated at one resolution, also compute the CKA
-            between the layers of every pair of models (figure ``cross_cka``).
-        extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
-            before the report is written (used by the paper figures); it may append to ``notes``.
-
-    Everything is written into a temporary folder that replaces ``out`` at the end; on any error
-    ``out`` is left untouched.
-    """
-    import pandas as pd
-    import torch
-
-    from analysis import plots
-    from analysis.capture import model_geometry
-    from analysis.report import summary_table, write_report
-    from analysis.runner import run_analyses
-    from kamim.data.images import find_images
-    from kamim.serialization import atomic_write_text
-
-    asked_all = (analyses == "all") if isinstance(analyses, str) else ("all" in analyses)
-    analyses = parse_analyses(analyses)
-    _positive("--images", images)
-    _positive("--batch-size", batch_size)
-    _positive("--image-size", image_size)
-    _positive("--workers", workers, allow_zero=True)
-    device = _check_device(device)
-    if not models:
-        raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
-    try:
-        n_files = len(find_images(data))
-    except (FileNotFoundError, NotADirectoryError) as err:
-        raise UsageError(f"--data: {_one_line(err)}") from None
-    notes = list(notes)
-
-    loaded: dict[str, Any] = {}
-    for name, source in models.items():  # one by one so that per-model resolutions apply
-        size = (image_sizes or {}).get(name, image_size) if image_sizes else image_size
-        if name in loaded:
-            raise UsageError(f"model names must be unique, repeated: {name}")
-        loaded.update(load_models([ModelSpec(name, source)], image_size=size, device=device))
-    geometries = {}
-    for name, enc in loaded.items():
-        try:
-            geometries[name] = model_geometry(enc.model, enc.num_prefix_tokens)
-        except (ValueError, TypeError) as err:
-            raise UsageError(f"model {name}: cannot read its geometry: {_one_line(err)}") from None
-        check_geometry(name, geometries[name], analyses)
-
-    if "attribution" in analyses:
-        _, probe_data = make_loader(data, next(iter(loaded.values())).image_size, images=images,
-                                    batch_size=batch_size, workers=0, seed=seed)
-        if not getattr(probe_data, "labelled", False) or len(probe_data.classes) < 2:
-            why = (f"attribution needs images in at least 2 class subfolders of --data to fit a "
-                   f"linear-probe head (found {len(getattr(probe_data, 'classes', []))} classes)")
-            if not asked_all:
-                raise UsageError(why)
-            analyses = tuple(a for a in analyses if a != "attribution")
-            notes.append(f"Attribution skipped: {why}.")
-
-    torch.manual_seed(seed)
-    figure_names = dict(figure_names or {})
-    with staged_output(out) as staging:
-        results: dict[str, Any] = {}
-        for name, enc in loaded.items():
-            loader, dataset = make_loader(data, enc.image_size, images=images,
-                                          batch_size=batch_size, workers=workers, seed=seed)
-            opts = {"batch_size": batch_size, **dict(options or {}),
-                    **dict(model_options(name, geometries[name]) if model_options else {})}
-            try:
-                if "attribution" in analyses and "attribution_model" not in opts:
-                    opts["attribution_model"] = fit_probe_classifier(
-                        enc.model, loader, max_images=images, device=device, seed=seed)
-                res = run_analyses(enc.model, loader, analyses, model_name=name,
-                                   max_images=images, device=device, seed=seed,
-                                   num_prefix_tokens=enc.num_prefix_tokens, progress=progress,
-                                   **opts)
-            except (ValueError, TypeError, KeyError) as err:
-                raise UsageError(f"model {name}: {_one_line(err)}") from None
-            if getattr(dataset, "classes", None):
-                res.arrays["class_names"] = list(dataset.classes)
-            res.save(staging / "raw" / _slug(name))
-            results[name] = res
-            if loader.num_skipped:
-                notes.append(f"{name}: {loader.num_skipped} unreadable image(s) skipped.")
-
-        metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
-        palette = plots.ModelPalette(results)
-        figures: dict[str, list[Path]] = {}
-        for analysis_name in analyses:
-            stem = figure_names.get(analysis_name, analysis_name.replace("-", "_"))
-            plots.plot_analysis(analysis_name, results, palette=palette, out=staging / stem)
-            figures[analysis_name] = [staging / f"{stem}.pdf", staging / f"{stem}.png"]
-
-        sizes = {tuple(enc.image_size) for enc in loaded.values()}
-        if cross_cka and "cka" in analyses and 2 <= len(loaded) <= 4:
-            if len(sizes) == 1:
-                cross = _cross_model_cka(loaded, data, images=images, batch_size=batch_size,
-                                         workers=workers, seed=seed, device=device,
-                                         progress=progress)
-                metrics = pd.concat([metrics] + [r.table for r in cross.values()],
-                                    ignore_index=True)
-                stem = figure_names.get("cross-cka", "cross_cka")
-                plots.plot_cross_cka({k: r.arrays["cka"] for k, r in cross.items()},
-                                     {n: g.depth for n, g in geometries.items()},
-                                     out=staging / stem)
-                figures["cross-cka"] = [staging / f"{stem}.pdf", staging / f"{stem}.png"]
-            else:
-                notes.append("Cross-model CKA skipped: the models were evaluated at different "
-                             "resolutions (pass --image-size to compare them on the same inputs).")
-        if extra is not None:
-            figures.update(extra(staging, results, loaded, notes))
-
-        atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
-        atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
-        summary = summary_table(results)
-        atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
-
-        settings = {
-            "analyses": ", ".join(analyses), "data": str(Path(data).expanduser().absolute()),
-            "images in folder": n_files, "images analysed per model": ", ".join(
-                f"{n}: {r.images}" for n, r in results.items()),
-            "resolution": ("each model at its own resolution" if image_size is None
-                           or image_sizes else f"all models at {image_size} px (--image-size)"),
-            "batch size": batch_size, "device": device, "seed": seed,
-            **{f"option {k}": v for k, v in (options or {}).items()},
-        }
-        model_info = {
-            name: {"source": enc.source, "format": enc.format, "sha256": enc.sha256 or "n/a",
-                   "method": getattr(enc, "method", None) or "n/a",
-                   "prefix tokens": enc.num_prefix_tokens,
-                   "depth × heads": f"{geometries[name].depth} × "
-                                    f"{getattr(geometries[name], 'num_heads', 'n/a')}"}
-            for name, enc in loaded.items()
-        }
-        write_report(staging / "report.html", results, figures, settings=settings,
-                     models=model_info, titles=plots.FIGURE_TITLES,
-                     tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                     notes=notes, title=title)
-        rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
-        files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
-    out_dir = Path(out).expanduser().absolute()
-    return AnalyzeOutput(out_dir, results,
-                         {k: [out_dir / p for p in v] for k, v in rel_figures.items()},
-                         metrics, summary, [out_dir / f for f in files], notes)
-
-
-def _cross_model_cka(loaded: Mapping[str, Any], data: PathLike, *, images: Optional[int],
-                     batch_size: int, workers: int, seed: int, device: str,
-                     progress: bool) -> dict[tuple[str, str], Any]:
-    """CKA between the block outputs of every pair of models on the same images."""
-    from itertools import combinations
-
-    from analysis.runner import cross_model_cka
-
-    out = {}
-    for a, b in combinations(loaded, 2):
-        loader, _ = make_loader(data, loaded[a].image_size, images=images, batch_size=batch_size,
-                                workers=workers, seed=seed)
-        try:
-            out[(a, b)] = cross_model_cka(
-                loaded[a].model, loaded[b].model, loader, model_names=(a, b), max_images=images,
-                device=device, batch_size=batch_size, progress=progress,
-                num_prefix_tokens=(loaded[a].num_prefix_tokens, loaded[b].num_prefix_tokens))
-        except ValueError as err:
-            raise UsageError(f"cross-model CKA {a} vs {b}: {_one_line(err)}") from None
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line ``kamim-analyze: error: ...`` (exit 2)."""
 
@@ -534,11 +56,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
-def _add_common(p: argparse.ArgumentParser, *, images_default: Optional[int]) -> None:
-    p.add_argument("--images", type=int, default=images_default, metavar="N",
-                   help="analyse at most N images per model (default: %(default)s = all)"
-                   if images_default is None else "analyse at most N images per model "
-                   "(default: %(default)s)")
+def _add_data_out(p: argparse.ArgumentParser, data_metavar: str, data_help: str, *,
+                  out_metavar: str) -> None:
+    """The required ``--data`` image folder and ``--out`` output folder."""
+    p.add_argument("--data", required=True, metavar=data_metavar, help=data_help)
+    p.add_argument("--out", required=True, metavar=out_metavar, help="output folder")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``paper-figures`` (read back by :func:`_common_kwargs`)."""
+    p.add_argument("--images", type=int, default=None, metavar="N",
+                   help="analyse at most N images per model (default: %(default)s = all)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of image subset, t-SNE, ... "
@@ -568,15 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
                      help="model to analyse (repeatable): a checkpoint file of any supported "
                      "format, a manifest name or a timm model name (random init)")
-    run.add_argument("--data", required=True, metavar="IMAGE_DIR",
-                     help="folder of images (class subfolders colour the t-SNE)")
-    run.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
+    _add_data_out(run, "IMAGE_DIR", "folder of images (class subfolders colour the t-SNE)",
+                  out_metavar="OUT_DIR")
     run.add_argument("--analyses", default="all", metavar="a,b,...|all",
                      help=f"comma-separated analyses or 'all' (default); valid: {', '.join(ANALYSES)}")
     run.add_argument("--image-size", type=int, default=None, metavar="S",
                      help="evaluate every model at S px (position embeddings resampled); default: "
                      "each model at its own resolution")
-    _add_common(run, images_default=None)
+    _add_common(run)
 
     paper = sub.add_parser("paper-figures", help="reproduce the KAMIM paper's representation figures",
                            description="Reproduce each representation figure of the KAMIM paper "
@@ -586,15 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--simmim", required=True, metavar="CKPT", help="SimMIM checkpoint")
     paper.add_argument("--kamim", required=True, metavar="CKPT", help="KAMIM checkpoint")
     paper.add_argument("--moco", required=True, metavar="CKPT", help="MoCo v3 checkpoint")
-    paper.add_argument("--data", required=True, metavar="VAL_DIR",
-                       help="validation images (the paper: Imagenette val, class subfolders)")
-    paper.add_argument("--out", required=True, metavar="OUT", help="output folder")
+    _add_data_out(paper, "VAL_DIR", "validation images (the paper: Imagenette val, class "
+                  "subfolders)", out_metavar="OUT")
     paper.add_argument("--mim-image-size", type=int, default=None, metavar="S",
                        help="resolution of the MIM models (default: the paper's 192 px)")
     paper.add_argument("--moco-image-size", type=int, default=None, metavar="S",
                        help="resolution of MoCo v3 (default: its own, 224 px for the released "
                        "ViT-B/16, so that no image is resized twice)")
-    _add_common(paper, images_default=None)
+    _add_common(paper)
 
     demo = sub.add_parser("demo", help="offline demo: pretrain tiny models, analyse them",
                           description="Offline demo on a fresh machine: pretrains tiny SimMIM, "
@@ -611,9 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(summary: Any, out_dir: Path, figures: Mapping[str, Any]) -> None:
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the options every analysing command shares (:func:`_add_common`)."""
+    return {"images": args.images, "batch_size": args.batch_size, "device": args.device,
+            "seed": args.seed, "workers": args.workers, "progress": not args.quiet,
+            "options": dict(parse_option(o) for o in args.option)}
+
+
+def _print_summary(out: AnalyzeOutput) -> None:
+    """Print the per-model summary table and where the outputs went."""
     import pandas as pd
 
+    summary, out_dir, figures = out.summary, out.out_dir, out.figures
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
         print(summary.to_string(index=False) if not summary.empty else "(no per-layer metrics)")
@@ -621,18 +156,10 @@ def _print_summary(summary: Any, out_dir: Path, figures: Mapping[str, Any]) -> N
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    specs = [parse_model_spec(m) for m in args.model]
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UsageError(f"model names must be unique, repeated: {', '.join(dupes)} "
-                         f"(name them with --model NAME=CHECKPOINT)")
-    res = analyze({s.name: s.source for s in specs}, args.data, args.out,
-                  analyses=args.analyses, images=args.images, batch_size=args.batch_size,
-                  image_size=args.image_size, device=args.device, seed=args.seed,
-                  workers=args.workers, progress=not args.quiet,
-                  options=dict(parse_option(o) for o in args.option))
-    _print_summary(res.summary, res.out_dir, res.figures)
+    models = models_from_specs([parse_model_spec(m) for m in args.model])
+    res = analyze(models, args.data, args.out, analyses=args.analyses,
+                  image_size=args.image_size, **_common_kwargs(args))
+    _print_summary(res)
     return 0
 
 
@@ -641,11 +168,9 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 
     out = reproduce_paper_figures(
         {"SimMIM": args.simmim, "KAMIM": args.kamim, "MoCo v3": args.moco}, args.data, args.out,
-        images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        workers=args.workers, mim_image_size=args.mim_image_size,
-        moco_image_size=args.moco_image_size, progress=not args.quiet,
-        options=dict(parse_option(o) for o in args.option))
-    _print_summary(out.summary, out.out_dir, out.figures)
+        mim_image_size=args.mim_image_size, moco_image_size=args.moco_image_size,
+        **_common_kwargs(args))
+    _print_summary(out)
     return 0
 
 
@@ -654,7 +179,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print(DEMO_NOTE)
     out = run_demo(args.out, cache=args.cache, fast=args.fast, progress=not args.quiet)
-    _print_summary(out.summary, out.out_dir, out.figures)
+    _print_summary(out)
     print(DEMO_NOTE)
     return 0
 
@@ -672,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as err:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from analysis.pipeline import AnalyzeOutput, analyze
+
 __all__ = [
     "DEMO_MODELS", "DEMO_NOTE", "DemoSettings", "default_cache_dir", "demo_settings",
     "demo_checkpoints", "ensure_demo_checkpoints", "demo_eval_folder", "run_demo",
@@ -180,13 +182,12 @@ def describe(checkpoints: Mapping[str, Path]) -> str:
 
 
 def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = False,
-             progress: bool = True, device: str = "cpu") -> "AnalyzeOutput":  # noqa: F821
+             progress: bool = True, device: str = "cpu") -> AnalyzeOutput:
     """Train (or reuse) the demo models, run every analysis on labelled demo images, write the report.
 
     Also writes the reconstruction grid of the SimMIM and KAMIM demo models. Returns
-    :class:`analysis.cli.AnalyzeOutput`.
+    :class:`analysis.pipeline.AnalyzeOutput`.
     """
-    from analysis.cli import analyze
     from analysis.paper import reconstruction_figure
 
     settings = demo_settings(fast)

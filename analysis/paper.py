@@ -26,6 +26,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
+from analysis.pipeline import AnalyzeOutput, UsageError, analyze
+
 __all__ = [
     "PAPER_FIGURES", "PAPER_ANALYSES", "PAPER_MIM_IMAGE_SIZE", "PAPER_QUERY_FRACTIONS",
     "PAPER_RECONSTRUCTION_MASK_RATIO", "paper_queries", "figure_tables",
@@ -178,16 +180,14 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
                             mim_image_size: Optional[int] = None,
                             moco_image_size: Optional[int] = None, map_images: int = 1,
                             progress: bool = True, notes: tuple[str, ...] = (),
-                            options: Optional[Mapping[str, Any]] = None) -> Any:
+                            options: Optional[Mapping[str, Any]] = None) -> AnalyzeOutput:
     """Write every paper figure for ``checkpoints`` (``{"SimMIM": .., "KAMIM": .., "MoCo v3": ..}``).
 
-    Returns :class:`analysis.cli.AnalyzeOutput`. ``mim_image_size`` defaults to 192 px,
+    Returns :class:`analysis.pipeline.AnalyzeOutput`. ``mim_image_size`` defaults to 192 px,
     ``moco_image_size`` to the checkpoint's own resolution. Reconstructions need SimMIM/KAMIM
     *training* checkpoints (with the decoder); with encoder-only files they are skipped and the
     report says so.
     """
-    from analysis.cli import UsageError, analyze
-
     mim = mim_image_size or PAPER_MIM_IMAGE_SIZE
     sizes = {name: (mim if name in _MIM else moco_image_size) for name in checkpoints}
 

@@ -1,34 +1,23 @@
 """captum attributions (Integrated Gradients, patch-aligned Occlusion) on tiny ViT classifiers."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 
 from analysis.attribution import ProbeClassifier, integrated_gradients, patch_occlusion, predicted_class
 from analysis.capture import capture
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+import analysis_models
+from analysis_models import one_thread, photo_batch  # noqa: F401 (one_thread: autouse fixture)
 
 
 def tiny_vit(**kw):
-    args = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=3)
-    args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **args)
+    return analysis_models.tiny_vit(**{"depth": 2, "num_classes": 3, **kw})
 
 
 @pytest.fixture()
 def x(photos):
-    imgs = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in list(photos.values())[:2]]
-    return torch.stack([F.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)[0] for t in imgs])
+    return photo_batch(photos.values(), n=2, size=32)
 
 
 def test_integrated_gradients_completeness(x):

@@ -1,7 +1,6 @@
 """Capture of attention / tokens from timm ViTs (and Swin block outputs)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -9,25 +8,11 @@ import torch.nn.functional as F
 
 from analysis.capture import SwinGeometry, ViTCapture, ViTGeometry, capture, model_geometry
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on 2 shared cores: one intra-op thread avoids contention (restored afterwards)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_vit(**kw):
-    args = dict(pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
-    args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **args)
+from analysis_models import one_thread, photo_batch, tiny_vit  # noqa: F401 (one_thread: autouse fixture)
 
 
 def images(photos, n=2, size=32):
-    x = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos.values()][:n]
-    return torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)[0] for t in x])
+    return photo_batch(photos.values(), n=n, size=size)
 
 
 def test_geometry_read_from_model():

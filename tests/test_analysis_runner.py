@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from analysis.attention import attention_distance, normalized_mutual_information, uniform_attention_distance
 from analysis.capture import capture
@@ -14,23 +13,15 @@ from analysis.results import TABLE_COLUMNS, AnalysisResult
 from analysis.runner import ANALYSES, cross_model_cka, run_analyses, uniform_nmi
 from analysis.similarity import CKAAccumulator, linear_cka
 
+import analysis_models
+from analysis_models import one_thread, photo_tensor, resize  # noqa: F401 (one_thread: autouse fixture)
+
 FAST = dict(tsne_samples=60, tsne_iterations=250, attribution_steps=4, map_images=3, pre_post_images=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(**kw):
-    args = dict(pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, reg_tokens=4,
-                num_classes=4)
-    args.update(kw)
-    torch.manual_seed(0)  # the same weights in every test and in the module-scoped fixture
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+    # seed: the same weights in every test and in the module-scoped fixture
+    return analysis_models.tiny_vit(seed=0, **{"reg_tokens": 4, "num_classes": 4, **kw}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +33,10 @@ def dataset():
     images, labels = [], []
     for i in range(10):
         p = photos[i % 4]
-        t = torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255
+        t = photo_tensor(p)
         s = 120 + 20 * (i // 4)
         t = t[:, 40 * (i // 4): 40 * (i // 4) + s, 30: 30 + s]
-        images.append(F.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)[0])
+        images.append(resize(t, 32))
         labels.append(i % 4)
     x = torch.stack(images)
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)

@@ -20,13 +20,7 @@ from analysis.similarity import (
     pool_features,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from analysis_models import one_thread  # noqa: F401 (autouse fixture)
 
 
 # ---- float64 numpy references ----------------------------------------------------------------------

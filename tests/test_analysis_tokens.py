@@ -9,13 +9,7 @@ from sklearn.datasets import load_digits
 from analysis.rollout import RolloutMap, attention_rollout, rollout_map
 from analysis.tokens import AttentionShift, Reservoir, attention_shift, pre_post_pca, tsne_embedding
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from analysis_models import one_thread  # noqa: F401 (autouse fixture)
 
 
 # ---- reservoir ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from analysis import cli
+from analysis import cli, pipeline
 from analysis.runner import ANALYSES
 from kamim.serialization import save_safetensors
 
@@ -214,28 +214,28 @@ def test_argparse_errors_are_one_line_exit_2(capsys):
 
 
 def test_parsers_and_staged_output(tmp_path):
-    assert cli.parse_model_spec("KAMIM=/x/y.pt") == cli.ModelSpec("KAMIM", "/x/y.pt")
-    assert cli.parse_model_spec("/x/run/encoder.safetensors") == cli.ModelSpec(
+    assert pipeline.parse_model_spec("KAMIM=/x/y.pt") == pipeline.ModelSpec("KAMIM", "/x/y.pt")
+    assert pipeline.parse_model_spec("/x/run/encoder.safetensors") == pipeline.ModelSpec(
         "encoder", "/x/run/encoder.safetensors")
-    assert cli.parse_model_spec("vit_small_patch16_224") == cli.ModelSpec(
+    assert pipeline.parse_model_spec("vit_small_patch16_224") == pipeline.ModelSpec(
         "vit_small_patch16_224", "vit_small_patch16_224")
-    with pytest.raises(cli.UsageError, match="NAME=CHECKPOINT"):
-        cli.parse_model_spec("A=")
-    assert cli.parse_analyses("all") == ANALYSES
-    assert cli.parse_analyses("nmi, attention-distance") == ("attention-distance", "nmi")
+    with pytest.raises(pipeline.UsageError, match="NAME=CHECKPOINT"):
+        pipeline.parse_model_spec("A=")
+    assert pipeline.parse_analyses("all") == ANALYSES
+    assert pipeline.parse_analyses("nmi, attention-distance") == ("attention-distance", "nmi")
     assert cli.parse_option("map_queries=[[1, 2]]") == ("map_queries", [[1, 2]])
     assert cli.parse_option("tsne-samples=5") == ("tsne_samples", 5)
 
     out = tmp_path / "res"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with cli.staged_output(out) as staging:
+    with pipeline.staged_output(out) as staging:
         assert staging.parent == tmp_path and staging != out
         (staging / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # nothing replaced before success
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     with pytest.raises(RuntimeError):
-        with cli.staged_output(out) as staging:
+        with pipeline.staged_output(out) as staging:
             (staging / "partial.txt").write_text("x")
             raise RuntimeError("boom")
     assert [p.name for p in out.iterdir()] == ["new.txt"]

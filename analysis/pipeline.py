@@ -1,0 +1,538 @@
+"""Analyse several ViT checkpoints on an image folder into an output folder.
+
+The library behind ``kamim-analyze`` (:mod:`analysis.cli` only parses arguments and prints):
+:func:`analyze` loads every checkpoint (:func:`load_models`), checks that the requested analyses
+suit each model's geometry (:func:`check_geometry`), streams the images of the folder through
+:func:`analysis.runner.run_analyses` (:func:`make_loader`; attributions get a linear-probe head
+from :func:`fit_probe_classifier`), and writes ``metrics.csv``/``metrics.json``, one figure per
+analysis, ``report.html`` and the raw arrays into a staging folder that replaces the output folder
+only on success (:func:`staged_output`).
+
+Bad input raises :class:`UsageError` (a ``ValueError``) with a one-line message naming the value.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "UsageError", "ModelSpec", "AnalyzeOutput", "ExtraStep", "parse_model_spec", "parse_analyses",
+    "check_unique_names", "models_from_specs", "one_line", "fit_probe_classifier",
+    "check_geometry", "staged_output", "load_models", "make_loader", "analyze",
+]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".tar", ".ckpt", ".pkl")
+PathLike = Union[str, Path]
+
+
+class UsageError(ValueError):
+    """A user error reported as one line ``kamim-analyze: error: ...`` with exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# model specs and argument checks
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to analyse: display ``name`` and ``source`` (checkpoint path, manifest or timm name)."""
+
+    name: str
+    source: str
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``NAME=CHECKPOINT`` (or just ``CHECKPOINT``: the name is the file stem / model name)."""
+    text = text.strip()
+    if not text:
+        raise UsageError("--model needs NAME=CHECKPOINT, got an empty value")
+    name, sep, source = text.partition("=")
+    if not sep:
+        source, name = text, Path(text).stem if Path(text).suffix else text
+    name, source = name.strip(), source.strip()
+    if not name or not source:
+        raise UsageError(f"--model needs NAME=CHECKPOINT, got '{text}'")
+    return ModelSpec(name, source)
+
+
+def check_unique_names(names: Sequence[str], hint: str = "") -> None:
+    """Refuse repeated model names (``hint`` is appended to the message)."""
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise UsageError(f"model names must be unique, repeated: {', '.join(dupes)}"
+                         + (f" {hint}" if hint else ""))
+
+
+def models_from_specs(specs: Sequence[ModelSpec]) -> dict[str, str]:
+    """``[ModelSpec]`` -> the ``{name: source}`` mapping :func:`analyze` takes (names unique)."""
+    check_unique_names([s.name for s in specs], hint="(name them with --model NAME=CHECKPOINT)")
+    return {s.name: s.source for s in specs}
+
+
+def parse_analyses(text: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """``"all"`` or comma-separated analysis names -> validated tuple (order of ``ANALYSES``)."""
+    from analysis.runner import ANALYSES
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = [s.strip() for s in items if s.strip()]
+    if not names:
+        raise UsageError(f"no analyses given; valid: all, {', '.join(ANALYSES)}")
+    if "all" in names:
+        return tuple(ANALYSES)
+    unknown = [n for n in names if n not in ANALYSES]
+    if unknown:
+        raise UsageError(f"unknown analysis {', '.join(repr(u) for u in unknown)}; valid: all, "
+                         f"{', '.join(ANALYSES)}")
+    return tuple(a for a in ANALYSES if a in names)
+
+
+def _positive(name: str, value: Optional[int], allow_zero: bool = False) -> None:
+    """Refuse a negative (or zero, unless ``allow_zero``) count; ``None`` means unset."""
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
+
+
+def _slug(name: str) -> str:
+    """A file-system safe folder name for a model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic output folder
+@contextlib.contextmanager
+def staged_output(out: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out`` (renames).
+
+    On any exception the temporary folder is removed and ``out`` is left as it was. An existing
+    ``out`` is moved aside first and deleted only after the new folder is in place.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as err:
+        raise UsageError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# models and data
+def _check_device(device: str) -> str:
+    """``device`` if it names a usable device, else a :class:`UsageError`."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got '{device}'")
+    return device
+
+
+def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
+                device: str = "cpu") -> dict[str, Any]:
+    """Load every model with :func:`kamim.checkpoints.load_encoder`; name -> ``LoadedEncoder``.
+
+    ``image_size`` rebuilds every model for that resolution (position embeddings resampled).
+    Errors name the model and its source in one line.
+    """
+    from kamim.checkpoints import load_encoder
+
+    check_unique_names([s.name for s in specs])
+    loaded = {}
+    for spec in specs:
+        src = Path(spec.source).expanduser()
+        # Anything that is not an existing path may be a timm or manifest name (which can contain
+        # dots, e.g. "vit_base_patch16_224.mae"); only file-like names are reported as missing.
+        if not src.exists() and (src.suffix.lower() in CHECKPOINT_SUFFIXES
+                                 or "/" in spec.source or os.sep in spec.source):
+            raise UsageError(f"model {spec.name}: checkpoint not found: '{spec.source}'")
+        try:
+            enc = load_encoder(str(src) if src.exists() else spec.source, device=device,
+                               **({"img_size": image_size} if image_size else {}))
+        except Exception as err:  # noqa: BLE001 - any failure to read a user's file is bad input
+            # (e.g. torch's weights-only unpickler raises IndexError on some garbage files)
+            kind = "" if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: "
+            raise UsageError(f"model {spec.name}: cannot load '{spec.source}': "
+                             f"{kind}{one_line(err)}") from None
+        if enc.patch_size is None:
+            raise UsageError(f"model {spec.name}: '{spec.source}' has no patch embedding; "
+                             f"only ViT-style models can be analysed")
+        ph, pw = (enc.patch_size, enc.patch_size) if isinstance(enc.patch_size, int) \
+            else enc.patch_size
+        h, w = enc.image_size
+        if h % ph or w % pw:
+            raise UsageError(f"model {spec.name}: image size {h}x{w} is not a multiple of its "
+                             f"patch size {ph}x{pw}; pick an --image-size divisible by {ph}")
+        loaded[spec.name] = enc
+    return loaded
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error message (a ``KeyError``'s key without quotes)."""
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else type(err).__name__
+    return msg.strip("'\"") if isinstance(err, KeyError) else msg
+
+
+def check_geometry(name: str, geometry: Any, analyses: Sequence[str]) -> None:
+    """Refuse analyses a model's geometry cannot support, before any work is done."""
+    gh, gw = geometry.grid
+    if "fourier" in analyses and gh != gw:
+        raise UsageError(
+            f"model {name}: Fourier analysis needs a square token grid, got {gh}x{gw} "
+            f"({geometry.img_size[0]}x{geometry.img_size[1]} px / {geometry.patch_size[0]}x"
+            f"{geometry.patch_size[1]} px patches); drop 'fourier' from --analyses or pass a "
+            f"square --image-size")
+    from analysis.capture import ViTGeometry
+
+    attention_based = {"attention-distance", "nmi", "attention-entropy", "attention-similarity",
+                       "attention-maps", "rollout", "pre-post"}
+    if not isinstance(geometry, ViTGeometry) and attention_based & set(analyses):
+        raise UsageError(
+            f"model {name}: {type(geometry).__name__} models support only block-output analyses "
+            f"(cka, fourier, tsne); drop {', '.join(sorted(attention_based & set(analyses)))}")
+
+
+class _NonEmptyBatches:
+    """Iterate a loader, dropping batches whose every image was unreadable (``collate_skip_bad``)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset  # lets progress bars know the total
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            self.num_skipped += int(batch.get("num_skipped", 0))
+            if "image" in batch:
+                yield batch
+
+
+def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int], batch_size: int,
+                workers: int, seed: int) -> tuple[_NonEmptyBatches, Any]:
+    """Deterministic evaluation loader over ``data`` at ``img_size`` -> (loader, dataset).
+
+    With ``images`` smaller than the folder, a seeded subset is used (the same images for every
+    model, spread over all classes), in folder order.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from kamim.data import EvalTransform, ImageFolderDataset, collate_skip_bad
+
+    try:
+        dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="auto")
+    except ValueError:
+        dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="flat")
+    subset: Any = dataset
+    if images is not None and images < len(dataset):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:images])
+        subset = Subset(dataset, idx.tolist())
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed),
+                        persistent_workers=False)
+    return _NonEmptyBatches(loader), dataset
+
+
+def fit_probe_classifier(model: Any, loader: Any, *, max_images: Optional[int] = None,
+                         device: str = "cpu", seed: int = 0) -> Any:
+    """A linear-probe classifier for attributions on a headless encoder.
+
+    Features are the mean-pooled patch tokens of the last block (as
+    :class:`analysis.attribution.ProbeClassifier` computes them); the head is scikit-learn's
+    ``LogisticRegression`` on standardised features, folded into one ``nn.Linear`` (the scaler's
+    mean/scale absorbed into weights and bias). It is fitted on the analysed images themselves: it
+    only has to give attributions a meaningful class logit, it is not an accuracy estimate.
+    """
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from torch import nn
+
+    from analysis.attribution import ProbeClassifier
+    from analysis.runner import iterate_images
+
+    extractor = ProbeClassifier(model, nn.Identity()).to(device).eval()
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, y in iterate_images(loader, max_images):
+            if y is None or bool((y < 0).any()):
+                raise UsageError("attribution needs class labels (class subfolders in --data) to fit "
+                                 "a linear-probe head on these headless encoders")
+            feats.append(extractor(images.to(device)).float().cpu())
+            labels.append(y.cpu())
+    x = torch.cat(feats).double().numpy()
+    y = torch.cat(labels).numpy()
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise UsageError(f"attribution needs images of at least 2 classes to fit a probe head, "
+                         f"found only class {classes.tolist()}")
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    pipe.fit(x, y)
+    scaler, clf = pipe[0], pipe[1]
+    coef = clf.coef_ / scaler.scale_
+    bias = clf.intercept_ - coef @ scaler.mean_
+    if len(classes) == 2:  # sklearn's binary model has one logit z: use logits (0, z)
+        coef, bias = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, bias[0]])
+    n_out = int(y.max()) + 1
+    head = nn.Linear(x.shape[1], n_out)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-1e4)  # classes absent from the analysed images are never predicted
+        head.weight[torch.as_tensor(classes)] = torch.as_tensor(coef, dtype=torch.float32)
+        head.bias[torch.as_tensor(classes)] = torch.as_tensor(bias, dtype=torch.float32)
+    return ProbeClassifier(model, head.to(device)).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# the analysis pipeline
+@dataclass
+class AnalyzeOutput:
+    """What :func:`analyze` wrote: the output folder, per-model results, figure files, metrics."""
+
+    out_dir: Path
+    results: dict[str, Any]
+    figures: dict[str, list[Path]]
+    metrics: Any  # pandas DataFrame (tidy)
+    summary: Any  # pandas DataFrame (wide, per model and depth)
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+ExtraStep = Callable[[Path, dict[str, Any], dict[str, Any], list[str]], dict[str, list[Path]]]
+
+
+def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
+            analyses: Union[str, Sequence[str]] = "all", images: Optional[int] = None,
+            batch_size: int = 32, image_size: Optional[int] = None,
+            image_sizes: Optional[Mapping[str, Optional[int]]] = None, device: str = "cpu",
+            seed: int = 0, workers: int = 0, progress: bool = True, notes: Sequence[str] = (),
+            title: str = "Representation analysis",
+            figure_names: Optional[Mapping[str, str]] = None,
+            options: Optional[Mapping[str, Any]] = None,
+            model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
+            cross_cka: bool = True, extra: Optional[ExtraStep] = None) -> AnalyzeOutput:
+    """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
+
+    Args:
+        analyses: ``"all"`` or names from :data:`analysis.runner.ANALYSES`. With ``"all"``,
+            ``attribution`` is skipped (with a note) when the data has no class labels to fit the
+            linear-probe head it needs; asked for explicitly, that is an error.
+        image_size: one resolution for all models (default: each model's own); ``image_sizes``:
+            per-model resolution (None = the model's own), overriding ``image_size``.
+        figure_names: analysis -> file stem (default: the analysis name with ``_``).
+        options: keyword options of :func:`analysis.runner.run_analyses` for every model;
+            ``model_options(name, geometry)`` adds per-model ones (e.g. query positions).
+        cross_cka: with ``cka`` and 2-4 models evaluated at one resolution, also compute the CKA
+            between the layers of every pair of models (figure ``cross_cka``).
+        extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
+            before the report is written (used by the paper figures); it may append to ``notes``.
+
+    Everything is written into a temporary folder that replaces ``out`` at the end; on any error
+    ``out`` is left untouched.
+    """
+    import pandas as pd
+    import torch
+
+    from analysis import plots
+    from analysis.report import summary_table, write_report
+    from analysis.runner import run_analyses
+    from kamim.data.images import find_images
+    from kamim.serialization import atomic_write_text
+
+    asked_all = (analyses == "all") if isinstance(analyses, str) else ("all" in analyses)
+    analyses = parse_analyses(analyses)
+    _positive("--images", images)
+    _positive("--batch-size", batch_size)
+    _positive("--image-size", image_size)
+    _positive("--workers", workers, allow_zero=True)
+    device = _check_device(device)
+    if not models:
+        raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
+    try:
+        n_files = len(find_images(data))
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise UsageError(f"--data: {one_line(err)}") from None
+    notes = list(notes)
+
+    loaded: dict[str, Any] = {}
+    for name, source in models.items():  # one by one so that per-model resolutions apply
+        size = (image_sizes or {}).get(name, image_size) if image_sizes else image_size
+        loaded.update(load_models([ModelSpec(name, source)], image_size=size, device=device))
+    geometries = {name: _geometry(name, enc, analyses) for name, enc in loaded.items()}
+
+    if "attribution" in analyses:
+        why = _why_no_attribution(data, next(iter(loaded.values())).image_size, images=images,
+                                  batch_size=batch_size, seed=seed)
+        if why:
+            if not asked_all:
+                raise UsageError(why)
+            analyses = tuple(a for a in analyses if a != "attribution")
+            notes.append(f"Attribution skipped: {why}.")
+
+    torch.manual_seed(seed)
+    figure_names = dict(figure_names or {})
+    with staged_output(out) as staging:
+        results: dict[str, Any] = {}
+        for name, enc in loaded.items():
+            loader, dataset = make_loader(data, enc.image_size, images=images,
+                                          batch_size=batch_size, workers=workers, seed=seed)
+            opts = {"batch_size": batch_size, **dict(options or {}),
+                    **dict(model_options(name, geometries[name]) if model_options else {})}
+            try:
+                if "attribution" in analyses and "attribution_model" not in opts:
+                    opts["attribution_model"] = fit_probe_classifier(
+                        enc.model, loader, max_images=images, device=device, seed=seed)
+                res = run_analyses(enc.model, loader, analyses, model_name=name,
+                                   max_images=images, device=device, seed=seed,
+                                   num_prefix_tokens=enc.num_prefix_tokens, progress=progress,
+                                   **opts)
+            except (ValueError, TypeError, KeyError) as err:
+                raise UsageError(f"model {name}: {one_line(err)}") from None
+            if getattr(dataset, "classes", None):
+                res.arrays["class_names"] = list(dataset.classes)
+            res.save(staging / "raw" / _slug(name))
+            results[name] = res
+            if loader.num_skipped:
+                notes.append(f"{name}: {loader.num_skipped} unreadable image(s) skipped.")
+
+        metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
+        palette = plots.ModelPalette(results)
+        figures: dict[str, list[Path]] = {}
+        for analysis_name in analyses:
+            stem = figure_names.get(analysis_name, analysis_name.replace("-", "_"))
+            plots.plot_analysis(analysis_name, results, palette=palette, out=staging / stem)
+            figures[analysis_name] = _figure_files(staging / stem)
+
+        sizes = {tuple(enc.image_size) for enc in loaded.values()}
+        if cross_cka and "cka" in analyses and 2 <= len(loaded) <= 4:
+            if len(sizes) == 1:
+                cross = _cross_model_cka(loaded, data, images=images, batch_size=batch_size,
+                                         workers=workers, seed=seed, device=device,
+                                         progress=progress)
+                metrics = pd.concat([metrics] + [r.table for r in cross.values()],
+                                    ignore_index=True)
+                stem = figure_names.get("cross-cka", "cross_cka")
+                plots.plot_cross_cka({k: r.arrays["cka"] for k, r in cross.items()},
+                                     {n: g.depth for n, g in geometries.items()},
+                                     out=staging / stem)
+                figures["cross-cka"] = _figure_files(staging / stem)
+            else:
+                notes.append("Cross-model CKA skipped: the models were evaluated at different "
+                             "resolutions (pass --image-size to compare them on the same inputs).")
+        if extra is not None:
+            figures.update(extra(staging, results, loaded, notes))
+
+        atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
+        atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
+        summary = summary_table(results)
+        atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
+
+        settings = {
+            "analyses": ", ".join(analyses), "data": str(Path(data).expanduser().absolute()),
+            "images in folder": n_files, "images analysed per model": ", ".join(
+                f"{n}: {r.images}" for n, r in results.items()),
+            "resolution": ("each model at its own resolution" if image_size is None
+                           or image_sizes else f"all models at {image_size} px (--image-size)"),
+            "batch size": batch_size, "device": device, "seed": seed,
+            **{f"option {k}": v for k, v in (options or {}).items()},
+        }
+        write_report(staging / "report.html", results, figures, settings=settings,
+                     models=_model_info(loaded, geometries), titles=plots.FIGURE_TITLES,
+                     tables={"All metrics (first rows; full table in metrics.csv)": metrics},
+                     notes=notes, title=title)
+        rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
+        files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    out_dir = Path(out).expanduser().absolute()
+    return AnalyzeOutput(out_dir, results,
+                         {k: [out_dir / p for p in v] for k, v in rel_figures.items()},
+                         metrics, summary, [out_dir / f for f in files], notes)
+
+
+def _geometry(name: str, enc: Any, analyses: Sequence[str]) -> Any:
+    """The token geometry of a loaded encoder, checked against ``analyses``."""
+    from analysis.capture import model_geometry
+
+    try:
+        geometry = model_geometry(enc.model, enc.num_prefix_tokens)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"model {name}: cannot read its geometry: {one_line(err)}") from None
+    check_geometry(name, geometry, analyses)
+    return geometry
+
+
+def _why_no_attribution(data: PathLike, img_size: Sequence[int], *, images: Optional[int],
+                        batch_size: int, seed: int) -> Optional[str]:
+    """Why ``data`` cannot fit the linear-probe head attributions need (None: it can)."""
+    _, dataset = make_loader(data, img_size, images=images, batch_size=batch_size, workers=0,
+                             seed=seed)
+    if getattr(dataset, "labelled", False) and len(dataset.classes) >= 2:
+        return None
+    return (f"attribution needs images in at least 2 class subfolders of --data to fit a "
+            f"linear-probe head (found {len(getattr(dataset, 'classes', []))} classes)")
+
+
+def _figure_files(stem: Path) -> list[Path]:
+    """The files :mod:`analysis.plots` writes for one figure ``stem``."""
+    return [stem.with_name(f"{stem.name}.pdf"), stem.with_name(f"{stem.name}.png")]
+
+
+def _model_info(loaded: Mapping[str, Any], geometries: Mapping[str, Any]) -> dict[str, dict]:
+    """The report's per-model table: source, format, hash, method, prefix tokens, depth x heads."""
+    return {
+        name: {"source": enc.source, "format": enc.format, "sha256": enc.sha256 or "n/a",
+               "method": getattr(enc, "method", None) or "n/a",
+               "prefix tokens": enc.num_prefix_tokens,
+               "depth × heads": f"{geometries[name].depth} × "
+                                f"{getattr(geometries[name], 'num_heads', 'n/a')}"}
+        for name, enc in loaded.items()
+    }
+
+
+def _cross_model_cka(loaded: Mapping[str, Any], data: PathLike, *, images: Optional[int],
+                     batch_size: int, workers: int, seed: int, device: str,
+                     progress: bool) -> dict[tuple[str, str], Any]:
+    """CKA between the block outputs of every pair of models on the same images."""
+    from itertools import combinations
+
+    from analysis.runner import cross_model_cka
+
+    out = {}
+    for a, b in combinations(loaded, 2):
+        loader, _ = make_loader(data, loaded[a].image_size, images=images, batch_size=batch_size,
+                                workers=workers, seed=seed)
+        try:
+            out[(a, b)] = cross_model_cka(
+                loaded[a].model, loaded[b].model, loader, model_names=(a, b), max_images=images,
+                device=device, batch_size=batch_size, progress=progress,
+                num_prefix_tokens=(loaded[a].num_prefix_tokens, loaded[b].num_prefix_tokens))
+        except ValueError as err:
+            raise UsageError(f"cross-model CKA {a} vs {b}: {one_line(err)}") from None
+    return out
