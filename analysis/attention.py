@@ -6,18 +6,26 @@ Conventions (shared by every function here, following naver-ai/cl-vs-mim):
   (prefix = class / distillation / register tokens, first in the sequence).
 * Prefix rows and columns are removed and the remaining rows renormalised to sum to 1, so
   every statistic describes how patches attend to patches.
-* Statistics are computed per image in float32 (whatever the input dtype, e.g. bf16) and
-  averaged over images in float64; accumulators give the same result whatever the batching.
+* Row statistics are computed in float32 (whatever the input dtype, e.g. bf16); sums over
+  queries and the averages over images are taken in float64; accumulators give the same result
+  whatever the batching.
+
+Performance (see bench/RESULTS_analysis.md): the prefix is never copied out and rows are never
+renormalised in memory. One chunked sweep (:func:`_sweep`) reads the attention once and derives
+the row sums (also used for the row-sum validation), ``sum a log a`` (one log per entry, the cost
+floor of NMI / entropy) and the key marginal or the distance-weighted sums from cache; the
+renormalisation is folded into the formulas (``H(a / s) = log s - sum(a log a) / s``).
 
 Deliberate differences from the notebooks: the distance matrix is built vectorised once per
-geometry (not with O(N^2) Python loops), grids need not be square, no magic ``eps`` (``entr``
-gives exact ``0 log 0 = 0``), and inputs are validated.
+geometry (not with O(N^2) Python loops), grids need not be square, no magic ``eps`` (exact
+``0 log 0 = 0``), and inputs are validated.
 """
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +50,11 @@ __all__ = [
 ]
 
 _ROW_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+_TINY = torch.finfo(torch.float32).tiny
+# Maps are processed in chunks of about this many float32 elements (2 MiB): every pass after the first
+# reads the chunk from the CPU cache, and the few work buffers are allocated once per call (fresh
+# multi-MiB allocations cost page faults that are as slow as the arithmetic on this data).
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _grid(grid: int | Sequence[int]) -> tuple[int, int]:
@@ -87,8 +100,8 @@ def entropy_sum(p: Tensor, dim: int = -1) -> Tensor:
     return -p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p).sum(dim)
 
 
-def _validated_patch_block(attn: Tensor, num_prefix_tokens: int, grid: int | Sequence[int] | None) -> Tensor:
-    """Validate ``attn`` and return its float32 patch-to-patch block (a view, rows not renormalised)."""
+def _patch_block(attn: Tensor, num_prefix_tokens: int, grid: int | Sequence[int] | None) -> Tensor:
+    """Check the shape of ``attn`` and return its patch-to-patch block: a view in the input dtype."""
     if not isinstance(attn, Tensor) or attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
         shape = tuple(attn.shape) if isinstance(attn, Tensor) else type(attn).__name__
         raise ValueError(f"attention must be (B, heads, N, N), got {shape}")
@@ -102,12 +115,152 @@ def _validated_patch_block(attn: Tensor, num_prefix_tokens: int, grid: int | Seq
                 f"attention has {n} tokens but grid {h}x{w} + {num_prefix_tokens} prefix tokens = "
                 f"{num_prefix_tokens + h * w}"
             )
-    a = attn.float()
+    return attn[..., num_prefix_tokens:, num_prefix_tokens:]
+
+
+def _check_rows(attn: Tensor, num_prefix_tokens: int, patch_row_sum: Tensor, prefix_mass: Tensor | None = None) -> None:
+    """Raise unless every row of ``attn`` sums to 1, given the row sums of its patch block.
+
+    The patch rows are checked as patch-block sum + prefix-column sum (``prefix_mass``, taken by
+    :func:`_sweep` while the rows are in cache), so the only extra work is over the prefix rows, not
+    another pass over the attention.
+    """
+    p = num_prefix_tokens
+    if patch_row_sum.numel() == 0:
+        return
+    if p and prefix_mass is None:
+        prefix_mass = attn[..., p:, :p].float().sum(-1)
+    full = patch_row_sum + prefix_mass if p else patch_row_sum
+    err = (full - 1).abs().max()
+    if p:
+        err = torch.maximum(err, (attn[..., :p, :].float().sum(-1) - 1).abs().max())
+    err = err.item()
     tol = _ROW_TOL.get(attn.dtype, 1e-3)
-    err = (a.sum(-1) - 1).abs().max().item() if a.numel() else 0.0
     if not err <= tol:  # also catches NaN
         raise ValueError(f"attention rows must sum to 1 (softmax probabilities); max |row sum - 1| = {err:.3g} > {tol}")
-    return a[..., num_prefix_tokens:, num_prefix_tokens:]
+
+
+class _Sweep(NamedTuple):
+    row_sum: Tensor  # (B, heads, Q)   sum_k A[q, k] over the patch block, before renormalising
+    xlogx: Tensor | None  # (B, heads, Q)   sum_k A log A, 0 log 0 = 0
+    marginal: Tensor | None  # (B, heads, K)   sum_q A[q, k] / row_sum[q]
+    weighted: Tensor | None  # (B, heads, Q)   sum_k A[q, k] W[q, k]
+    prefix_mass: Tensor | None = None  # (B, heads, Q)   sum of the prefix columns (with the row sums)
+
+
+def _sweep(attn: Tensor, num_prefix_tokens: int, row_sum: Tensor | None = None, *, entropy: bool = False,
+           marginal: bool = False, weights: Tensor | None = None) -> _Sweep:
+    """Row statistics of the patch block of ``attn`` ``(B, heads, N, N)`` in one pass over memory (float32).
+
+    Hand-written chunking (eager PyTorch has no fused kernel for this): the maps are taken a few at
+    a time (``_CHUNK_ELEMENTS``), so the row sums, the ``A log A`` pass and the marginal / weighted
+    sums read each chunk from the CPU cache instead of streaming the whole tensor from memory once
+    per statistic, and no full-size temporary is allocated. ``row_sum`` skips the row sums when
+    already known; results do not depend on it (same chunks, same arithmetic).
+    """
+    p = num_prefix_tokens
+    b, h, n_tok, _ = attn.shape
+    q = k = n_tok - p
+    rows = attn.flatten(0, 1)[:, p:, :]  # (M, Q, N): patch rows with their prefix columns
+    m = rows.shape[0]
+    opts = dict(dtype=torch.float32, device=attn.device)
+    sums = torch.empty(m, q, **opts) if row_sum is None else row_sum.reshape(m, q)
+    prefix = torch.empty(m, q, **opts) if (row_sum is None and p) else None
+    xlogx = torch.empty(m, q, **opts) if entropy else None
+    marg = torch.empty(m, k, **opts) if marginal else None
+    weighted = torch.empty(m, q, **opts) if weights is not None else None
+    # chunking is for CPU caches; an accelerator takes everything at once
+    step = m if attn.device.type != "cpu" else max(1, min(m, _CHUNK_ELEMENTS // max(1, q * n_tok)))
+    # The log runs on whole contiguous rows, prefix columns included (p / N more logs, ignored after):
+    # on the strided rows of the patch block alone it is up to 2x slower, and a contiguous copy of the
+    # block would be one more pass. Other dtypes / layouts are copied chunk by chunk into float32.
+    copy = rows.dtype != torch.float32 or rows.stride(-1) != 1 or rows.stride(-2) != n_tok
+    work = torch.empty(step, q, n_tok, **opts) if (entropy or weights is not None) else None
+    cbuf = torch.empty(step, q, n_tok, **opts) if copy else None
+    inv = torch.empty(m, 1, q, **opts) if marginal else None
+    # every per-chunk view is made by one split() per tensor up front: on a busy CPU the dispatch of
+    # small view ops costs as much as a pass over a chunk
+    n_chunks = -(-m // step)
+    split = lambda t: t.split(step) if t is not None else [None] * n_chunks  # noqa: E731
+    chunks = zip(split(rows), split(rows[:, :, p:]), split(rows[:, :, :p] if p else None), split(sums),
+                 split(prefix), split(xlogx), split(inv), split(None if marg is None else marg.view(m, 1, k)),
+                 split(weighted))
+    head = lambda t, n: t if t is None or t.shape[0] == n else t[:n]  # noqa: E731
+    for r, c, pre, s, pm, x, iv, mg, wd in chunks:
+        n = r.shape[0]
+        if copy:  # convert / make contiguous, then take the views of the buffer
+            r = head(cbuf, n).copy_(r)
+            c, pre = r[:, :, p:], r[:, :, :p]
+        w = head(work, n)
+        if entropy:  # first: the compute-bound log hides the memory reads of the chunk
+            torch.log(r, out=w)  # one log per entry
+        if row_sum is None:
+            torch.sum(c, -1, out=s)
+            if p:
+                torch.sum(pre, -1, out=pm)
+        if marginal:  # a row with no patch mass (s = 0) gives NaN here: repaired below
+            torch.bmm(torch.reciprocal(s.unsqueeze(1), out=iv), c, out=mg)
+        if weights is not None:
+            torch.sum(torch.mul(c, weights, out=w[:, :, p:]), -1, out=wd)
+        if entropy:  # an exact zero gives 0 * log 0 = NaN: repaired below
+            torch.sum(w[:, :, p:].mul_(c), -1, out=x)
+    if entropy or marginal:
+        _repair_zeros(rows[:, :, p:], sums, xlogx, marg)
+    shape = lambda t: None if t is None else t.view(b, h, -1)  # noqa: E731
+    return _Sweep(sums.view(b, h, q), shape(xlogx), shape(marg), shape(weighted), shape(prefix))
+
+
+def _repair_zeros(maps: Tensor, sums: Tensor, xlogx: Tensor | None, marg: Tensor | None) -> None:
+    """Recompute, in place, the rare rows / maps whose fast path met an exact zero.
+
+    ``0 log 0`` (a key with exactly zero attention) must count as 0, and a row with no patch mass
+    contributes nothing to the marginal; the fast path produces NaN there rather than paying for
+    ``nansum`` / ``where`` on every entry. NaN in the input stays NaN in the row sums and is rejected
+    by the row check. ``maps`` is the ``(M, Q, K)`` patch block, ``sums`` / ``xlogx`` ``(M, Q)`` and
+    ``marg`` ``(M, K)`` the sweep outputs.
+    """
+    # one reduction to find out whether anything needs repair (almost never)
+    probe = sum(t.sum() for t in (xlogx, marg) if t is not None)
+    if not torch.isnan(probe):
+        return
+    if xlogx is not None:
+        bad = xlogx.isnan()
+        if bad.any():
+            rows = maps[bad].float()  # (n_bad, K)
+            xlogx[bad] = torch.log(rows).mul_(rows).nansum(-1)
+    if marg is not None:
+        bad = ~marg.isfinite().all(-1)  # maps with a row of zero (or subnormal) patch mass
+        if bad.any():
+            s = sums[bad]
+            inv = torch.where(s > 0, 1.0 / s.clamp_min(_TINY), 0.0)
+            marg[bad] = torch.bmm(inv.unsqueeze(1), maps[bad].float()).squeeze(1)
+
+
+def _inverse(row_sum: Tensor) -> Tensor:
+    """``1 / row_sum``, 0 where a row has no patch mass (all attention on prefix tokens)."""
+    return torch.where(row_sum > 0, 1.0 / row_sum.clamp_min(_TINY), 0.0)
+
+
+def _row_entropy(row_sum: Tensor, xlogx: Tensor) -> Tensor:
+    """Entropy (nats, float32) of the renormalised rows: ``H(a / s) = log s - sum(a log a) / s``."""
+    return torch.where(row_sum > 0, torch.log(row_sum) - xlogx / row_sum, 0.0)
+
+
+def _mean_row_entropy(row_sum: Tensor, xlogx: Tensor) -> Tensor:
+    """Mean over queries of :func:`_row_entropy`, ``(B, heads)``, summed in float64."""
+    return _row_entropy(row_sum, xlogx).sum(-1, dtype=torch.float64) / row_sum.shape[-1]
+
+
+def _nmi_from(row_sum: Tensor, xlogx: Tensor, marginal: Tensor) -> Tensor:
+    """Per-image NMI (float64) from the row statistics of one sweep."""
+    n_q = row_sum.shape[-1]
+    p_k = marginal / n_q
+    h_k = -p_k.clamp_min(_TINY).log_().mul_(p_k).sum(-1, dtype=torch.float64)  # H(k), 0 log 0 = 0
+    # I = sum_qk p(q) A log(A / p(k)) = H(k) - mean_q H(A[q, :]) since sum_q A[q, k] = n_q p(k):
+    # one entropy pass, and 0 log 0 = 0 without an eps
+    mi = h_k - _mean_row_entropy(row_sum, xlogx)
+    # H(k) = 0 means every query attends to the same single key: no information, NMI = 0
+    return mi / (math.log(n_q) * h_k).sqrt().clamp_min(_TINY)
 
 
 def patch_attention(attn: Tensor, num_prefix_tokens: int = 1, grid: int | Sequence[int] | None = None) -> Tensor:
@@ -123,23 +276,35 @@ class PatchAttention:
     """Validated patch-to-patch attention, prepared once and shared by several statistics.
 
     Every statistic in this package accepts either a raw ``(B, heads, N, N)`` tensor or a
-    ``PatchAttention``. Quantities are derived lazily from the un-normalised patch block ``raw``
-    and its row sums ``s`` (renormalising is folded into the formulas, e.g.
-    ``H(a / s) = sum(entr(a)) / s + log s``), so each costs about one pass over the attention.
-    A row that puts all its mass on prefix tokens (``s = 0``) counts as an all-zero row.
+    ``PatchAttention``. Construction validates and computes the row sums ``s`` of the un-normalised
+    patch block ``raw`` (one pass); quantities are derived lazily (renormalising is folded into the
+    formulas, e.g. ``H(a / s) = log s - sum(a log a) / s``), each in about one cached pass over the
+    attention, with the same arithmetic as the raw-tensor path. A row that puts all its mass on
+    prefix tokens (``s = 0``) counts as an all-zero row.
     """
 
     def __init__(self, attn: Tensor, num_prefix_tokens: int = 1, grid: int | Sequence[int] | None = None) -> None:
-        self.raw = _validated_patch_block(attn, num_prefix_tokens, grid)
+        block = _patch_block(attn, num_prefix_tokens, grid)
+        sweep = _sweep(attn, num_prefix_tokens)
+        self.row_sum = sweep.row_sum  # (B, heads, Q)
+        _check_rows(attn, num_prefix_tokens, self.row_sum, sweep.prefix_mass)
+        self.raw = block.float()  # (B, heads, Q, K) float32; a view unless the input is not float32
         self.num_prefix_tokens = num_prefix_tokens
-        self.row_sum = self.raw.sum(-1)  # (B, heads, Q)
-        self._inv = torch.where(self.row_sum > 0, 1.0 / self.row_sum.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        self._attn = attn
+        self._inv = _inverse(self.row_sum)
         self._cache: dict[str, Tensor] = {}
 
     def _cached(self, name: str, fn) -> Tensor:
         if name not in self._cache:
             self._cache[name] = fn()
         return self._cache[name]
+
+    def _entropy_sweep(self) -> _Sweep:
+        # entropy and key marginal in one sweep: NMI needs both, and the marginal is a cheap extra pass
+        if "xlogx" not in self._cache:
+            sweep = _sweep(self._attn, self.num_prefix_tokens, self.row_sum, entropy=True, marginal=True)
+            self._cache["xlogx"], self._cache["marginal"] = sweep.xlogx, sweep.marginal
+        return _Sweep(self.row_sum, self._cache["xlogx"], self._cache["marginal"], None)
 
     @property
     def probs(self) -> Tensor:
@@ -148,18 +313,13 @@ class PatchAttention:
 
     @property
     def row_entropy(self) -> Tensor:
-        """Entropy (nats) of every renormalised row, ``(B, heads, Q)``."""
-
-        def entropy() -> Tensor:
-            ent = entropy_sum(self.raw) * self._inv + torch.log(self.row_sum.clamp_min(torch.finfo(torch.float32).tiny))
-            return torch.where(self.row_sum > 0, ent, 0.0)
-
-        return self._cached("row_entropy", entropy)
+        """Entropy (nats) of every renormalised row, ``(B, heads, Q)`` float32."""
+        return self._cached("row_entropy", lambda: _row_entropy(self.row_sum, self._entropy_sweep().xlogx))
 
     @property
     def key_marginal(self) -> Tensor:
         """``p(k) = sum_q p(q) A[q, k]`` with ``p(q)`` uniform, ``(B, heads, K)``."""
-        return self._cached("key_marginal", lambda: torch.einsum("bhq,bhqk->bhk", self._inv, self.raw) / self.raw.shape[-2])
+        return self._cached("key_marginal", lambda: self._entropy_sweep().marginal / self.raw.shape[-2])
 
     @property
     def head_mean(self) -> Tensor:
@@ -168,7 +328,7 @@ class PatchAttention:
 
     def weighted_row_sum(self, weights: Tensor) -> Tensor:
         """``sum_k A[q, k] W[q, k]`` for renormalised rows, ``(B, heads, Q)``."""
-        return (self.raw * weights).sum(-1) * self._inv
+        return _sweep(self._attn, self.num_prefix_tokens, self.row_sum, weights=weights).weighted * self._inv
 
 
 def prepare_attention(attn: Tensor | PatchAttention, num_prefix_tokens: int = 1,
@@ -185,24 +345,42 @@ def prepare_attention(attn: Tensor | PatchAttention, num_prefix_tokens: int = 1,
     return attn
 
 
+def _validated_sweep(attn: Tensor | PatchAttention, num_prefix_tokens: int, grid: int | Sequence[int] | None, *,
+                     entropy: bool = False, marginal: bool = False,
+                     weights_fn: Callable[[torch.device], Tensor] | None = None) -> _Sweep:
+    """The sweep for a prepared attention (cached) or a raw tensor (one pass, then the row check).
+
+    ``weights_fn(device)`` gives the ``(Q, K)`` weights of a weighted row sum (e.g. the distances).
+    """
+    if isinstance(attn, PatchAttention):
+        pa = prepare_attention(attn, num_prefix_tokens, grid)
+        sweep = pa._entropy_sweep() if (entropy or marginal) else _Sweep(pa.row_sum, None, None, None)
+        if weights_fn is not None:
+            weights = weights_fn(pa.raw.device)
+            sweep = sweep._replace(weighted=_sweep(pa._attn, num_prefix_tokens, pa.row_sum, weights=weights).weighted)
+        return sweep
+    _patch_block(attn, num_prefix_tokens, grid)  # shape checks
+    weights = weights_fn(attn.device) if weights_fn is not None else None
+    sweep = _sweep(attn, num_prefix_tokens, entropy=entropy, marginal=marginal, weights=weights)
+    _check_rows(attn, num_prefix_tokens, sweep.row_sum, sweep.prefix_mass)
+    return sweep
+
+
 def _distance_per_image(attn: Tensor | PatchAttention, grid: tuple[int, int], patch_size, num_prefix_tokens: int) -> Tensor:
-    pa = prepare_attention(attn, num_prefix_tokens, grid)
-    return pa.weighted_row_sum(distance_matrix(grid, patch_size, pa.raw.device)).mean(-1)  # (B, heads)
+    sweep = _validated_sweep(attn, num_prefix_tokens, grid,
+                             weights_fn=lambda device: distance_matrix(grid, patch_size, device))
+    per_query = sweep.weighted * _inverse(sweep.row_sum)  # float32, (B, heads, Q)
+    return per_query.sum(-1, dtype=torch.float64) / per_query.shape[-1]  # (B, heads)
 
 
 def _nmi_per_image(attn: Tensor | PatchAttention, num_prefix_tokens: int) -> Tensor:
-    pa = prepare_attention(attn, num_prefix_tokens)
-    n_q = pa.raw.shape[-2]
-    h_k = entropy_sum(pa.key_marginal)
-    # I = sum_qk p(q) A log(A / p(k)) = H(k) - mean_q H(A[q, :]) since sum_q A[q, k] = n_q p(k):
-    # one entropy pass (shared with attention_entropy), and 0 log 0 = 0 without an eps
-    mi = h_k - pa.row_entropy.mean(-1)
-    # H(k) = 0 means every query attends to the same single key: no information, NMI = 0
-    return mi / (math.log(n_q) * h_k).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    sweep = _validated_sweep(attn, num_prefix_tokens, None, entropy=True, marginal=True)
+    return _nmi_from(sweep.row_sum, sweep.xlogx, sweep.marginal)
 
 
 def _entropy_per_image(attn: Tensor | PatchAttention, num_prefix_tokens: int) -> Tensor:
-    return prepare_attention(attn, num_prefix_tokens).row_entropy.mean(-1)
+    sweep = _validated_sweep(attn, num_prefix_tokens, None, entropy=True)
+    return _mean_row_entropy(sweep.row_sum, sweep.xlogx)
 
 
 def attention_distance(attn: Tensor | PatchAttention, grid: int | Sequence[int], patch_size: int | Sequence[int],

@@ -6,9 +6,12 @@ frequency 0 sits at index ``h // 2`` (the notebook's roll by ``h / 2``), and the
 centre to the last element (``h - h // 2`` values: frequencies ``(2 pi k / h, 2 pi k / h)``) is
 taken relative to its first value. The last value is the "high-frequency" log amplitude.
 
-Only those ``h - h // 2`` diagonal coefficients are used, so instead of a full FFT we project the
-tokens on the matching DFT basis vectors ``exp(-2 pi i k (y + x) / h)`` (one float64 matmul,
-exactly the same coefficients as ``fft2``; :func:`log_amplitude` still gives the full 2-D map).
+Only those ``h - h // 2`` diagonal coefficients are used, and ``F(k, k) = sum_{y,x} t[y, x]
+exp(-2 pi i k (y + x) / h)`` depends on a position only through ``(y + x) mod h``: the token map is
+first summed along its ``h`` wrapped anti-diagonals (``S[d] = sum_{(y + x) mod h = d} t[y, x]``,
+accumulated in float64, one read of the tokens), then a length-``h`` DFT of ``S`` gives the
+coefficients (``F(k, k) = sum_d S[d] exp(-2 pi i k d / h)``). Same coefficients as ``fft2`` (to
+float64 rounding) for a fraction of the work; :func:`log_amplitude` still gives the full 2-D map.
 Streaming is exact: per-image channel-mean log amplitudes are summed in float64.
 """
 from __future__ import annotations
@@ -63,22 +66,44 @@ def log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: 
 
 
 @functools.lru_cache(maxsize=16)
-def _diagonal_basis(side: int, device: str) -> Tensor:
-    """``(2F, N)`` float64: cos then sin of ``2 pi k (y + x) / side`` for ``k < F = side - side // 2``."""
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+def _dft_basis(side: int, device: str) -> Tensor:
+    """``(2F, side)`` float64: real then imaginary parts of ``exp(-2 pi i k d / side)``, ``k < F = side - side // 2``."""
     k = torch.arange(side - side // 2, dtype=torch.float64)
-    angle = 2 * math.pi * k[:, None] * (ys + xs).flatten()[None, :] / side  # (F, N)
-    return torch.cat([torch.cos(angle), torch.sin(angle)]).to(device)
+    angle = 2 * math.pi * k[:, None] * torch.arange(side, dtype=torch.float64)[None, :] / side  # (F, side)
+    return torch.cat([torch.cos(angle), -torch.sin(angle)]).to(device)
+
+
+def _anti_diagonal_sums(tokens: Tensor, side: int, num_prefix_tokens: int) -> Tensor:
+    """``S[b, d, c] = sum_y t[b, y, (d - y) mod side, c]`` in float64: ``(B, side, C)``.
+
+    Hand-written as in-place slice additions of each grid row ``y`` shifted by ``y``: every token is
+    read once and accumulated in float64, one grid row at a time through a reused float64 row
+    buffer (a float64 copy of all tokens, or a temporary per addition, costs more in allocation
+    than the arithmetic).
+    """
+    b, _, c = tokens.shape
+    grid = tokens[:, num_prefix_tokens:].reshape(b, side, side, c)  # a view for contiguous tokens
+    sums = grid[:, 0].to(torch.float64, copy=True)  # row y = 0: anti-diagonal d = x
+    row = torch.empty_like(sums)
+    for y in range(1, side):
+        row.copy_(grid[:, y])
+        sums[:, y:] += row[:, : side - y]  # x < side - y: anti-diagonal d = x + y
+        sums[:, :y] += row[:, side - y:]  # x >= side - y: d = x + y - side (wrapped)
+    return sums
 
 
 def diagonal_log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
     """Per-image channel-mean ``log(|F(k, k)| + 1e-6)`` for ``k = 0..h - h//2 - 1``: ``(B, h - h//2)`` float64."""
     side = _square_side(grid)
     _check_tokens(tokens, side, num_prefix_tokens)
-    basis = _diagonal_basis(side, str(tokens.device))
-    coeffs = basis @ tokens[:, num_prefix_tokens:].double()  # (B, 2F, C): real parts, then imaginary parts
+    basis = _dft_basis(side, str(tokens.device))
+    coeffs = torch.matmul(basis, _anti_diagonal_sums(tokens, side, num_prefix_tokens))  # (B, 2F, C): re, then im
     f = basis.shape[0] // 2
-    return torch.log(torch.hypot(coeffs[:, :f], coeffs[:, f:]) + EPS).mean(-1)
+    re, im = coeffs[:, :f], coeffs[:, f:]
+    # |F| = sqrt(re^2 + im^2): torch.hypot is a scalar loop on CPU, tens of times slower, and token
+    # coefficients are nowhere near the float64 overflow that hypot guards against
+    amplitude = torch.addcmul(re.square(), im, im).sqrt_()
+    return amplitude.add_(EPS).log_().mean(-1)
 
 
 def delta_log_amplitude(tokens: Tensor, grid: int | Sequence[int], num_prefix_tokens: int = 1) -> Tensor:

@@ -5,15 +5,21 @@ Part 1 (metrics): ``--images`` synthetic images of 192 px through the geometry o
 distance, NMI, Fourier and (minibatch, unbiased) CKA it times
 
 * ours: the :mod:`analysis` accumulators (torch float32, cached vectorised distance matrix,
-  bounded memory), and
+  chunked single-sweep attention statistics, anti-diagonal Fourier projection, bounded memory), and
 * notebook-style: what the cl-vs-mim / KAMIM notebooks do, per batch: the distance matrix rebuilt
   with O(N^2) Python loops, float64 numpy, Python loops over CKA layer pairs,
 
 asserts that both give the same numbers (allclose) and prints the time ratio LAST.
-Synthetic inputs are generated per batch from a seeded generator (generation is not timed).
+Fairness: synthetic inputs are generated per batch from a seeded generator and both sides get the
+same values (the notebook side as float64 numpy copies, made before timing); torch and numpy's
+BLAS run at the same thread count (``--threads``, via threadpoolctl; numpy's elementwise ops and
+FFT are single-threaded anyway); every metric is timed for both sides back to back on the same
+batch, alternating which goes first. Wall-clock and per-thread CPU time are both reported, with
+the load average: on a shared machine the CPU-time ratio is the steadier one.
 
 Part 2 (memory): peak RSS while streaming ours over 100 vs ``--images`` images (fresh process,
-high-water mark reset after the imports).
+high-water mark reset after the imports), with glibc's default malloc and with a fixed mmap
+threshold (see ``FIXED_MMAP_THRESHOLD``).
 
 Part 3 (suite, skipped with ``--suite-images 0``): ``run_analyses`` with every cheap analysis
 (all but attribution) on crops of real photographs (scikit-image / scikit-learn samples) through a
@@ -26,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from analysis.attention import AttentionDistance, AttentionNMI
 from analysis.fourier import FourierAccumulator
@@ -186,23 +194,58 @@ class Notebook:
                 "cka": self.hsic / np.sqrt(np.outer(np.diag(self.hsic), np.diag(self.hsic)))}
 
 
+class LogFloor:
+    """One ``torch.log`` over each attention tensor and nothing else: a lower bound on the time of any
+    exact NMI / entropy in eager PyTorch (one logarithm per attention entry), so ``reference / floor``
+    is the best ratio NMI could reach on this machine."""
+
+    def __init__(self) -> None:
+        self.out: torch.Tensor | None = None  # reused: a fresh 25 MB output would time page faults, not logs
+
+    def steps(self, attns, tokens, feats):
+        if self.out is None or self.out.shape != attns[0].shape:
+            self.out = torch.empty_like(attns[0])
+        return {"nmi": lambda: [torch.log(a, out=self.out) for a in attns]}
+
+    def compute(self) -> dict:
+        return {}
+
+
 def run(impls: dict, images: int, batch: int, attn_layers: int, token_layers: int) -> dict:
-    """Stream the synthetic batches through every implementation, interleaved batch by batch so that
-    all of them see the same machine load; returns {name: (results, seconds per metric)}."""
-    timed = {name: {} for name in impls}
+    """Stream the synthetic batches through every implementation, interleaved metric by metric and
+    batch by batch so that all of them see the same machine load (the order alternates between
+    batches, so neither side always runs on a cache warmed by the other).
+
+    Returns {name: (results, wall seconds per metric, CPU seconds per metric, per-batch wall seconds
+    per metric)}. CPU time (this thread's) leaves out the time other processes hold the cores, so
+    its ratio is the steadier one on a shared machine; both are single-threaded at ``--threads 1``.
+    """
+    wall = {name: {} for name in impls}
+    cpu = {name: {} for name in impls}
+    per_batch = {name: {} for name in impls}
+    names = list(impls)
     for index in range(images // batch):
         attns, tokens, feats = synthetic_batch(index, batch, attn_layers, token_layers)
-        for name, impl in impls.items():
-            for metric, step in impl.steps(attns, tokens, feats).items():
-                t0 = time.perf_counter()
-                step()
-                timed[name][metric] = timed[name].get(metric, 0.0) + time.perf_counter() - t0
+        steps = {name: impl.steps(attns, tokens, feats) for name, impl in impls.items()}  # input conversion: untimed
+        order = names if index % 2 == 0 else names[::-1]
+        for metric in steps[names[0]]:
+            for name in order:
+                if metric not in steps[name]:
+                    continue
+                t0, c0 = time.perf_counter(), time.thread_time()
+                steps[name][metric]()
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                wall[name][metric] = wall[name].get(metric, 0.0) + dt
+                cpu[name][metric] = cpu[name].get(metric, 0.0) + dc
+                per_batch[name].setdefault(metric, []).append(dt)
     out = {}
     for name, impl in impls.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         results = impl.compute()
-        timed[name]["cka"] += time.perf_counter() - t0  # the only non-trivial finalisation
-        out[name] = (results, timed[name])
+        if "cka" in wall[name]:
+            wall[name]["cka"] += time.perf_counter() - t0  # the only non-trivial finalisation
+            cpu[name]["cka"] += time.thread_time() - c0
+        out[name] = (results, wall[name], cpu[name], per_batch[name])
     return out
 
 
@@ -229,12 +272,22 @@ def streaming_peak_mib(images: int, batch: int, attn_layers: int, token_layers: 
     return before, _status_mib("VmHWM")
 
 
-def peak_rss_mib(images: int, batch: int, attn_layers: int, token_layers: int, threads: int) -> tuple[float, float]:
-    """:func:`streaming_peak_mib` in a fresh process (so earlier allocations do not count)."""
+# glibc's malloc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), after
+# which the 25 MB batch tensors come from the heap and freed ones are not always returned: RSS then
+# drifts up over the first batches whatever the code keeps alive. A fixed threshold makes RSS track
+# the memory actually in use (and lowers the peak); both settings are reported.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def peak_rss_mib(images: int, batch: int, attn_layers: int, token_layers: int, threads: int,
+                 env: dict[str, str] | None = None) -> tuple[float, float]:
+    """:func:`streaming_peak_mib` in a fresh process (so earlier allocations do not count); ``env``: extra
+    environment variables for that process."""
     code = ("import sys, torch; sys.path.insert(0, 'bench'); torch.set_num_threads(%d);"
             "import bench_analysis as b; print(*b.streaming_peak_mib(%d, %d, %d, %d))") % (
                 threads, images, batch, attn_layers, token_layers)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
     before, peak = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
     return before, peak
 
@@ -301,7 +354,7 @@ def main() -> None:
     parser.add_argument("--token-layers", type=int, default=2, help="token maps for the Fourier analysis")
     parser.add_argument("--suite-images", type=int, default=200)
     parser.add_argument("--suite-batch", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads and numpy BLAS threads")
     args = parser.parse_args()
     if args.images % args.batch:
         parser.error(f"--images ({args.images}) must be a multiple of --batch ({args.batch})")
@@ -309,32 +362,49 @@ def main() -> None:
 
     print(f"[metrics] {args.images} synthetic 192 px images (12x12 tokens + CLS, {HEADS} heads, width {WIDTH}), "
           f"batch {args.batch}, {args.attn_layers} attention layers, {args.token_layers} token layers, "
-          f"{CKA_LAYERS} CKA layers, torch threads {torch.get_num_threads()}")
-    timings = run({"ours": Ours(args.batch, args.attn_layers, args.token_layers),
-                   "notebook": Notebook(args.batch, args.attn_layers, args.token_layers)},
-                  args.images, args.batch, args.attn_layers, args.token_layers)
-    (ours, t_ours), (ref, t_ref) = timings["ours"], timings["notebook"]
+          f"{CKA_LAYERS} CKA layers; threads: torch {torch.get_num_threads()}, numpy BLAS {args.threads} "
+          f"(numpy elementwise and FFT are single-threaded); both sides get the same float32 data "
+          f"(the notebook side as float64 numpy copies, converted untimed)")
+    load_before = os.getloadavg()
+    with threadpool_limits(limits=args.threads):  # numpy's BLAS (CKA reference) at the same thread count
+        timings = run({"ours": Ours(args.batch, args.attn_layers, args.token_layers),
+                       "notebook": Notebook(args.batch, args.attn_layers, args.token_layers),
+                       "log-floor": LogFloor()},
+                      args.images, args.batch, args.attn_layers, args.token_layers)
+    load_after = os.getloadavg()
+    (ours, t_ours, c_ours, b_ours), (ref, t_ref, c_ref, b_ref) = timings["ours"], timings["notebook"]
     tolerances = {"distance": dict(rtol=1e-5), "nmi": dict(rtol=1e-4, atol=1e-6), "fourier": dict(atol=1e-4),
                   "cka": dict(rtol=1e-6, atol=1e-9)}
     for key, tol in tolerances.items():
         np.testing.assert_allclose(ours[key], ref[key], **tol, err_msg=key)
         err = np.abs(ours[key] - ref[key]).max()
-        print(f"  {key:9s} ours {t_ours[key]:7.2f} s   notebook-style {t_ref[key]:7.2f} s   "
-              f"x{t_ref[key] / t_ours[key]:6.1f}   identical (max |diff| {err:.1e})")
+        per_batch = np.median(np.array(b_ref[key]) / np.array(b_ours[key]))
+        print(f"  {key:9s} ours {t_ours[key]:6.2f} s   notebook-style {t_ref[key]:6.2f} s   x{t_ref[key] / t_ours[key]:5.1f} "
+              f"(median per batch x{per_batch:5.1f}; CPU time {c_ours[key]:6.2f} s vs {c_ref[key]:6.2f} s "
+              f"x{c_ref[key] / c_ours[key]:5.1f})   identical (max |diff| {err:.1e})")
+    floor = timings["log-floor"]
+    print(f"  nmi floor: one torch.log per attention entry, nothing else: {floor[1]['nmi']:.2f} s "
+          f"(CPU {floor[2]['nmi']:.2f} s): best possible NMI ratio x{t_ref['nmi'] / floor[1]['nmi']:.1f} "
+          f"(CPU x{c_ref['nmi'] / floor[2]['nmi']:.1f}); ours is {t_ours['nmi'] / floor[1]['nmi']:.1f}x the floor")
     print(f"  e.g. layer-1 attention distance per head (px): {np.round(ours['distance'][0], 2).tolist()}")
+    print(f"  load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
 
-    base_s, small = peak_rss_mib(100, args.batch, args.attn_layers, args.token_layers, args.threads)
-    base_l, large = peak_rss_mib(args.images, args.batch, args.attn_layers, args.token_layers, args.threads)
-    print(f"\n[memory] peak RSS while streaming ours (fresh process, after imports): 100 images {small:.0f} MiB, "
-          f"{args.images} images {large:.0f} MiB ({100 * (large / small - 1):+.1f}%); "
-          f"RSS before streaming {base_s:.0f} / {base_l:.0f} MiB")
+    print("\n[memory] peak RSS while streaming ours (fresh process, after imports)")
+    for label, env in (("default glibc malloc", None), ("MALLOC_MMAP_THRESHOLD_=1 MiB", FIXED_MMAP_THRESHOLD)):
+        base_s, small = peak_rss_mib(100, args.batch, args.attn_layers, args.token_layers, args.threads, env)
+        base_l, large = peak_rss_mib(args.images, args.batch, args.attn_layers, args.token_layers, args.threads, env)
+        print(f"  {label:29s} 100 images {small:.0f} MiB, {args.images} images {large:.0f} MiB "
+              f"({100 * (large / small - 1):+.1f}%); RSS before streaming {base_s:.0f} / {base_l:.0f} MiB")
 
     if args.suite_images:
         run_suite(args.suite_images, args.suite_batch, args.threads)
 
     total_ours, total_ref = sum(t_ours.values()), sum(t_ref.values())
-    print(f"\ntime ratio notebook-style / ours (distance+NMI+Fourier+CKA, {args.images} images): "
-          f"{total_ref:.1f} s / {total_ours:.1f} s = x{total_ref / total_ours:.1f}")
+    cpu_ours, cpu_ref = sum(c_ours.values()), sum(c_ref.values())
+    ratios = ", ".join(f"{key} x{t_ref[key] / t_ours[key]:.1f}" for key in tolerances)
+    print(f"\ntime ratio notebook-style / ours (distance+NMI+Fourier+CKA, {args.images} images, {args.threads} thread(s)): "
+          f"wall {total_ref:.1f} s / {total_ours:.1f} s = x{total_ref / total_ours:.1f} ({ratios}); "
+          f"CPU {cpu_ref:.1f} s / {cpu_ours:.1f} s = x{cpu_ref / cpu_ours:.1f}")
 
 
 if __name__ == "__main__":

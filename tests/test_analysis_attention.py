@@ -227,3 +227,79 @@ def test_prepared_attention_is_shared_and_checked():
         attention_entropy(prepared, 1)
     with pytest.raises(ValueError, match="16 patch tokens but grid 3x3 has 9"):
         attention_distance(prepared, 3, 16, 5)
+
+
+# ---- the chunked sweep: chunking, layouts, exact zeros, prefix validation ---------------------------
+
+def _all_stats(attn, prefix, side):
+    return (attention_distance(attn, side, 16, prefix), normalized_mutual_information(attn, prefix),
+            attention_entropy(attn, prefix))
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_results_do_not_depend_on_chunking(monkeypatch, prefix):
+    # the test tensors fit in one chunk by default: force several chunks with a partial last one
+    import analysis.attention as attention_module
+
+    attn = random_attention(5, 3, prefix + 36, seed=11)  # 15 maps
+    whole = _all_stats(attn, prefix, 6)
+    prepared = PatchAttention(attn, prefix, 6)
+    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 4 * 36 * (prefix + 36))  # 4 maps per chunk
+    for got, ref in zip(_all_stats(attn, prefix, 6), whole):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(normalized_mutual_information(attn, prefix).numpy(), ref_nmi(attn.numpy(), prefix),
+                               rtol=1e-4, atol=1e-6)
+    chunked = PatchAttention(attn, prefix, 6)
+    torch.testing.assert_close(chunked.row_entropy, prepared.row_entropy)
+    torch.testing.assert_close(chunked.key_marginal, prepared.key_marginal)
+
+
+def test_layouts_and_dtypes_take_the_copy_path():
+    attn = random_attention(3, 2, 1 + 36, seed=12)
+    ref = _all_stats(attn, 1, 6)
+    # same values, transposed storage (rows not contiguous): converted chunk by chunk
+    strided = attn.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not strided.is_contiguous()
+    for got, want in zip(_all_stats(strided, 1, 6), ref):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    for got, want in zip(_all_stats(attn.double(), 1, 6), ref):  # float64 input: computed in float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_rows_with_no_patch_mass_and_exact_zeros():
+    # query 2 of every map puts all its mass on the CLS token; key 4 gets exactly zero attention
+    attn = random_attention(2, 2, 1 + 16, seed=13)
+    attn[..., 4 + 1] = 0
+    attn[..., 2 + 1, :] = 0
+    attn[..., 2 + 1, 0] = 1
+    attn = attn / attn.sum(-1, keepdim=True)
+    a = attn.double().numpy()[..., 1:, 1:]
+    s = a.sum(-1, keepdims=True)
+    probs = np.divide(a, s, out=np.zeros_like(a), where=s > 0)  # the empty row counts as all zeros
+    ent = -np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0).sum(-1)  # (B, H, Q)
+    pk = probs.mean(-2)
+    hk = -np.where(pk > 0, pk * np.log(np.where(pk > 0, pk, 1.0)), 0.0).sum(-1)
+    nmi = (hk - ent.mean(-1)) / np.sqrt(math.log(16) * hk)
+    got = normalized_mutual_information(attn)
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.numpy(), nmi.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(attention_entropy(attn).numpy(), ent.mean(-1).mean(0), rtol=1e-5)
+    dist = (probs * ref_distance_matrix(4, 4, 16)).sum(-1).mean(-1).mean(0)
+    np.testing.assert_allclose(attention_distance(attn, 4, 16).numpy(), dist, rtol=1e-5)
+    prepared = PatchAttention(attn, 1, 4)
+    assert torch.all(prepared.row_entropy[:, :, 2] == 0)
+    torch.testing.assert_close(normalized_mutual_information(prepared), got)
+
+
+def test_row_check_covers_prefix_rows_and_prefix_columns():
+    attn = random_attention(1, 2, 1 + 16, seed=14)
+    cls_row = attn.clone()
+    cls_row[0, 1, 0, :] *= 1.5  # only the CLS query row is off
+    with pytest.raises(ValueError, match=r"rows must sum to 1.*max \|row sum - 1\| = 0\.5 > 0\.001"):
+        attention_entropy(cls_row)
+    prefix_col = attn.clone()
+    prefix_col[0, 0, 3, 0] += 0.01  # a patch row whose CLS column pushes it over 1
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        attention_distance(prefix_col, 4, 16)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        PatchAttention(prefix_col, 1, 4)

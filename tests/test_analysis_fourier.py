@@ -104,3 +104,28 @@ def test_diagonal_projection_equals_fft_diagonal(side):
     full = log_amplitude(tokens, side)  # (B, h, h) from torch.fft.fft2, unshifted
     k = torch.arange(side - side // 2)
     torch.testing.assert_close(diagonal_log_amplitude(tokens, side).float(), full[:, k, k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side,prefix", [(5, 0), (12, 1), (7, 5)])
+def test_anti_diagonal_sums_against_loops(side, prefix):
+    from analysis.fourier import _anti_diagonal_sums
+
+    g = torch.Generator().manual_seed(side + prefix)
+    tokens = torch.randn(2, prefix + side * side, 3, generator=g)
+    t = tokens.double().numpy()[:, prefix:].reshape(2, side, side, 3)
+    ref = np.zeros((2, side, 3))
+    for y in range(side):
+        for x in range(side):
+            ref[:, (y + x) % side] += t[:, y, x]
+    got = _anti_diagonal_sums(tokens, side, prefix)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_tokens():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 1 + 64, 8, generator=g) + 1.0
+    strided = tokens.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channels-first storage
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(delta_log_amplitude(strided, 8), delta_log_amplitude(tokens, 8), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(delta_log_amplitude(strided, 8).numpy(), ref_fourier(tokens.numpy(), 1), atol=1e-4)
