@@ -10,7 +10,7 @@ Conventions (shared by every function here, following naver-ai/cl-vs-mim):
   queries and the averages over images are taken in float64; accumulators give the same result
   whatever the batching.
 
-Performance (see bench/RESULTS_analysis.md): the prefix is never copied out and rows are never
+Performance (see BENCHMARKS.md): the prefix is never copied out and rows are never
 renormalised in memory. One chunked sweep (:func:`_sweep`) reads the attention once and derives
 the row sums (also used for the row-sum validation), ``sum a log a`` (one log per entry, the cost
 floor of NMI / entropy) and the key marginal or the distance-weighted sums from cache; the

@@ -15,7 +15,7 @@ pixels). All those stencils are drawn once per process with ``cv2.circle`` itsel
 pixel offsets; a map is then a single vectorised scatter, or, for hundreds of interior rings
 sharing a phase (FAST and GFTT centres are integers), one ``cv2.dilate`` of their centre pixels by
 that phase's stencil. Anything outside the table's range (centres outside the image, images
-smaller than a ring) falls back to ``cv2.circle``. See bench/RESULTS_keypoints.md for timings.
+smaller than a ring) falls back to ``cv2.circle``. See BENCHMARKS.md for timings.
 
 Two honest alternatives are offered: ``"point"`` marks the pixel holding each keypoint centre and
 ``"disk"`` marks the pixel centres inside the keypoint's circle of diameter ``KeyPoint.size``.
@@ -268,7 +268,7 @@ def _render_ring(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 # Below this many rings of one sub-pixel phase, scattering stencils beats cv2.dilate. Measured at
-# 192 px on one core (bench/RESULTS_keypoints.md): the dilate path costs ~45 us + 0.06 us per ring,
+# 192 px on one core (BENCHMARKS.md): the dilate path costs ~45 us + 0.06 us per ring,
 # scattering ~20 us + 0.13 us per ring; break-even ~600 rings.
 _DILATE_MIN_KEYPOINTS = 600
 
