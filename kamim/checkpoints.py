@@ -72,6 +72,7 @@ CHECKPOINT_DIR_ENV = "KAMIM_CHECKPOINT_DIR"
 # Containers a state dict is found under, in order (DINO: the teacher is the evaluated network).
 _CONTAINERS = ("model_state_dict", "state_dict", "model", "teacher", "student", "module")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_RUN_FILES = ("encoder.safetensors", "checkpoint-last.pt")  # what `kamim pretrain` writes
 _CLASSIFIER = ("head", "head_dist")  # timm classifier heads: dropped since the encoder has num_classes=0
 
 _Converter = Callable[..., Conversion]
@@ -174,7 +175,7 @@ def resolve_source(
     manifest: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> ResolvedSource:
-    """Resolve a checkpoint file, Hugging Face directory, manifest name or timm model name.
+    """Resolve a checkpoint file, kamim run directory, Hugging Face directory, manifest name or timm name.
 
     Files and directories win over names. A manifest entry's ``file`` is looked up under
     ``checkpoint_dir``, else ``$KAMIM_CHECKPOINT_DIR``, else the manifest's directory; a missing file
@@ -185,7 +186,9 @@ def resolve_source(
     if path.is_file():
         return ResolvedSource("file", name, path)
     if path.is_dir():
-        return _hf_directory(path, name)
+        # a kamim run directory: its encoder export, else its training checkpoint
+        own = next((path / f for f in _RUN_FILES if (path / f).is_file()), None)
+        return ResolvedSource("file", name, own) if own is not None else _hf_directory(path, name)
     manifest_path = Path(manifest) if manifest is not None else MANIFEST_PATH
     entries = load_manifest(manifest_path) if (manifest is not None or MANIFEST_PATH.is_file()) else {}
     if name in entries:

@@ -289,6 +289,8 @@ def test_own_training_checkpoint(tmp_path, photos, prefix):
             "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}}
     loaded = load_encoder(_save(ckpt, tmp_path / "checkpoint-last.pt"))
     assert loaded.format == "kamim-pretrain" and loaded.method == "kamim"
+    # a run directory resolves to its training checkpoint when it has no encoder export
+    assert load_encoder(tmp_path).format == "kamim-pretrain"
     assert loaded.report["ignored"] == {"decoder": ["decoder.0.bias", "decoder.0.weight"],
                                         "mask_token": [f"{parent}mask_token"]}
     x = _images(photos, 32)
@@ -306,6 +308,8 @@ def test_own_safetensors_export_and_resampling(tmp_path, photos):
         "method": "simmim"})
     loaded = load_encoder(path)
     assert (loaded.format, loaded.method, loaded.report["resampled"]) == ("kamim-encoder", "simmim", {})
+    torch.save({"format": "kamim-pretrain"}, tmp_path / "checkpoint-last.pt")
+    assert load_encoder(tmp_path).format == "kamim-encoder"  # a run directory: the export wins
     x = _images(photos, 32)
     torch.testing.assert_close(_features(loaded.model, x), _features(enc, x), atol=1e-6, rtol=0)
 
