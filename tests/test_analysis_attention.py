@@ -24,14 +24,6 @@ from analysis.attention import (
 from analysis.capture import ViTGeometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- independent references (notebook definitions, Python loops, float64 numpy) -------------
 
 def ref_distance_matrix(h, w, patch):

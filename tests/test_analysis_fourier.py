@@ -16,14 +16,6 @@ from analysis.fourier import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ref_fourier(tokens: np.ndarray, prefix: int) -> np.ndarray:
     """The notebook: drop prefix, b c h w, log(|fft2| + 1e-6), roll by h/2, mean(b, c), diag[h/2:], minus first."""
     lat = np.asarray(tokens, dtype=np.float64)[:, prefix:]
