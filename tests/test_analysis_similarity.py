@@ -257,3 +257,21 @@ def test_head_similarity_and_streaming():
         torch.testing.assert_close(acc.compute(), fresh.compute(), rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="unknown attention similarity kind"):
         AttentionSimilarity(1, "kl")
+
+
+def test_minibatch_float32_features_match_float64_despite_large_means():
+    # float32 features get float32 Gram matrices (shifted by their mean first) and float64 HSIC sums
+    feats = [f.float() for f in layers(40, seed=3, offset=1e3)]  # ViT tokens have large means
+    got = stream(CKAAccumulator(chunk_size=12), feats, [17, 23])
+    ref = stream(CKAAccumulator(chunk_size=12), [f.double() for f in feats], [17, 23])
+    assert got.dtype == torch.float64
+    assert (got - ref).abs().max() < 1e-6
+    assert (ref - torch.eye(3)).abs().max() > 0.05  # not a trivial case
+
+
+def test_minibatch_does_not_keep_views_of_larger_tensors_alive():
+    tokens = torch.randn(8, 50, 6)
+    acc = CKAAccumulator(chunk_size=16)
+    acc.update([tokens[:, 0], tokens[:4].mean(1).repeat(2, 1)])  # a strided view and a fresh tensor
+    held = [f for part in acc._buffer for f in part]
+    assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in held)
