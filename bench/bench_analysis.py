@@ -456,8 +456,8 @@ def main() -> None:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             folder = write_photo_crops(os.path.join(tmp, "data"), args.pipeline_images)
-            print(f"\n[memory] peak RSS of kamim-analyze run (10 analyses, ViT-S/16 at 96 px, real-photo crops, "
-                  f"glibc default malloc, fresh process, after imports)")
+            print("\n[memory] peak RSS of kamim-analyze run (10 analyses, ViT-S/16 at 96 px, real-photo crops, "
+                  "glibc default malloc, fresh process, after imports)")
             rows = [(n, *pipeline_peak_rss_mib(n, folder, os.path.join(tmp, f"out{n}"), args.threads))
                     for n in (100, args.pipeline_images)]
             for n, before, peak, seconds in rows:
