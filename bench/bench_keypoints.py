@@ -4,6 +4,9 @@ Single thread (OpenCV and torch), real photographs (scikit-image / scikit-learn)
 and resized to ``--size`` px. Both paths produce a torch tensor per image; the maps are asserted
 identical on every crop before timing. Each crop's time is its best of ``--repeats`` calls, with
 reference, ours and detection-only interleaved per crop so that load on shared cores hits all alike.
+Both paths run the same detection call, so the end-to-end ratio is bounded by (detect + draw) /
+detect; the "draw" columns time what differs, on the keypoints detected beforehand: the reference
+drawing (``cv2.drawKeypoints`` on black, channel 0, torch) against our rendering (float32 map, torch).
 
     python bench/bench_keypoints.py --size 192 --crops 64 --repeats 7
 """
@@ -17,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from kamim.keypoints import _FACTORIES, detect_keypoints, keypoint_map
+from kamim.keypoints import _FACTORIES, detect_keypoints, keypoint_map, render_keypoints
 
 
 def photographs() -> list[np.ndarray]:
@@ -62,6 +65,15 @@ def ours_fn(detector: str) -> Callable[[np.ndarray], torch.Tensor]:
     return run
 
 
+def reference_draw(img: np.ndarray, kps) -> torch.Tensor:
+    drawn = cv2.drawKeypoints(np.zeros_like(img), kps, None, color=(255, 0, 0))
+    return torch.from_numpy(drawn[..., 0] > 0)
+
+
+def ours_render(img: np.ndarray, kps) -> torch.Tensor:
+    return torch.from_numpy(render_keypoints(kps, img.shape[:2], "ring"))
+
+
 def detect_only_fn(detector: str) -> Callable[[np.ndarray], object]:
     return lambda img: detect_keypoints(img, detector)
 
@@ -97,7 +109,7 @@ def main() -> None:
     crops = random_crops(photographs(), args.crops, args.size, args.seed)
     print(f"{args.crops} crops of {args.size}x{args.size} px, 1 thread, best of {args.repeats} calls per crop")
     print(f"{'detector':<8} {'kps/img':>8} {'cover':>6} {'detect img/s':>13} {'ref img/s':>10} "
-          f"{'ours img/s':>11} {'ratio':>6}")
+          f"{'ours img/s':>11} {'ratio':>6} {'ref draw us':>12} {'ours draw us':>13} {'draw ratio':>10}")
     ratios = {}
     for name in args.detectors:
         ref, ours, det = reference_fn(name), ours_fn(name), detect_only_fn(name)
@@ -109,11 +121,14 @@ def main() -> None:
             n_kps += len(detect_keypoints(img, name))
             cover += float(b.mean())
         t_ref, t_ours, t_det = per_image_best([ref, ours, det], crops, args.repeats)
+        kps = {id(img): detect_keypoints(img, name) for img in crops}
+        d_ref, d_ours = per_image_best([lambda img: reference_draw(img, kps[id(img)]),
+                                        lambda img: ours_render(img, kps[id(img)])], crops, args.repeats)
         n = len(crops)
         r_ref, r_ours, r_det = n / t_ref, n / t_ours, n / t_det
         ratios[name] = r_ours / r_ref
         print(f"{name:<8} {n_kps / n:8.0f} {cover / n:6.1%} {r_det:13.0f} {r_ref:10.0f} {r_ours:11.0f} "
-              f"{ratios[name]:5.2f}x")
+              f"{ratios[name]:5.2f}x {1e6 * d_ref / n:12.0f} {1e6 * d_ours / n:13.0f} {d_ref / d_ours:9.1f}x")
     print("maps identical on all crops; speed-up ours/reference: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
