@@ -3,11 +3,15 @@
 The reference is what the KAMIM reference code trains: Hugging Face ``ViTForMaskedImageModeling`` with
 eager attention, configured like our preset (192 px, patch 16, encoder_stride 16, same width / depth /
 heads / MLP). A step is forward + loss + backward + AdamW step on the same batch (images, a SimMIM mask
-of 32 px blocks at ratio 0.6 on the token grid, keypoint densities at w_ps = 8 for KAMIM).
+of 32 px blocks at ratio 0.6 on the token grid, keypoint densities at w_ps = 8 for KAMIM). The optimizer
+is part of the step: ours uses what our engine builds (``kamim.engine.pretrain.build_optimizer``: timm
+parameter groups, torch's fused AdamW), the reference a plain ``torch.optim.AdamW`` (torch's default,
+per-parameter implementation on the CPU), as the reference code builds it. ``reference_fusedadamw_fp32``
+gives the reference the fused AdamW too, which isolates the models.
 
 Variants are timed side by side, interleaved over ``--rounds`` rounds (order rotated each round) so that
 load from other processes on shared cores hits all of them alike; the median over rounds is reported,
-with the ratios last:
+with the ratios last (each the median over rounds of the per-round ratio, with its interquartile range):
 ours/reference in fp32 (target >= 1.0), ours bf16 autocast / ours fp32 (target >= 1.5), KAMIM / SimMIM
 (target >= 0.98) and, with ``--compile``, torch.compile / eager.
 
@@ -18,17 +22,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 from transformers import ViTConfig, ViTForMaskedImageModeling
 
+from kamim.config import OptimConfig
+from kamim.engine.pretrain import build_optimizer
 from kamim.loss import reconstruction_loss
 from kamim.models import SimMIM, create_pretrain_model
+from kamim.optim import uses_fused
 from kamim.weights import weights_from_density
 
 StepFn = Callable[[], torch.Tensor]
@@ -103,7 +112,9 @@ def build_variants(
     data = make_batch(batch, int(vit.patch_embed.img_size[0]), patch, device=device)
     simmim_batch = {"image": data["image"], "mask": data["mask"]}
     ref_mask = data["mask"].flatten(1)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.05)
+    # ours: the optimizer our engine builds (timm parameter groups, torch's fused AdamW);
+    # reference: plain torch.optim.AdamW over all parameters, as the reference code trains
+    opt_ours = build_optimizer(ours, OptimConfig(lr=1e-4, weight_decay=0.05))
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
 
     def simmim_loss(model: nn.Module = ours) -> torch.Tensor:
@@ -118,8 +129,10 @@ def build_variants(
         return ref(pixel_values=data["image"], bool_masked_pos=ref_mask).loss
 
     amp_name = str(amp_dtype).removeprefix("torch.")
+    opt_ref_fused = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     variants = {
         "reference_fp32": make_step(ref, ref_loss, opt_ref, None, device),
+        "reference_fusedadamw_fp32": make_step(ref, ref_loss, opt_ref_fused, None, device),
         "ours_fp32": make_step(ours, simmim_loss, opt_ours, None, device),
         "kamim_fp32": make_step(ours, kamim_loss, opt_ours, None, device),
     }
@@ -140,6 +153,7 @@ def build_variants(
         "params_ours_M": round(n_ours / 1e6, 3),
         "params_reference_M": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3),
         "fused_sdpa": all(getattr(b.attn, "fused_attn", False) for b in vit.blocks),
+        "fused_adamw_ours": uses_fused(opt_ours),
         "reference_attn": ref.config._attn_implementation,
         "data": data,
     }
@@ -166,10 +180,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class Timings(NamedTuple):
+    ips: dict[str, float]  # median images/s over rounds, wall clock
+    warm_s: dict[str, float]  # warm-up seconds (includes compilation)
+    cpu_ips: dict[str, float]  # median images per CPU-second of this process (all its threads)
+    wall_rounds: dict[str, list[float]]  # images/s of every round, wall clock
+    cpu_rounds: dict[str, list[float]]  # images per CPU-second of every round
+
+
 def time_variants(
     variants: dict[str, StepFn], batch: int, steps: int, warmup: int, rounds: int, device: str = "cpu",
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median images/s of each variant over interleaved rounds, and each variant's warm-up time (s)."""
+) -> Timings:
+    """Median images/s of each variant over interleaved rounds (wall clock and per process CPU-second),
+    and each variant's warm-up time (s).
+
+    On a shared CPU the CPU-time rate is the steadier one: it leaves out the time other processes
+    hold the cores (with one intra-op thread it is the step's own compute time; with more threads it
+    also counts their spinning). On a GPU only the wall-clock rate means anything.
+    """
     warm_s = {}
     for name, step in variants.items():
         t0 = time.perf_counter()
@@ -177,19 +205,22 @@ def time_variants(
             float(step())
         warm_s[name] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
         # rotate the order each round so no variant always runs right after the same neighbour
         for name in names[r % len(names):] + names[:r % len(names)]:
             step = variants[name]
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 loss = step()
             float(loss)  # wait for the last step
             _sync(device)
             rates[name].append(batch * steps / (time.perf_counter() - t0))
-    return {name: statistics.median(r) for name, r in rates.items()}, warm_s
+            cpu_rates[name].append(batch * steps / max(time.process_time() - c0, 1e-9))
+    median = lambda d: {name: statistics.median(r) for name, r in d.items()}  # noqa: E731
+    return Timings(median(rates), warm_s, median(cpu_rates), rates, cpu_rates)
 
 
 def loss_overhead_ms(data: dict[str, torch.Tensor], temperature: float = 0.25, reps: int = 20) -> tuple[float, float]:
@@ -214,10 +245,16 @@ def loss_overhead_ms(data: dict[str, torch.Tensor], temperature: float = 0.25, r
     return statistics.median(times["simmim"]), statistics.median(times["kamim"])
 
 
-def ratio_lines(ips: dict[str, float], amp_name: str = "bfloat16") -> list[str]:
-    """The target ratios that can be formed from the measured variants."""
+def ratio_lines(per_round: dict[str, list[float]], amp_name: str = "bfloat16") -> list[str]:
+    """The target ratios that can be formed from the measured variants.
+
+    Each ratio is the median over rounds of the two variants' rates *in the same round* (paired:
+    slow drifts of the machine's speed cancel), with the interquartile range of those per-round
+    ratios as its spread.
+    """
     pairs = [
         ("ours_fp32 / reference_fp32", "ours_fp32", "reference_fp32", 1.0),
+        ("ours_fp32 / reference_fusedadamw_fp32", "ours_fp32", "reference_fusedadamw_fp32", None),
         (f"ours_{amp_name} / ours_fp32", f"ours_{amp_name}", "ours_fp32", 1.5),
         ("kamim_fp32 / ours_fp32", "kamim_fp32", "ours_fp32", 0.98),
         (f"ours_{amp_name} / reference_{amp_name}", f"ours_{amp_name}", f"reference_{amp_name}", 1.0),
@@ -227,10 +264,15 @@ def ratio_lines(ips: dict[str, float], amp_name: str = "bfloat16") -> list[str]:
     ]
     lines = []
     for label, a, b, target in pairs:
-        if a in ips and b in ips:
-            r = ips[a] / ips[b]
-            verdict = "" if target is None else (f"  (target >= {target}: {'met' if r >= target else 'NOT met'})")
-            lines.append(f"{label:<40s} {r:6.2f}x{verdict}")
+        if a in per_round and b in per_round:
+            ratios = [x / y for x, y in zip(per_round[a], per_round[b])]
+            r = statistics.median(ratios)
+            spread = ""
+            if len(ratios) >= 4:
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                spread = f"  (IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds)"
+            verdict = "" if target is None else (f"  target >= {target}: {'met' if r >= target else 'NOT met'}")
+            lines.append(f"{label:<40s} {r:6.3f}x{spread}{verdict}")
     return lines
 
 
@@ -262,15 +304,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cpu_capability={torch.backends.cpu.get_cpu_capability()} matmul 512^3: "
           f"fp32 {mm[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {mm[torch.bfloat16] / 1e9:.1f} GFLOP/s "
           f"(bf16/fp32 {mm[torch.bfloat16] / mm[torch.float32]:.2f}x)")
-    ips, warm = time_variants(variants, args.batch, args.steps, args.warmup, args.rounds)
+    ips, warm, cpu_ips, wall_rounds, cpu_rounds = time_variants(
+        variants, args.batch, args.steps, args.warmup, args.rounds)
     for name, rate in ips.items():
-        print(f"{name:<26s} {rate:8.2f} img/s   (warm-up {warm[name]:.1f} s)")
+        print(f"{name:<26s} {rate:8.2f} img/s   {cpu_ips[name]:8.2f} img per CPU-s   (warm-up {warm[name]:.1f} s)")
     simmim_ms, kamim_ms = loss_overhead_ms(data)
     step_ms = 1e3 * args.batch / ips["ours_fp32"]
     print(f"loss only, fwd+bwd: simmim {simmim_ms:.2f} ms, kamim {kamim_ms:.2f} ms -> KAMIM adds "
           f"{kamim_ms - simmim_ms:.2f} ms = {100 * (kamim_ms - simmim_ms) / step_ms:.2f}% of the fp32 step")
-    for line in ratio_lines(ips):
-        print(line)
+    print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; ratios by CPU time "
+          f"(steadier on a shared machine{'' if torch.get_num_threads() == 1 else '; summed over threads'}):")
+    for line in ratio_lines(cpu_rounds):
+        print("  " + line)
+    print("ratios by wall-clock time:")
+    for line in ratio_lines(wall_rounds):
+        print("  " + line)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import hf_reference, make_batch, make_step, matmul_rate, time_variants  # noqa: E402
 
+from kamim.config import OptimConfig  # noqa: E402
+from kamim.engine.pretrain import build_optimizer  # noqa: E402
 from kamim.models import create_pretrain_model  # noqa: E402
 
 
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     data = make_batch(args.batch, int(vit.patch_embed.img_size[0]), patch, device=device)
     simmim_batch = {"image": data["image"], "mask": data["mask"]}
     ref_mask = data["mask"].flatten(1)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+    # ours: the optimizer our engine builds (fused AdamW); the reference gets fused AdamW too, so that
+    # on the GPU the comparison is of the models
+    opt_ours = build_optimizer(ours, OptimConfig(lr=1e-4, weight_decay=0.05))
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
     def simmim_loss(model=ours):
         ours.temperature = None
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"measured bf16 matmul rate ({args.matmul_size}^3): {peak / 1e12:.1f} TFLOP/s")
     print(f"model GFLOPs per step (fwd+bwd): ours {flops['ours'] / 1e9:.3f}, reference {flops['reference'] / 1e9:.3f}")
 
-    ips, warm = time_variants(variants, args.batch, args.steps, args.warmup, args.rounds, device)
+    ips, warm, *_ = time_variants(variants, args.batch, args.steps, args.warmup, args.rounds, device)
     for vname, rate in ips.items():
         model_flops = flops["reference" if vname.startswith("reference") else "ours"]
         achieved = model_flops * rate / args.batch

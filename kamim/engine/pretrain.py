@@ -8,7 +8,7 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 * ``optim.batch_size`` is global: per-rank micro-batch = batch / (world x accum_steps).
   Gradients are accumulated with DDP ``no_sync`` on non-final micro-steps.
 * AdamW from ``timm.optim.create_optimizer_v2`` (no weight decay on norms, biases and the
-  model's ``no_weight_decay()`` names); ``timm.scheduler.CosineLRScheduler`` with
+  model's ``no_weight_decay()`` names; torch's fused kernel on CPU and CUDA); ``timm.scheduler.CosineLRScheduler`` with
   ``t_in_epochs=False`` stepped once per OPTIMIZER step (accumulation does not change the
   schedule), linear warmup from ``warmup_lr`` then cosine to ``min_lr``; the schedule ends
   exactly at the last step of ``optim.epochs`` (warmup included).
@@ -43,16 +43,17 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from kamim import distributed as kdist
-from kamim.config import Config, ConfigError, config_diff, save_config, to_dict
+from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_config, to_dict
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
 from kamim.metrics_log import MetricsLogger
+from kamim.optim import fused_kwargs
 from kamim.serialization import (
     CheckpointError, atomic_save, atomic_write_json, safe_load, save_safetensors,
 )
 
 __all__ = [
     "pretrain", "NonFiniteLossError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT",
-    "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_scheduler",
+    "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_optimizer", "build_scheduler",
     "build_model", "build_pretrain_dataset", "model_patch_size", "encoder_prefix", "export_encoder",
     "load_pretrain_checkpoint",
     "find_resume_checkpoint", "rng_state", "set_rng_state", "seed_all", "gather_rng_states",
@@ -96,6 +97,18 @@ def schedule_lengths(cfg: Config, steps_per_epoch: int) -> ScheduleLengths:
     warmup = min(warmup, total - 1)
     stop = total if r.max_steps is None else int(r.max_steps)
     return ScheduleLengths(steps_per_epoch, total, warmup, stop)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` (no weight decay on norms, biases and the model's
+    ``no_weight_decay()`` names) at the peak LR, torch's fused implementation where it has one
+    (:func:`kamim.optim.fused_kwargs`). Build it after moving the model to its device."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(
+        model, opt=optim.opt, lr=optim.peak_lr(), weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+        **fused_kwargs(model, optim.opt),
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, lengths: ScheduleLengths):
@@ -362,11 +375,7 @@ class _Trainer:
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.run.seed),
         )
 
-        from timm.optim import create_optimizer_v2
-
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=o.opt, lr=o.peak_lr(), weight_decay=o.weight_decay, betas=tuple(o.betas),
-        )
+        self.optimizer = build_optimizer(self.model, o)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.lengths)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" else None
 

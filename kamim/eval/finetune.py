@@ -39,6 +39,7 @@ from torch import nn
 
 from kamim import distributed as kdist
 from kamim.engine.pretrain import gather_rng_states, seed_all, set_rng_state
+from kamim.optim import fused_kwargs
 from kamim.serialization import atomic_save
 
 from .common import (
@@ -169,7 +170,7 @@ def build_finetune_optimizer(
     """AdamW over timm layer-decay parameter groups (each group carries its ``lr_scale``)."""
     return create_optimizer_v2(
         model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
-        layer_decay=layer_decay if layer_decay < 1 else None,
+        layer_decay=layer_decay if layer_decay < 1 else None, **fused_kwargs(model, "adamw"),
     )
 
 

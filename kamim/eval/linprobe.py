@@ -40,6 +40,7 @@ from timm.optim import Lars
 from torch import nn
 
 from kamim import distributed as kdist
+from kamim.optim import fused_kwargs
 from kamim.serialization import atomic_save
 
 from .common import (
@@ -151,12 +152,13 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
     vecs = [p for p in heads.parameters() if p.requires_grad and p.ndim <= 1]
     if opt == "adamw":
         return torch.optim.AdamW(
-            [{"params": mats, "weight_decay": weight_decay}, {"params": vecs, "weight_decay": 0.0}], lr=lr
+            [{"params": mats, "weight_decay": weight_decay}, {"params": vecs, "weight_decay": 0.0}], lr=lr,
+            **fused_kwargs(heads, opt),
         )
     if opt == "sgd":
         return torch.optim.SGD(
             [{"params": mats, "weight_decay": weight_decay}, {"params": vecs, "weight_decay": 0.0}],
-            lr=lr, momentum=0.9,
+            lr=lr, momentum=0.9, **fused_kwargs(heads, opt),
         )
     if opt == "lars":
         return Lars(
