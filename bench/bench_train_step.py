@@ -21,6 +21,7 @@ ours/reference in fp32 (target >= 1.0), ours bf16 autocast / ours fp32 (target >
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -156,6 +157,7 @@ def build_variants(
         "fused_adamw_ours": uses_fused(opt_ours),
         "reference_attn": ref.config._attn_implementation,
         "data": data,
+        "model": ours,
     }
     return variants, facts
 
@@ -245,6 +247,24 @@ def loss_overhead_ms(data: dict[str, torch.Tensor], temperature: float = 0.25, r
     return statistics.median(times["simmim"]), statistics.median(times["kamim"])
 
 
+def optimizer_step_ms(model: nn.Module, reps: int = 7) -> dict[str, float]:
+    """Median ms of one AdamW step over ``model``'s parameters (random gradients): torch's default
+    implementation (per-parameter loop on the CPU), ``foreach`` and ``fused`` (what our engine uses)."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    out = {}
+    for name, kw in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kw)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(1e3 * (time.perf_counter() - t0))
+        out[name] = statistics.median(times[1:])
+    return out
+
+
 def ratio_lines(per_round: dict[str, list[float]], amp_name: str = "bfloat16") -> list[str]:
     """The target ratios that can be formed from the measured variants.
 
@@ -296,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     amp = None if args.no_bf16 else torch.bfloat16
     variants, facts = build_variants(args.model, args.batch, args.compile, amp_dtype=amp)
     data = facts.pop("data")
+    model = facts.pop("model")
     print(f"model={args.model} batch={args.batch} steps={args.steps} rounds={args.rounds} warmup={args.warmup} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print(" ".join(f"{k}={v}" for k, v in facts.items()))
@@ -312,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     step_ms = 1e3 * args.batch / ips["ours_fp32"]
     print(f"loss only, fwd+bwd: simmim {simmim_ms:.2f} ms, kamim {kamim_ms:.2f} ms -> KAMIM adds "
           f"{kamim_ms - simmim_ms:.2f} ms = {100 * (kamim_ms - simmim_ms) / step_ms:.2f}% of the fp32 step")
+    opt_ms = optimizer_step_ms(model)
+    print(f"AdamW step alone over our model's parameters: default {opt_ms['default']:.1f} ms, foreach "
+          f"{opt_ms['foreach']:.1f} ms, fused {opt_ms['fused']:.1f} ms (ours) -> fused saves "
+          f"{100 * (opt_ms['default'] - opt_ms['fused']) / step_ms:.1f}% of the fp32 step")
     print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; ratios by CPU time "
           f"(steadier on a shared machine{'' if torch.get_num_threads() == 1 else '; summed over threads'}):")
     for line in ratio_lines(cpu_rounds):
