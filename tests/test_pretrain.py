@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 
@@ -262,12 +263,22 @@ def test_pretraining_lowers_the_loss(method, steps, fixed_ratio, demo15, tmp_pat
     assert after < fixed_ratio * before, (before, after)
 
 
-def test_bf16_autocast_on_cpu_tracks_fp32(demo30, tmp_path):
-    """bf16 autocast (CPU) trains with finite losses close to fp32 on the same batches; fp16 needs CUDA."""
-    losses = {}
+def test_bf16_autocast_on_cpu_tracks_fp32(demo30, tmp_path, monkeypatch, caplog):
+    """bf16 autocast (CPU) trains with finite losses close to fp32 on the same batches; fp16 needs CUDA.
+    On a CPU without native bf16 the run warns once."""
+    import kamim.precision
+
+    monkeypatch.setattr(kamim.precision, "_warned", False)
+    monkeypatch.setattr(kamim.precision, "cpu_has_native_bf16", lambda: False)
+    losses, warned = {}, {}
     for amp in ("none", "bf16"):
-        ckpt = pretrain(small_cfg("kamim", f"run.amp={amp}", "run.max_steps=2"), demo30, tmp_path / amp, resume="none")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kamim"):
+            ckpt = pretrain(small_cfg("kamim", f"run.amp={amp}", "run.max_steps=2"), demo30, tmp_path / amp,
+                            resume="none")
+        warned[amp] = sum("without native bf16" in r.getMessage() for r in caplog.records)
         losses[amp] = [r["loss"] for r in read_metrics(ckpt.parent / "metrics.jsonl")]
+    assert warned == {"none": 0, "bf16": 1}
     assert all(math.isfinite(v) for v in losses["bf16"])
     assert losses["bf16"] != losses["none"]  # autocast really ran in bf16
     np.testing.assert_allclose(losses["bf16"], losses["none"], rtol=0.05)

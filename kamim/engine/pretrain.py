@@ -47,6 +47,7 @@ from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_con
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
 from kamim.metrics_log import MetricsLogger
 from kamim.optim import fused_kwargs
+from kamim.precision import warn_if_slow_bf16
 from kamim.serialization import (
     CheckpointError, atomic_save, atomic_write_json, safe_load, save_safetensors,
 )
@@ -322,6 +323,8 @@ class _Trainer:
         self.main = info.is_main
         if cfg.run.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError(f"run.amp=fp16 needs a CUDA device (device is {self.device}); use bf16 or none")
+        if self.main:
+            warn_if_slow_bf16(cfg.run.amp, self.device)
         o = cfg.optim
         if o.batch_size % (info.world_size * o.accum_steps):
             raise ConfigError(

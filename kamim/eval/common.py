@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
 from kamim.checkpoints import load_encoder
+from kamim.precision import warn_if_slow_bf16
 from kamim.data import EvalTransform, build_labelled_splits, collate_skip_bad
 from kamim.distributed import DistInfo, all_reduce_sum
 from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
@@ -88,11 +89,15 @@ AMP_MODES = ("bf16", "fp16", "none")
 
 
 def amp_dtype_of(amp: str, device: torch.device | str) -> torch.dtype | None:
-    """``bf16`` -> bfloat16, ``fp16`` -> float16 (CUDA only), ``none`` -> None (full precision)."""
+    """``bf16`` -> bfloat16, ``fp16`` -> float16 (CUDA only), ``none`` -> None (full precision).
+
+    bf16 on a CPU without native bf16 logs a one-time warning (:func:`kamim.precision.warn_if_slow_bf16`).
+    """
     if amp not in AMP_MODES:
         raise ValueError(f"amp {amp!r} is not valid; expected one of {', '.join(AMP_MODES)}")
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise ValueError(f"amp=fp16 needs a CUDA device (device is {device}); use bf16 or none")
+    warn_if_slow_bf16(amp, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
