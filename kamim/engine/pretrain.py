@@ -8,10 +8,11 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 * ``optim.batch_size`` is global: per-rank micro-batch = batch / (world x accum_steps).
   Gradients are accumulated with DDP ``no_sync`` on non-final micro-steps.
 * AdamW from ``timm.optim.create_optimizer_v2`` (no weight decay on norms, biases and the
-  model's ``no_weight_decay()`` names; torch's fused kernel on CPU and CUDA); ``timm.scheduler.CosineLRScheduler`` with
-  ``t_in_epochs=False`` stepped once per OPTIMIZER step (accumulation does not change the
-  schedule), linear warmup from ``warmup_lr`` then cosine to ``min_lr``; the schedule ends
-  exactly at the last step of ``optim.epochs`` (warmup included).
+  model's ``no_weight_decay()`` names; torch's fused kernel on CPU and CUDA);
+  ``timm.scheduler.CosineLRScheduler`` with ``t_in_epochs=False`` stepped once per OPTIMIZER
+  step (accumulation does not change the schedule), linear warmup from ``warmup_lr`` then
+  cosine to ``min_lr``; the schedule ends exactly at the last step of ``optim.epochs`` (warmup
+  included).
 * bf16 autocast on CUDA and CPU; a ``GradScaler`` only for fp16; global grad-norm clipping.
 * A non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every
   rank with a one-line ``NonFiniteLossError`` before the parameters are touched, leaving the last

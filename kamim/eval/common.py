@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
 from kamim.checkpoints import load_encoder
-from kamim.precision import warn_if_slow_bf16
 from kamim.data import EvalTransform, build_labelled_splits, collate_skip_bad
 from kamim.distributed import DistInfo, all_reduce_sum
 from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
+from kamim.precision import warn_if_slow_bf16
 from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, safe_load
 
 from .features import check_input_size, num_layers, unpack_labelled
