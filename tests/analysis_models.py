@@ -1,30 +1,20 @@
-"""Shared test helpers of the analysis tests: tiny timm ViTs, photographs as tensors, one thread.
+"""Shared test helpers of the analysis tests: tiny timm ViTs, photographs as tensors.
 
-Imported by the ``tests/test_analysis_*.py`` modules (pytest puts ``tests/`` on ``sys.path``).
-Import :func:`one_thread` into a test module to activate it there (it is an autouse fixture).
+Imported by the ``tests/test_analysis_*.py`` modules (pytest puts ``tests/`` on ``sys.path``);
+``conftest.py`` runs the whole suite on one intra-op thread.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import numpy as np
-import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TINY_VIT = dict(pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors on shared cores: one intra-op thread avoids contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(*, seed: Optional[int] = None, **kw: Any) -> nn.Module:

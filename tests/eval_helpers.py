@@ -1,15 +1,14 @@
-"""Shared helpers of the evaluation tests: one intra-op thread, tiny seeded ViTs, labelled photo crops.
+"""Shared helpers of the evaluation tests: tiny seeded ViTs, labelled photo crops.
 
 Imported by ``tests/test_eval_*.py`` and ``tests/test_cli_eval.py`` (pytest puts ``tests/`` on
-``sys.path``). Import :func:`one_thread` into a test module to activate it there (autouse fixture).
+``sys.path``); ``conftest.py`` runs the whole suite on one intra-op thread.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import timm
 import torch
 from torch import nn
@@ -18,15 +17,6 @@ from kamim.data import write_labelled_demo
 
 # four photographs with clearly different content: a small, quick classification problem
 FOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on shared cores: one intra-op thread avoids spin-wait contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_vit(depth: int = 2, **kw: Any) -> nn.Module:

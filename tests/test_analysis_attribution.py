@@ -8,7 +8,7 @@ from analysis.attribution import ProbeClassifier, integrated_gradients, patch_oc
 from analysis.capture import capture
 
 import analysis_models
-from analysis_models import one_thread, photo_batch  # noqa: F401 (one_thread: autouse fixture)
+from analysis_models import photo_batch
 
 
 def tiny_vit(**kw):

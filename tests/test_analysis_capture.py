@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from analysis.capture import SwinGeometry, ViTCapture, ViTGeometry, capture, model_geometry
 
-from analysis_models import one_thread, photo_batch, tiny_vit  # noqa: F401 (one_thread: autouse fixture)
+from analysis_models import photo_batch, tiny_vit
 
 
 def images(photos, n=2, size=32):

@@ -14,7 +14,7 @@ from analysis.runner import ANALYSES, cross_model_cka, run_analyses, uniform_nmi
 from analysis.similarity import CKAAccumulator, linear_cka
 
 import analysis_models
-from analysis_models import one_thread, photo_tensor, resize  # noqa: F401 (one_thread: autouse fixture)
+from analysis_models import photo_tensor, resize
 
 FAST = dict(tsne_samples=60, tsne_iterations=250, attribution_steps=4, map_images=3, pre_post_images=3)
 

@@ -20,7 +20,6 @@ from analysis.similarity import (
     pool_features,
 )
 
-from analysis_models import one_thread  # noqa: F401 (autouse fixture)
 
 
 # ---- float64 numpy references ----------------------------------------------------------------------

@@ -9,7 +9,6 @@ from sklearn.datasets import load_digits
 from analysis.rollout import RolloutMap, attention_rollout, rollout_map
 from analysis.tokens import AttentionShift, Reservoir, attention_shift, pre_post_pca, tsne_embedding
 
-from analysis_models import one_thread  # noqa: F401 (autouse fixture)
 
 
 # ---- reservoir ------------------------------------------------------------------------------------------

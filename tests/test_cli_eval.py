@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
+from eval_helpers import photo_crops
 
 from kamim.cli import main
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
+from eval_helpers import photo_crops
 from eval_helpers import tiny_vit as _vit
 from timm.layers import DropPath
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from eval_helpers import photo_crops as _photo_crops
 from eval_helpers import tiny_vit
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_helpers import one_thread, photo_crops  # noqa: F401 (one_thread: autouse fixture)
+from eval_helpers import photo_crops
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn

@@ -17,15 +17,6 @@ from kamim.loss import reconstruction_loss
 from kamim.models import PRESETS, MoCoV3, SimMIM, create_encoder, create_pretrain_model
 from kamim.models import moco as moco_module
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids thread contention on shared cores (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
