@@ -16,6 +16,8 @@ ours/reference in fp32 (target >= 1.0), ours bf16 autocast / ours fp32 (target >
 (target >= 0.98) and, with ``--compile``, torch.compile / eager.
 
     python bench/bench_train_step.py --model vit_t --batch 8 --steps 1 --rounds 9 --threads 1 --no-bf16
+    python bench/bench_train_step.py --model vit_t --batch 8 --steps 1 --rounds 101 --threads 1 --no-bf16 \
+        --only ours_fp32 kamim_fp32     # one pair, enough rounds for a 95% CI of about +-2%
     python bench/bench_train_step.py --model vit_t --batch 8 --steps 1 --rounds 3 --threads 1 --compile
 """
 from __future__ import annotations
@@ -265,6 +267,18 @@ def optimizer_step_ms(model: nn.Module, reps: int = 7) -> dict[str, float]:
     return out
 
 
+def median_ci95(values: list[float]) -> tuple[float, float] | None:
+    """Distribution-free 95% confidence interval of the median (order statistics of the binomial
+    (n, 1/2) at its 2.5% / 97.5% points, normal approximation); None for fewer than 10 values."""
+    n = len(values)
+    if n < 10:
+        return None
+    v = sorted(values)
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return v[lo], v[hi]
+
+
 def ratio_lines(per_round: dict[str, list[float]], amp_name: str = "bfloat16") -> list[str]:
     """The target ratios that can be formed from the measured variants.
 
@@ -290,7 +304,9 @@ def ratio_lines(per_round: dict[str, list[float]], amp_name: str = "bfloat16") -
             spread = ""
             if len(ratios) >= 4:
                 q1, _, q3 = statistics.quantiles(ratios, n=4)
-                spread = f"  (IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds)"
+                spread = f"  (IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds"
+                ci = median_ci95(ratios)
+                spread += f"; 95% CI of the median {ci[0]:.3f}-{ci[1]:.3f})" if ci else ")"
             verdict = "" if target is None else (f"  target >= {target}: {'met' if r >= target else 'NOT met'}")
             lines.append(f"{label:<40s} {r:6.3f}x{spread}{verdict}")
     return lines
@@ -306,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours), fp32 and bf16")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast variants")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="time only these variants (e.g. ours_fp32 kamim_fp32: many rounds of one pair)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--batch, --steps and --rounds must be >= 1 and --warmup >= 0")
@@ -315,6 +333,13 @@ def main(argv: list[str] | None = None) -> None:
 
     amp = None if args.no_bf16 else torch.bfloat16
     variants, facts = build_variants(args.model, args.batch, args.compile, amp_dtype=amp)
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"--only: unknown variant(s) {unknown}; available: {sorted(variants)}")
+        if "ours_fp32" not in args.only:
+            parser.error("--only must include ours_fp32 (the other figures are given relative to its step)")
+        variants = {name: step for name, step in variants.items() if name in args.only}
     data = facts.pop("data")
     model = facts.pop("model")
     print(f"model={args.model} batch={args.batch} steps={args.steps} rounds={args.rounds} warmup={args.warmup} "
