@@ -35,12 +35,12 @@ def cpu_bf16_flags(cpuinfo: str) -> tuple[set[str], bool]:
     return flags & set(NATIVE_BF16_FLAGS), found
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU has native bf16 arithmetic, from ``/proc/cpuinfo``; None where unknown
-    (not Linux, or no flags line)."""
+@functools.lru_cache(maxsize=4)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has native bf16 arithmetic, from ``cpuinfo``; None where unknown (no such
+    file, e.g. not Linux, or no flags line)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
         return None
     native, found = cpu_bf16_flags(text)

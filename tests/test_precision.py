@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,13 +20,13 @@ def test_cpu_bf16_flags():
     assert precision.cpu_bf16_flags("model name: something\n") == (set(), False)
 
 
-def test_cpu_has_native_bf16_reads_proc_cpuinfo():
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        assert precision.cpu_has_native_bf16() is None
-        return
-    native, found = precision.cpu_bf16_flags(path.read_text())
-    assert precision.cpu_has_native_bf16() == (bool(native) if found else None)
+def test_cpu_has_native_bf16_from_a_cpuinfo_file(tmp_path):
+    for name, text, expected in (("avx2", X86_AVX2, False), ("amx", X86_AMX, True), ("arm", ARM, True),
+                                 ("noflags", "model name: x\n", None)):
+        path = tmp_path / name
+        path.write_text(text)
+        assert precision.cpu_has_native_bf16(str(path)) is expected, name
+    assert precision.cpu_has_native_bf16(str(tmp_path / "missing")) is None
 
 
 @pytest.fixture
