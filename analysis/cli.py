@@ -14,7 +14,8 @@ Commands (``kamim-analyze COMMAND --help`` for the options):
 Bad input (missing checkpoint, unknown analysis, empty image folder, ``--images 0``, a geometry
 an analysis cannot handle, ...) ends with one line ``kamim-analyze: error: ...`` and exit code 2.
 Outputs are written into a temporary folder next to ``--out`` and moved into place at the end, so
-a failed run leaves ``--out`` untouched. ``KAMIM_DEBUG=1`` shows full tracebacks.
+a failed run leaves ``--out`` untouched; ``--out`` must be new, empty or an earlier output of the
+same command unless ``--overwrite`` (:mod:`kamim.outputs`). ``KAMIM_DEBUG=1`` shows full tracebacks.
 
 This module only parses arguments, prints and maps errors to exit codes; the work is done by
 :func:`analysis.pipeline.analyze` (and :mod:`analysis.paper`, :mod:`analysis.demo`).
@@ -56,11 +57,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
+def _add_out(p: argparse.ArgumentParser, metavar: str, default: Optional[str] = None) -> None:
+    """``--out`` (the output folder, replaced as a whole at the end) and ``--overwrite``."""
+    from kamim.outputs import OUT_RULE, OVERWRITE_HELP
+
+    p.add_argument("--out", required=default is None, default=default, metavar=metavar,
+                   help="output folder" + (" (default: %(default)s)" if default else "") + "; "
+                   + OUT_RULE.format(action="which is replaced"))
+    p.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP.format(effect="the whole folder is replaced"))
+
+
 def _add_data_out(p: argparse.ArgumentParser, data_metavar: str, data_help: str, *,
                   out_metavar: str) -> None:
     """The required ``--data`` image folder and ``--out`` output folder."""
     p.add_argument("--data", required=True, metavar=data_metavar, help=data_help)
-    p.add_argument("--out", required=True, metavar=out_metavar, help="output folder")
+    _add_out(p, out_metavar)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -127,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "KAMIM and MoCo v3 ViTs on photographs shipped with scikit-image/"
                           "scikit-learn (cached, a second run skips training), then runs every "
                           "analysis and writes the report. These are small demonstration models.")
-    demo.add_argument("--out", default="runs/analysis-demo", metavar="OUT",
-                      help="output folder (default: %(default)s)")
+    _add_out(demo, "OUT", default="runs/analysis-demo")
     demo.add_argument("--cache", default=None, metavar="DIR",
                       help="checkpoint cache (default: checkpoints/demo/ of the repository)")
     demo.add_argument("--fast", action="store_true",
@@ -141,6 +152,7 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of the options every analysing command shares (:func:`_add_common`)."""
     return {"images": args.images, "batch_size": args.batch_size, "device": args.device,
             "seed": args.seed, "workers": args.workers, "progress": not args.quiet,
+            "overwrite": args.overwrite,
             "options": dict(parse_option(o) for o in args.option)}
 
 
@@ -178,7 +190,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from analysis.demo import DEMO_NOTE, run_demo
 
     print(DEMO_NOTE)
-    out = run_demo(args.out, cache=args.cache, fast=args.fast, progress=not args.quiet)
+    out = run_demo(args.out, cache=args.cache, fast=args.fast, progress=not args.quiet,
+                   overwrite=args.overwrite)
     _print_summary(out)
     print(DEMO_NOTE)
     return 0

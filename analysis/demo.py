@@ -40,6 +40,7 @@ DEMO_NOTE = ("These are small demonstration models (vit_pico, 96 px, 12×12 toke
              "for about a minute on a few dozen demo photographs on CPU; their numbers illustrate the "
              "analyses and are not representative of KAMIM, SimMIM or MoCo v3 at scale.")
 _FINGERPRINT = "demo.json"
+_COMMAND = "kamim-analyze demo"
 
 
 @dataclass(frozen=True)
@@ -182,14 +183,16 @@ def describe(checkpoints: Mapping[str, Path]) -> str:
 
 
 def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = False,
-             progress: bool = True, device: str = "cpu") -> AnalyzeOutput:
+             progress: bool = True, device: str = "cpu", overwrite: bool = False) -> AnalyzeOutput:
     """Train (or reuse) the demo models, run every analysis on labelled demo images, write the report.
 
     Also writes the reconstruction grid of the SimMIM and KAMIM demo models. Returns
     :class:`analysis.pipeline.AnalyzeOutput`.
     """
     from analysis.paper import reconstruction_figure
+    from kamim.outputs import check_output_dir
 
+    check_output_dir(out, _COMMAND, overwrite=overwrite)  # before minutes of training
     settings = demo_settings(fast)
     checkpoints = ensure_demo_checkpoints(cache, fast=fast, progress=progress)
     data = demo_eval_folder()
@@ -210,4 +213,5 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
         images=settings.images, batch_size=settings.batch_size, device=device, progress=progress,
         notes=(DEMO_NOTE,), title="KAMIM toolkit demo (small demonstration models)",
         options={"tsne_samples": settings.tsne_samples, "map_images": 2,
-                 "attribution_steps": settings.attribution_steps}, extra=extra)
+                 "attribution_steps": settings.attribution_steps}, extra=extra,
+        command=_COMMAND, overwrite=overwrite)

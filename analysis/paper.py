@@ -180,7 +180,8 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
                             mim_image_size: Optional[int] = None,
                             moco_image_size: Optional[int] = None, map_images: int = 1,
                             progress: bool = True, notes: tuple[str, ...] = (),
-                            options: Optional[Mapping[str, Any]] = None) -> AnalyzeOutput:
+                            options: Optional[Mapping[str, Any]] = None,
+                            overwrite: bool = False) -> AnalyzeOutput:
     """Write every paper figure for ``checkpoints`` (``{"SimMIM": .., "KAMIM": .., "MoCo v3": ..}``).
 
     Returns :class:`analysis.pipeline.AnalyzeOutput`. ``mim_image_size`` defaults to 192 px,
@@ -220,7 +221,8 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
         batch_size=batch_size, image_sizes=sizes, device=device, seed=seed, workers=workers,
         progress=progress, notes=notes, title="KAMIM paper figures",
         figure_names=PAPER_FIGURES, options={"tsne_color": "class", **dict(options or {})},
-        model_options=model_options, cross_cka=False, extra=extra)
+        model_options=model_options, cross_cka=False, extra=extra,
+        command="kamim-analyze paper-figures", overwrite=overwrite)
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Union
 __all__ = [
     "UsageError", "ModelSpec", "AnalyzeOutput", "ExtraStep", "parse_model_spec", "parse_analyses",
     "check_unique_names", "models_from_specs", "one_line", "fit_probe_classifier",
-    "check_geometry", "staged_output", "load_models", "make_loader", "analyze",
+    "check_geometry", "staged_output", "staged_output_check", "load_models", "make_loader", "analyze",
 ]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".tar", ".ckpt", ".pkl")
@@ -106,23 +106,39 @@ def _slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # atomic output folder
+def staged_output_check(out: PathLike, command: str, overwrite: bool = False) -> Path:
+    """``out`` if :func:`staged_output` may replace it, else a :class:`UsageError`."""
+    from kamim.outputs import OutputDirError, check_output_dir
+
+    try:
+        return check_output_dir(out, command, overwrite=overwrite)
+    except OutputDirError as err:
+        raise UsageError(str(err)) from None
+
+
 @contextlib.contextmanager
-def staged_output(out: PathLike) -> Iterator[Path]:
+def staged_output(out: PathLike, command: str = "kamim-analyze run", overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` (renames).
 
-    On any exception the temporary folder is removed and ``out`` is left as it was. An existing
-    ``out`` is moved aside first and deleted only after the new folder is in place.
+    ``out`` must be new, empty or an earlier output of ``command`` (:mod:`kamim.outputs`); with
+    ``overwrite`` any folder is replaced. On any exception the temporary folder is removed and
+    ``out`` is left as it was. An existing ``out`` is moved aside first and deleted only after the
+    new folder is in place.
     """
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out '{out}' exists and is not a folder")
+    from kamim.outputs import MARKER
+    from kamim.serialization import atomic_write_json, make_temp_dir
+
+    out = staged_output_check(out, command, overwrite).absolute()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        staging = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")
     except OSError as err:
         raise UsageError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
     try:
         yield staging
+        from kamim import __version__
+
+        atomic_write_json({"command": command, "kamim": __version__}, staging / MARKER)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -338,7 +354,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             figure_names: Optional[Mapping[str, str]] = None,
             options: Optional[Mapping[str, Any]] = None,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
-            cross_cka: bool = True, extra: Optional[ExtraStep] = None) -> AnalyzeOutput:
+            cross_cka: bool = True, extra: Optional[ExtraStep] = None,
+            command: str = "kamim-analyze run", overwrite: bool = False) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -356,7 +373,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             before the report is written (used by the paper figures); it may append to ``notes``.
 
     Everything is written into a temporary folder that replaces ``out`` at the end; on any error
-    ``out`` is left untouched.
+    ``out`` is left untouched. ``out`` must be new, empty or an earlier output of ``command``
+    (recorded in ``out/.kamim-output.json``) unless ``overwrite`` (see :mod:`kamim.outputs`).
     """
     import pandas as pd
     import torch
@@ -381,6 +399,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     except (FileNotFoundError, NotADirectoryError) as err:
         raise UsageError(f"--data: {one_line(err)}") from None
     notes = list(notes)
+    staged_output_check(out, command, overwrite)  # before loading anything
 
     loaded: dict[str, Any] = {}
     for name, source in models.items():  # one by one so that per-model resolutions apply
@@ -399,7 +418,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
 
     torch.manual_seed(seed)
     figure_names = dict(figure_names or {})
-    with staged_output(out) as staging:
+    with staged_output(out, command, overwrite) as staging:
         results: dict[str, Any] = {}
         for name, enc in loaded.items():
             loader, dataset = make_loader(data, enc.image_size, images=images,

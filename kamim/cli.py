@@ -57,8 +57,21 @@ def load_config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _add_out_argument(p: argparse.ArgumentParser, help: str, metavar: str = "RUN_DIR") -> None:
-    p.add_argument("--out", required=True, type=Path, metavar=metavar, help=help)
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") would silently mean the current directory
+        raise argparse.ArgumentTypeError("expected a folder, got an empty value")
+    return Path(text)
+
+
+def _add_out_argument(p: argparse.ArgumentParser, help: str, metavar: str = "RUN_DIR",
+                      action: str = "resumed or updated") -> None:
+    """``--out`` and ``--overwrite``, with the output-folder rule of :mod:`kamim.outputs`."""
+    from kamim.outputs import OUT_RULE, OVERWRITE_HELP
+
+    p.add_argument("--out", required=True, type=_folder, metavar=metavar,
+                   help=f"{help}; {OUT_RULE.format(action=action)}")
+    p.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP.format(effect="files of the same name are replaced, others kept"))
 
 
 def _add_resume_argument(p: argparse.ArgumentParser) -> None:
@@ -98,7 +111,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from kamim.engine.pretrain import ENCODER_FILE, pretrain
 
     cfg = load_config_from_args(args)
-    ckpt = pretrain(cfg, args.data, args.out, resume=args.resume)
+    ckpt = pretrain(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     if _is_main():
         print(f"checkpoint: {ckpt}")
         print(f"encoder:    {ckpt.parent / ENCODER_FILE}")
@@ -155,7 +168,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     elif args.eval_methods != ["knn"]:
         raise ValueError("--eval needs --eval-data (labelled data to evaluate each run's encoder on)")
     rows = sweep(cfg, args.data, args.out, detectors=args.detectors, weight_patch_sizes=args.weight_patch_sizes,
-                 temperatures=args.temperatures, evaluation=evaluation)
+                 temperatures=args.temperatures, evaluation=evaluation, overwrite=args.overwrite)
     if _is_main():
         from kamim.eval.common import format_table
 
@@ -336,7 +349,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
                    help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
     p.add_argument("--data", required=True, metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")
-    _add_out_argument(p, "output directory")
+    _add_out_argument(p, "output directory", action="whose results are replaced")
     p.add_argument("--mask-ratio", type=float, default=0.4, help="default: %(default)s (the paper's)")
     p.add_argument("--mask-patch-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="mask seed (default: %(default)s)")

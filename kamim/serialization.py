@@ -21,7 +21,7 @@ import torch
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "atomic_write", "atomic_save",
     "atomic_write_text", "atomic_write_json", "safe_load", "save_safetensors",
-    "load_safetensors", "read_safetensors_metadata",
+    "load_safetensors", "read_safetensors_metadata", "make_temp_dir", "umask_mode",
 ]
 
 
@@ -43,16 +43,44 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    # Linux shows the umask in /proc without changing it (os.umask can only set-and-restore,
+    # which races with other threads creating files).
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file (0o666) or folder (0o777) under the umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def make_temp_dir(parent: str | Path, prefix: str, suffix: str = "") -> Path:
+    """A new uniquely named folder in ``parent`` with the umask's mode (``mkdtemp`` makes 0700),
+    for staging an output that is renamed into place."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(path, umask_mode(directory=True))
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Context manager yielding a temp file in ``path``'s directory, renamed over ``path`` on success.
 
+    The file gets the mode of any newly created file (``0o666`` minus the umask).
     On any exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

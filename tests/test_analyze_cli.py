@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import re
 from pathlib import Path
 
@@ -190,12 +192,48 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, assets, tmp_path
     assert list(work.iterdir()) == []  # no half-written staging folder
 
 
+def test_out_holding_user_files_is_refused_and_kept(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub" / "data.txt").write_text("my data")
+    argv = ["run", "--model", f"A={assets['a']}", "--data", assets["data"], "--out", out,
+            "--analyses", "nmi", "--quiet"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "holds files this command did not write (notes.txt, sub); choose an empty" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["notes.txt", "sub", "sub/data.txt"]
+    _no_leftovers(tmp_path)
+    old = os.umask(0o022)
+    try:  # an earlier output of the same command is replaced; the outputs follow the umask
+        assert _run(argv + ["--overwrite"], capsys)[0] == 0
+        assert not (out / "notes.txt").exists() and (out / "nmi.png").is_file()
+        (out / "nmi.png").write_bytes(b"stale")
+        assert _run(argv, capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert (out / "nmi.png").stat().st_size > 1000
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "report.html").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "raw").stat().st_mode) == 0o755
+    _no_leftovers(tmp_path)
+
+
+def test_demo_refuses_a_foreign_out_before_training(tmp_path, monkeypatch):
+    from analysis import demo
+
+    monkeypatch.setattr(demo, "ensure_demo_checkpoints", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "report.txt").write_text("someone else's")
+    assert cli.main(["demo", "--out", str(tmp_path), "--quiet"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["report.txt"]
+
+
 def test_failed_run_leaves_existing_output_untouched(assets, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous results")
     rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--data", assets["data"], "--out", out,
-                       "--analyses", "nmi", "--option", "batch_size=0", "--quiet"], capsys)
+                       "--analyses", "nmi", "--option", "batch_size=0", "--quiet", "--overwrite"], capsys)
     assert rc == 2 and "batch_size must be a positive int" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     _no_leftovers(tmp_path)
@@ -229,16 +267,25 @@ def test_parsers_and_staged_output(tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pipeline.staged_output(out) as staging:
+    with pytest.raises(pipeline.UsageError, match=r"holds files this command did not write \(old.txt\)"):
+        with pipeline.staged_output(out):
+            pass
+    with pipeline.staged_output(out, overwrite=True) as staging:
         assert staging.parent == tmp_path and staging != out
         (staging / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # nothing replaced before success
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt"]
     with pytest.raises(RuntimeError):
-        with pipeline.staged_output(out) as staging:
+        with pipeline.staged_output(out) as staging:  # its own earlier output: may be replaced
             (staging / "partial.txt").write_text("x")
             raise RuntimeError("boom")
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt"]
+    with pipeline.staged_output(out) as staging:
+        (staging / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "newer.txt"]
+    with pytest.raises(pipeline.UsageError, match="an output of 'kamim-analyze run'"):
+        with pipeline.staged_output(out, command="kamim-analyze demo"):
+            pass
     _no_leftovers(tmp_path)
 
 

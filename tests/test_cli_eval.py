@@ -64,6 +64,43 @@ def test_knn_and_finetune(setup, tmp_path):
     assert len(hist) == 1 and "ema_top1" in hist[0]
 
 
+def test_output_folder_rule(setup, tmp_path, capsys):
+    """A folder holding the user's files, or another command's output, is refused (exit 2) and kept."""
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (user / "sub" / "data.txt").write_text("mine too")
+    capsys.readouterr()
+    for argv in (["knn", *_common(setup, user)],
+                 ["linprobe", *_common(setup, user)],
+                 ["reconstruct", "--checkpoints", str(setup["run"]), "--data", str(setup["data"] / "val"),
+                  "--out", str(user)],
+                 ["knn", *_common(setup, setup["run"])]):  # a pretraining run directory is not knn's
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--overwrite" in err[0], err
+    assert sorted(str(p.relative_to(user)) for p in user.rglob("*")) == ["notes.txt", "sub", "sub/data.txt"]
+    assert (user / "notes.txt").read_text() == "mine"
+    # with --overwrite the results are written beside the user's files, which stay
+    assert main(["-q", "knn", *_common(setup, user, "--layers", "-1", "--k", "5", "--overwrite")]) == 0
+    assert (user / "knn.json").is_file() and (user / "sub" / "data.txt").read_text() == "mine too"
+    assert main(["-q", "knn", *_common(setup, user, "--layers", "-1", "--k", "5")]) == 0  # now its own output
+
+
+def test_outputs_follow_the_umask(setup, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(["-q", "knn", *_common(setup, tmp_path / "knn", "--layers", "-1", "--k", "5")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "knn").iterdir()}
+    assert modes == {"knn.json": 0o644, "knn.csv": 0o644, ".kamim-output.json": 0o644}
+    assert stat.S_IMODE(setup["encoder"].stat().st_mode) & 0o044 == 0o044  # pretraining outputs too
+
+
 def test_reconstruct(setup, tmp_path):
     out = tmp_path / "rec"
     assert main(["-q", "reconstruct", "--checkpoints", f"mine={setup['run']}", "--data", str(setup["data"] / "val"),

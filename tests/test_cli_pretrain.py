@@ -81,6 +81,20 @@ def test_bad_inputs_print_one_line_and_exit_2(tmp_path, demo, capsys):
     assert not (tmp_path / "o").exists()  # failed runs leave no empty run directory
 
 
+def test_pretrain_and_sweep_refuse_a_folder_with_user_files(tmp_path, demo, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for cmd, config, grid in (("pretrain", "tiny_simmim", []), ("sweep", "tiny_kamim", ["--weight-patch-sizes", "8"])):
+        assert main([cmd, "--config", config, "--data", str(demo), "--out", str(out), *grid, "--set", *SMALL]) == 2
+        assert "holds files this command did not write (notes.txt)" in _error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--config", "tiny_kamim", "--out", "", "--data", str(demo)])
+    assert exc.value.code == 2
+    assert "--out: expected a folder, got an empty value" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_error_exit_in_a_real_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kamim.cli", "pretrain", "--config", "tiny_kamim", "--out", str(tmp_path),

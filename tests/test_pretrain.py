@@ -318,7 +318,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(demo30, tmp_path, monkeypatch)
     ckpt = load_pretrain_checkpoint(out / LAST_CHECKPOINT)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files left
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []  # no temp files left
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 

@@ -14,13 +14,14 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from kamim.serialization import make_temp_dir
 
 from .images import load_rgb
 
@@ -158,11 +159,10 @@ def _materialise(root: str | os.PathLike, params: dict, write: Callable[[Path], 
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"'{root}' exists and is not a kamim demo folder; pass an empty or new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = make_temp_dir(root.parent, prefix=f".{root.name}.tmp-")
     try:
         files = write(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps({"params": params, "files": files}, indent=1))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
         try:
             os.replace(tmp, root)  # atomic: other readers see a complete folder or none
         except OSError:

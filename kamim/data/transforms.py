@@ -18,7 +18,7 @@ training engine additionally forks and seeds the RNG per sample for resume/DDP p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +27,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
-__all__ = ["EvalTransform", "MIMTransform", "TwoViewTransform", "to_pil_rgb"]
+__all__ = ["EvalTransform", "MIMTransform", "TwoViewTransform", "harden_auto_augment", "posterize", "to_pil_rgb"]
 
 
 class _DensityFn(Protocol):
@@ -80,6 +80,46 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_subclass(torch.Tensor)  # drop the tv_tensors.Image subclass before collation
+
+
+def posterize(img: Image.Image, bits: int) -> Image.Image:
+    """Keep the ``bits`` most significant bits of every channel (``bits`` clamped to [0, 8]).
+
+    ``bits = 0`` gives a black image, as in TensorFlow's and Pillow <= 12's posterize; Pillow 13's
+    ``ImageOps.posterize`` refuses 0 bits, which timm's RandAugment asks for when magnitude noise
+    reaches the top level. Written as a lookup table so the result does not depend on what a
+    future Pillow accepts.
+    """
+    keep = min(max(int(bits), 0), 8)
+    mask = (0xFF << (8 - keep)) & 0xFF
+    return img.point([v & mask for v in range(256)] * len(img.getbands()))
+
+
+def _posterize_op(img: Image.Image, bits: int, **_: Any) -> Image.Image:
+    return posterize(img, bits)
+
+
+def harden_auto_augment(transform: Any) -> Any:
+    """Make the posterize ops of timm RandAugment/AutoAugment policies inside ``transform`` use
+    :func:`posterize` (same operation, valid for every level); returns ``transform``.
+
+    Walks ``Compose.transforms`` and the policies' ``ops``/``sub_policy`` lists; an op named
+    ``Posterize*`` that no longer has timm's ``aug_fn`` attribute raises ``RuntimeError`` at
+    construction rather than failing inside a DataLoader worker hours into a run.
+    """
+    def ops(obj: Any) -> Iterator[Any]:
+        for child in getattr(obj, "transforms", None) or ():
+            yield from ops(child)
+        yield from getattr(obj, "ops", None) or ()
+        for policy in getattr(obj, "policy", None) or ():  # AutoAugment: list of sub-policies
+            yield from policy if isinstance(policy, (list, tuple)) else ()
+
+    for op in ops(transform):
+        if str(getattr(op, "name", "")).startswith("Posterize"):
+            if not hasattr(op, "aug_fn"):
+                raise RuntimeError(f"cannot make {op!r} safe: this timm version has no AugmentOp.aug_fn")
+            op.aug_fn = _posterize_op
+    return transform
 
 
 class MIMTransform:

@@ -48,6 +48,7 @@ from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_con
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
 from kamim.metrics_log import MetricsLogger
 from kamim.optim import fused_kwargs
+from kamim.outputs import check_output_dir, mark_output_dir
 from kamim.precision import warn_if_slow_bf16
 from kamim.serialization import (
     CheckpointError, atomic_save, atomic_write_json, safe_load, save_safetensors,
@@ -56,7 +57,7 @@ from kamim.serialization import (
 __all__ = [
     "pretrain", "NonFiniteLossError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT",
     "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_optimizer", "build_scheduler",
-    "build_model", "build_pretrain_dataset", "model_patch_size", "encoder_prefix", "export_encoder",
+    "build_model", "build_pretrain_dataset", "build_pretrain_transform", "model_patch_size", "encoder_prefix", "export_encoder",
     "load_pretrain_checkpoint",
     "find_resume_checkpoint", "rng_state", "set_rng_state", "seed_all", "gather_rng_states",
 ]
@@ -69,6 +70,7 @@ LAST_CHECKPOINT = "checkpoint-last.pt"
 ENCODER_FILE = "encoder.safetensors"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+COMMAND = "kamim pretrain"  # the writer recorded in a run directory (kamim.outputs)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,6 +176,14 @@ def build_pretrain_dataset(cfg: Config, model: nn.Module):
     """Dataset of ``cfg.data.path`` with the transform of ``cfg.method`` (geometry from the model)."""
     from kamim.data import build_dataset
 
+    dataset = build_dataset(cfg.data.path, build_pretrain_transform(cfg, model), strict=cfg.data.strict)
+    if len(dataset) == 0:
+        raise FileNotFoundError(f"no images found in {cfg.data.path}")
+    return dataset
+
+
+def build_pretrain_transform(cfg: Config, model: nn.Module):
+    """The train-time transform of ``cfg.method`` (PIL image -> sample dict; geometry from the model)."""
     img = cfg.model.img_size
     d = cfg.data
     if cfg.method == "moco":
@@ -202,10 +212,7 @@ def build_pretrain_dataset(cfg: Config, model: nn.Module):
             img, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), hflip=d.hflip,
             mask_generator=masker, keypoints=keypoints, weight_patch_size=cfg.kamim.weight_patch_size,
         )
-    dataset = build_dataset(d.path, transform, strict=d.strict)
-    if len(dataset) == 0:
-        raise FileNotFoundError(f"no images found in {d.path}")
-    return dataset
+    return transform
 
 
 # --------------------------------------------------------------------------- RNG / checkpoints
@@ -369,6 +376,7 @@ class _Trainer:
         self.lengths = schedule_lengths(cfg, self.sampler.steps_per_epoch)
         if self.main:  # only now: bad input must not leave an empty run directory behind
             out_dir.mkdir(parents=True, exist_ok=True)
+            mark_output_dir(out_dir, COMMAND)
         kdist.barrier()
         workers = cfg.data.num_workers
         from kamim.data import collate_skip_bad
@@ -639,8 +647,12 @@ def pretrain(
     data: Optional[str | Path] = None,
     out_dir: str | Path = "runs/pretrain",
     resume: str | Path | bool | None = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Pretrain ``cfg.method`` on the images of ``data`` (default ``cfg.data.path``) into ``out_dir``.
+
+    ``out_dir`` must be new, empty or an earlier run directory (:mod:`kamim.outputs`) unless
+    ``overwrite``.
 
     ``resume``: ``"auto"`` (resume from ``out_dir/checkpoint-last.pt`` if present), a run directory
     or checkpoint file, or None/``"none"`` (start from scratch). Returns the final checkpoint path
@@ -653,9 +665,7 @@ def pretrain(
     if not cfg.data.path:
         raise ConfigError("no training data: pass data (CLI: --data PATH) or set data.path in the config")
     cfg.validate()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=(LAST_CHECKPOINT, SUMMARY_FILE))
     created_group = not kdist.is_distributed()
     info = kdist.init_distributed(cfg.run.device)
     try:

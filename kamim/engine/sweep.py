@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kamim import distributed as kdist
 from kamim.config import RESUME_SAFE_KEYS, Config, ConfigError, config_diff, to_dict
+from kamim.outputs import check_output_dir, mark_output_dir
 from kamim.serialization import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ PAPER_TEMPERATURES = (0.1, 0.25, 0.5, 1.0, 2.5)
 RESULT_FIELDS = ("detector", "weight_patch_size", "temperature", "final_loss", "step", "status", "run_dir")
 EVAL_METHODS = ("knn", "linprobe")
 EVAL_FILE = "sweep_eval.json"
+COMMAND = "kamim sweep"  # the writer recorded in a sweep directory (kamim.outputs)
 
 # What must match for a finished run to be reused: everything but execution details.
 _REUSE_IGNORE = RESUME_SAFE_KEYS - {"run.max_steps"}
@@ -183,9 +185,13 @@ def sweep(
     weight_patch_sizes: Sequence[int] = PAPER_WEIGHT_PATCH_SIZES,
     temperatures: Sequence[float] = PAPER_TEMPERATURES,
     evaluation: Optional[SweepEval] = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the KAMIM grid (``detectors`` defaults to the config's detector); returns the table rows
-    in grid order (with ``evaluation``, one ``<method>_top1`` column per evaluation method)."""
+    in grid order (with ``evaluation``, one ``<method>_top1`` column per evaluation method).
+
+    ``out_dir`` must be new, empty or an earlier sweep directory (:mod:`kamim.outputs`) unless
+    ``overwrite``."""
     if cfg.method != "kamim":
         raise ConfigError(f"a sweep varies KAMIM settings but the config has method={cfg.method!r}")
     detectors = list(detectors) if detectors else [cfg.kamim.detector]
@@ -203,8 +209,10 @@ def sweep(
     encoder = _meta_encoder(configs[0])  # every point has the same architecture
     layer = _check_evaluation(encoder, evaluation) if evaluation is not None else None
 
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=("results.json",))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if kdist.is_main_process():
+        mark_output_dir(out_dir, COMMAND)
     created_group = not kdist.is_distributed()
     kdist.init_distributed(cfg.run.device)  # one process group for all runs under torchrun
     try:

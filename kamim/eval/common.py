@@ -34,8 +34,10 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
+from kamim import outputs
 from kamim.checkpoints import load_encoder
 from kamim.data import EvalTransform, build_labelled_splits, collate_skip_bad
+from kamim.data.transforms import harden_auto_augment
 from kamim.distributed import DistInfo, all_reduce_sum
 from kamim.engine.pretrain import NonFiniteLossError, find_resume_checkpoint
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
@@ -222,8 +224,9 @@ def classification_train_transform(
         )
         return T.Compose([primary, T.TrivialAugmentWide(interpolation=T.InterpolationMode.BICUBIC), final])
     try:
-        return create_transform(img_size, is_training=True, scale=scale, hflip=0.5, color_jitter=0.4,
-                                auto_augment=aa, interpolation=interpolation, re_prob=re_prob, re_mode="pixel")
+        return harden_auto_augment(create_transform(
+            img_size, is_training=True, scale=scale, hflip=0.5, color_jitter=0.4, auto_augment=aa,
+            interpolation=interpolation, re_prob=re_prob, re_mode="pixel"))
     except (AssertionError, ValueError, KeyError) as e:
         raise ValueError(f"auto_augment {auto_augment!r} is not a valid timm augmentation string ({e})") from None
 
@@ -424,7 +427,8 @@ def evaluate_logits(
 # --------------------------------------------------------------------------- training runs
 
 # config keys that may change between a run and its resumption
-RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options"})
+RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options",
+                              "overwrite"})
 
 
 @contextlib.contextmanager
@@ -440,18 +444,17 @@ def distributed_session(device: str) -> Iterator[DistInfo]:
             kdist.cleanup()
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a Path; one-line error if it exists and is not a directory."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    return out
+def check_output_dir(path: str | os.PathLike, task: str, overwrite: bool = False) -> Path:
+    """``path`` as a Path if ``kamim TASK`` may write into it (:func:`kamim.outputs.check_output_dir`:
+    new, empty or an earlier ``kamim TASK`` output, whose results file ``TASK.json`` also marks it)."""
+    return outputs.check_output_dir(path, f"kamim {task}", overwrite=overwrite, legacy=(f"{task}.json",))
 
 
-def prepare_run_dir(out_dir: Path, info: DistInfo) -> None:
-    """Create the run directory on rank 0, then wait for every rank."""
+def prepare_run_dir(out_dir: Path, task: str, info: DistInfo) -> None:
+    """Create (and mark as ``kamim TASK``'s) the run directory on rank 0, then wait for every rank."""
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        outputs.mark_output_dir(out_dir, f"kamim {task}")
     kdist.barrier()
 
 
@@ -550,9 +553,11 @@ def json_safe(obj: Any) -> Any:
 def write_results(
     out_dir: str | os.PathLike, name: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
 ) -> tuple[Path, Path]:
-    """Write ``summary`` to ``out_dir/name.json`` and ``rows`` to ``out_dir/name.csv`` (both atomic)."""
-    out = check_output_dir(out_dir)
+    """Write ``summary`` to ``out_dir/name.json`` and ``rows`` to ``out_dir/name.csv`` (both atomic);
+    ``out_dir`` is created and marked as an output of ``kamim NAME``."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    outputs.mark_output_dir(out, f"kamim {name}")
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]

@@ -97,6 +97,7 @@ class FinetuneConfig:
     resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
     stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
     progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
     load_options: dict = field(default_factory=dict)
 
     def validate(self) -> "FinetuneConfig":
@@ -191,7 +192,7 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
     cfg = dataclasses.replace(cfg).validate()
-    out_dir = check_output_dir(cfg.output_dir)
+    out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         return _Finetuner(cfg, out_dir, info).run()
 
@@ -362,7 +363,7 @@ class _Finetuner:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        prepare_run_dir(self.out_dir, self.info)
+        prepare_run_dir(self.out_dir, "finetune", self.info)
         log.info("finetuning on %d train / %d val images, %d classes, %d steps/epoch, peak lr %.3g",
                  len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch, cfg.peak_lr())
         t0 = time.perf_counter()

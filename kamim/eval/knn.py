@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from kamim.distributed import all_reduce_sum, is_main_process
 
 from .common import (
-    amp_dtype_of, build_labelled_data, distributed_session, eval_loader, print_table, resolve_encoder, write_results,
+    amp_dtype_of, build_labelled_data, check_output_dir, distributed_session, eval_loader, print_table,
+    resolve_encoder, write_results,
 )
 from .features import extract_dataset_features, resolve_layers
 
@@ -183,12 +184,14 @@ class KNNConfig:
     img_size: int | None = None  # default: the encoder's
     progress: bool = True
     load_options: dict = field(default_factory=dict)
+    overwrite: bool = False  # write into an output_dir holding files of something else
 
 
 def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
     if cfg.bank_dtype not in ("float16", "float32"):
         raise ValueError(f"bank_dtype {cfg.bank_dtype!r} is not valid; expected float16 or float32")
+    check_output_dir(cfg.output_dir, "knn", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         return _run_knn(cfg, info)
 

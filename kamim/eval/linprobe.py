@@ -96,6 +96,7 @@ class LinprobeConfig:
     resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
     stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
     progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
     load_options: dict = field(default_factory=dict)
 
     def resolved(self) -> "LinprobeConfig":
@@ -172,7 +173,7 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
 def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Run (or resume) a linear probe; returns the results summary (also written to ``output_dir``)."""
     cfg = cfg.resolved()
-    out_dir = check_output_dir(cfg.output_dir)
+    out_dir = check_output_dir(cfg.output_dir, "linprobe", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         return _Probe(cfg, out_dir, info).run()
 
@@ -293,7 +294,7 @@ class _Probe:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        prepare_run_dir(self.out_dir, self.info)
+        prepare_run_dir(self.out_dir, "linprobe", self.info)
         log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
                  self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
         t0 = time.perf_counter()

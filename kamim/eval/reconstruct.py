@@ -39,7 +39,10 @@ from kamim.engine.pretrain import LAST_CHECKPOINT, build_model, load_pretrain_ch
 from kamim.masking import MaskGenerator
 from kamim.serialization import CheckpointError, atomic_write
 
-from .common import amp_dtype_of, autocast, distributed_session, eval_loader, eval_transform, print_table, write_results
+from .common import (
+    amp_dtype_of, autocast, check_output_dir, distributed_session, eval_loader, eval_transform, print_table,
+    write_results,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -369,6 +372,7 @@ class ReconstructConfig:
     device: str = "auto"
     amp: str = "none"
     progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
 
 
 def _named_checkpoints(checkpoints: Any) -> dict[str, str]:
@@ -396,6 +400,7 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
     if not 0 < cfg.mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+    check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         amp = amp_dtype_of(cfg.amp, info.device)
         models, infos = {}, {}
