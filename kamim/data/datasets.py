@@ -55,7 +55,9 @@ class ImageFolderDataset(Dataset):
     ignored.
 
     ``strict=False``: an unreadable file yields ``None`` plus a `CorruptImageWarning` naming it
-    (use `collate_skip_bad`); ``strict=True``: `ImageLoadError` naming the file.
+    (use `collate_skip_bad`); entries that are not readable regular files at listing time
+    (dangling symlinks, FIFOs, unreadable sub-folders) are left out with one warning
+    (`find_images`). ``strict=True``: `ImageLoadError` naming the file, at listing or at loading.
     """
 
     def __init__(
@@ -71,14 +73,17 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         self.transform = transform
         self.strict = strict
-        files = find_images(self.root)  # raises for a missing folder / no images
+        files = find_images(self.root, strict=strict)  # raises for a missing folder / no images
         top_level = [p for p in files if p.parent == self.root]
         if layout == "auto":
             if top_level and len(top_level) != len(files):
                 subdirs = sorted({p.relative_to(self.root).parts[0] for p in files if p.parent != self.root})
                 raise ValueError(
-                    f"'{self.root}' mixes {len(top_level)} top-level images with image subfolders "
-                    f"{subdirs[:5]}; pass layout='flat' or layout='classes'"
+                    f"'{self.root}' mixes {len(top_level)} top-level images (e.g. '{top_level[0].name}') "
+                    f"with image sub-folders {subdirs[:5]}, so it is neither one class folder per class "
+                    f"nor a flat folder: move the top-level images into a class folder (or the "
+                    f"sub-folders out), or point --data at a folder that holds only class folders "
+                    f"(Python API: ImageFolderDataset(..., layout='flat' or 'classes'))"
                 )
             layout = "flat" if top_level else "classes"
         self.layout = layout
