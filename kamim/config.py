@@ -3,7 +3,9 @@
 A config is built from a preset name (``kamim/configs/NAME.yaml``) or a YAML file, then
 ``key.sub=value`` overrides whose values are parsed with ``yaml.safe_load``. Every key is
 checked against the dataclasses (unknown keys are an error listing the valid ones) and the
-whole config is validated with one-line ``ConfigError`` messages naming the bad value.
+whole config is validated with one-line ``ConfigError`` messages naming the bad value: every
+number must be finite (NaN/inf never pass) and in its range, and a YAML file with the same key
+twice in one mapping is refused (PyYAML alone keeps the last one silently).
 
 Presets may start with ``base: OTHER_PRESET`` (a preset name or a path relative to the file):
 the base is loaded first and the file's keys are deep-merged over it.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +59,39 @@ RESUME_SAFE_KEYS = frozenset({
 
 class ConfigError(ValueError):
     """A bad configuration value, key or preset (one-line message)."""
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping holds the same key twice (raised by ``_UniqueKeyLoader``)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (merge keys ``<<`` may be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable key: SafeConstructor raises its own error
+                    continue
+                if duplicate:
+                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` semantics, but a duplicate key raises ``_DuplicateKeyError``."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -332,7 +368,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"bad override value in '{item}': {str(e).splitlines()[0]}") from None
         _set_path(out, key, value)
@@ -362,7 +398,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise FileNotFoundError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml_load(text) or {}
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"config file {path} has duplicate key {e.key!r} (line {e.line}); keep one") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -439,6 +477,22 @@ def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(choices)}")
 
 
+def _check_number(key: str, value: float | tuple[float, ...], ok: bool, rule: str) -> None:
+    """The one numeric check: ``value`` (a number or a tuple) must be finite and ``ok`` (its range test).
+
+    Raises ``ConfigError("KEY=VALUE must be RULE")``; NaN/inf are refused even where the range test
+    passes (``inf > 0``) or is vacuous, and named "a finite number" in the message.
+    """
+    many = isinstance(value, (tuple, list))
+    values = tuple(value) if many else (value,)
+    finite = all(math.isfinite(v) for v in values)
+    if finite and ok:
+        return
+    shown = list(values) if many else value
+    prefix = "" if finite else ("finite numbers " if many else "a finite number ")
+    raise ConfigError(f"{key}={shown} must be {prefix}{rule}")
+
+
 def _validate(cfg: Config) -> None:
     _check_choice("method", cfg.method, METHODS)
     _check_choice("model.arch", cfg.model.arch, _known("kamim.models.presets", "PRESETS", _DEFAULT_ARCHS))
@@ -448,19 +502,15 @@ def _validate(cfg: Config) -> None:
 
     d = cfg.data
     lo, hi = d.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    _check_number("data.crop_scale", d.crop_scale, 0 < lo <= hi <= 1, "[min, max] with 0 < min <= max <= 1")
     lo, hi = d.crop_ratio
-    if not 0 < lo <= hi:
-        raise ConfigError(f"data.crop_ratio={list(d.crop_ratio)} must satisfy 0 < min <= max")
-    if not 0 <= d.hflip <= 1:
-        raise ConfigError(f"data.hflip={d.hflip} is a probability and must be in [0, 1]")
+    _check_number("data.crop_ratio", d.crop_ratio, 0 < lo <= hi, "[min, max] with 0 < min <= max")
+    _check_number("data.hflip", d.hflip, 0 <= d.hflip <= 1, "in [0, 1] (a probability)")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
 
     m = cfg.mask
-    if not 0 < m.mask_ratio < 1:
-        raise ConfigError(f"mask.mask_ratio={m.mask_ratio} must be in (0, 1)")
+    _check_number("mask.mask_ratio", m.mask_ratio, 0 < m.mask_ratio < 1, "in (0, 1)")
     if m.mask_patch_size <= 0 or img % m.mask_patch_size:
         raise ConfigError(
             f"mask.mask_patch_size={m.mask_patch_size} must divide model.img_size={img}"
@@ -474,14 +524,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"kamim.weight_patch_size={k.weight_patch_size} must divide model.img_size={img}"
         )
-    if not k.temperature > 0:
-        raise ConfigError(f"kamim.temperature={k.temperature} must be > 0")
+    _check_number("kamim.temperature", k.temperature, k.temperature > 0, "> 0")
 
     mc = cfg.moco
-    if not mc.temperature > 0:
-        raise ConfigError(f"moco.temperature={mc.temperature} must be > 0")
-    if not 0 <= mc.momentum <= 1:
-        raise ConfigError(f"moco.momentum={mc.momentum} must be in [0, 1]")
+    _check_number("moco.temperature", mc.temperature, mc.temperature > 0, "> 0")
+    _check_number("moco.momentum", mc.momentum, 0 <= mc.momentum <= 1, "in [0, 1]")
     if mc.dim <= 0 or mc.mlp_dim <= 0:
         raise ConfigError(f"moco.dim={mc.dim} and moco.mlp_dim={mc.mlp_dim} must be positive")
 
@@ -498,15 +545,14 @@ def _validate(cfg: Config) -> None:
         )
     for name in ("base_lr", "lr"):
         v = getattr(o, name)
-        if v is not None and not v > 0:
-            raise ConfigError(f"optim.{name}={v} must be > 0")
+        if v is not None:
+            _check_number(f"optim.{name}", v, v > 0, "> 0")
     for name in ("min_lr", "warmup_lr", "weight_decay"):
-        if getattr(o, name) < 0:
-            raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 0")
-    if not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError(f"optim.betas={list(o.betas)} must be in [0, 1)")
-    if o.clip_grad is not None and o.clip_grad < 0:
-        raise ConfigError(f"optim.clip_grad={o.clip_grad} must be >= 0 (0 or null disables clipping)")
+        v = getattr(o, name)
+        _check_number(f"optim.{name}", v, v >= 0, ">= 0")
+    _check_number("optim.betas", o.betas, all(0 <= b < 1 for b in o.betas), "in [0, 1)")
+    if o.clip_grad is not None:
+        _check_number("optim.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0 or null disables clipping)")
     from timm.optim import list_optimizers
 
     if o.opt.lower() not in list_optimizers():

@@ -7,6 +7,11 @@ token and average-pools the patch tokens: ``extract_features(model, x, 8, pool="
 For Swin, layer ``k`` is the output of stage ``k`` (timm ``layers[k - 1]``).
 Negative layers count from the end (``-1`` = last block). Geometry (depth, image and patch size,
 prefix tokens) always comes from the model.
+
+Non-finite features (NaN/inf, a diverged encoder) are refused where they are made: every batch of
+:func:`extract_features` is checked (one ``isfinite().all()`` per layer) and raises
+:class:`NonFiniteFeaturesError` naming the layer and the checkpoint, so no evaluation reports a number
+computed from them. A float16 feature bank is checked again after the cast (overflow to inf).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ Pool = Literal["avg", "cls"]
 LayerSpec = int | str | Sequence[int] | None
 
 __all__ = [
+    "NonFiniteFeaturesError",
     "unwrap",
     "is_token_model",
     "num_layers",
@@ -34,6 +40,28 @@ __all__ = [
     "extract_dataset_features",
     "unpack_labelled",
 ]
+
+
+class NonFiniteFeaturesError(ValueError):
+    """Features with NaN/inf values (the encoder weights are probably diverged); one-line message."""
+
+
+_DIVERGED = "the encoder weights are probably diverged"
+
+
+def _check_finite(feats: dict[int, torch.Tensor], source: str | None, where: str = "", why: str = _DIVERGED) -> None:
+    """Raise ``NonFiniteFeaturesError`` naming the first layer whose (N, C) features hold NaN/inf.
+
+    The one finiteness rule of every evaluation: one ``isfinite().all()`` per layer; rows are counted only on failure.
+    """
+    for k, f in feats.items():
+        if bool(torch.isfinite(f).all()):
+            continue
+        bad = int((~torch.isfinite(f)).flatten(1).any(dim=1).sum())
+        raise NonFiniteFeaturesError(
+            f"non-finite features at layer {k} of {source or 'the encoder'} "
+            f"({bad} of {f.shape[0]} images{where}): {why}"
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -164,6 +192,7 @@ def extract_features(
     layers: LayerSpec = None,
     pool: Pool = "avg",
     norm: bool = False,
+    source: str | None = None,
 ) -> dict[int, torch.Tensor]:
     """Pooled (B, C_k) features of every requested layer from a single forward pass.
 
@@ -171,7 +200,17 @@ def extract_features(
     map of a Swin stage; ``pool="cls"`` takes the class token (ViT with a class token only).
     ``norm=True`` applies the model's final norm to the intermediates (the reference does not).
     Call under ``torch.no_grad()``/``inference_mode`` for frozen use; gradients flow otherwise.
+    NaN/inf features raise ``NonFiniteFeaturesError`` naming the layer and ``source`` (the checkpoint).
     """
+    out = _pooled_features(model, images, layers, pool, norm)
+    _check_finite(out, source)
+    return out
+
+
+def _pooled_features(
+    model: nn.Module, images: torch.Tensor, layers: LayerSpec, pool: Pool, norm: bool
+) -> dict[int, torch.Tensor]:
+    """``extract_features`` without the finiteness check (its callers check, with their own context)."""
     model = unwrap(model)
     if pool not in ("avg", "cls"):
         raise ValueError(f"pool {pool!r} is not valid; expected 'avg' or 'cls'")
@@ -214,6 +253,7 @@ def extract_dataset_features(
     indices_fn=None,
     progress: bool = True,
     desc: str = "features",
+    source: str | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Features (N, C_k) per layer and labels (N,) of a whole labelled loader, kept on CPU as ``store_dtype``.
 
@@ -221,6 +261,7 @@ def extract_dataset_features(
     passes a loader over its own disjoint shard and ``indices_fn(batch_idx, batch_size)`` giving the
     dataset indices of that batch; rows are then scattered into an (N, C) bank and summed across ranks,
     so every rank ends with the full, exactly ordered bank (needs ``num_samples``).
+    ``source`` (the checkpoint) names the model in the ``NonFiniteFeaturesError`` of NaN/inf features.
     """
     model = unwrap(model).eval()
     ks = resolve_layers(model, layers)
@@ -237,13 +278,15 @@ def extract_dataset_features(
         chunks: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
         label_chunks: list[torch.Tensor] = []
     dev = torch.device(device)
+    why = _DIVERGED + (", or float16 autocast overflowed (use bf16 or no amp)" if amp_dtype == torch.float16 else "")
     for b, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         if isinstance(batch, dict) and "image" not in batch:
             continue  # every image of this batch was unreadable (kamim.data.collate_skip_bad)
         images, labels = unpack_labelled(batch)
         images = images.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = extract_features(model, images, ks, pool=pool)
+            feats = _pooled_features(model, images, ks, pool, norm=False)
+        _check_finite(feats, source, where=f" in batch {b} of {desc}", why=why)
         if distributed:
             idx = torch.as_tensor(indices_fn(b, images.shape[0]), device=dev)
             for k in ks:
@@ -260,10 +303,16 @@ def extract_dataset_features(
             dist.all_reduce(labels_bank)
         if (labels_bank == 0).any():
             raise RuntimeError("some samples were not covered by any rank's shard")
-        return {k: v.to("cpu", store_dtype) for k, v in banks.items()}, (labels_bank - 1).cpu()
-    if not label_chunks:
-        raise ValueError("the loader yielded no batches (empty dataset?)")
-    return {k: torch.cat(v) for k, v in chunks.items()}, torch.cat(label_chunks)
+        out = {k: v.to("cpu", store_dtype) for k, v in banks.items()}
+        labels_out = (labels_bank - 1).cpu()
+    else:
+        if not label_chunks:
+            raise ValueError("the loader yielded no batches (empty dataset?)")
+        out = {k: torch.cat(v) for k, v in chunks.items()}
+        labels_out = torch.cat(label_chunks)
+    if torch.finfo(store_dtype).max < torch.finfo(torch.float32).max:  # finite features may overflow float16
+        _check_finite(out, source, where=f" in {desc}", why=f"they overflow the {store_dtype} bank (use float32)")
+    return out, labels_out
 
 
 def unpack_labelled(batch) -> tuple[torch.Tensor, torch.Tensor]:

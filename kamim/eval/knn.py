@@ -203,13 +203,16 @@ def _run_knn(cfg: KNNConfig, info) -> dict:
     data.check_geometry(enc.model)
     store = getattr(torch, cfg.bank_dtype)
     amp = amp_dtype_of(cfg.amp, info.device)
+    # named in the error of non-finite features (an in-memory model as in config_record)
+    source = f"<in-memory {type(cfg.checkpoint).__name__}>" if isinstance(cfg.checkpoint, torch.nn.Module) \
+        else str(cfg.checkpoint)
     banks = {}
     for split, ds in (("train", data.train), ("val", data.val)):
         loader, indices_fn = eval_loader(ds, cfg.batch_size, cfg.num_workers, info)
         banks[split] = extract_dataset_features(
             enc.model, loader, layers, pool=cfg.pool, device=info.device, amp_dtype=amp, store_dtype=store,
             num_samples=len(ds) if indices_fn else None, indices_fn=indices_fn,
-            progress=cfg.progress and is_main_process(), desc=f"{split} features",
+            progress=cfg.progress and is_main_process(), desc=f"{split} features", source=source,
         )
     # every rank holds the whole bank and classifies its own slice of the queries; hit counts are summed
     n_val = len(banks["val"][1])
