@@ -3,7 +3,9 @@
 Commands (``kamim-analyze COMMAND --help`` for the options):
 
 * ``run``: ``--model NAME=CHECKPOINT`` (repeatable; any format :func:`kamim.checkpoints.load_encoder`
-  accepts: files, manifest names, timm names) on the images of ``--data``; writes ``metrics.csv``,
+  accepts: files, ``kamim pretrain`` run directories, manifest names, timm names) on the images of
+  ``--data`` (a folder, or the demo data by name as for ``kamim``: ``demo``, ``demo-photos``,
+  ``demo-digits``, the labelled ones' ``val/`` split); writes ``metrics.csv``,
   ``metrics.json`` (tidy), one figure per analysis (PDF + PNG), ``report.html`` and the raw arrays
   of every model (``raw/<model>/``). Each model is evaluated at its own resolution unless
   ``--image-size`` puts all of them at one; the figures and the report say which.
@@ -11,25 +13,30 @@ Commands (``kamim-analyze COMMAND --help`` for the options):
   MoCo v3 checkpoint, with the paper's settings (:mod:`analysis.paper`).
 * ``demo``: pretrains tiny demo models offline (cached) and analyses them (:mod:`analysis.demo`).
 
-Bad input (missing checkpoint, unknown analysis, empty image folder, ``--images 0``, a geometry
-an analysis cannot handle, ...) ends with one line ``kamim-analyze: error: ...`` and exit code 2.
+Errors follow :mod:`kamim.errors` (shared with ``kamim``): bad input (missing checkpoint, unknown
+analysis, empty image folder, ``--images 0``, a geometry an analysis cannot handle, ...) and
+argument errors end with one line ``kamim-analyze: error: ...`` and exit code 2.
 Outputs are written into a temporary folder next to ``--out`` and moved into place at the end, so
 a failed run leaves ``--out`` untouched; ``--out`` must be new, empty or an earlier output of the
 same command unless ``--overwrite`` (:mod:`kamim.outputs`). ``KAMIM_DEBUG=1`` shows full tracebacks.
+``--device auto`` (the default) is CUDA when available, else the CPU.
 
-This module only parses arguments, prints and maps errors to exit codes; the work is done by
-:func:`analysis.pipeline.analyze` (and :mod:`analysis.paper`, :mod:`analysis.demo`).
+This module only parses arguments and prints; the work is done by :func:`analysis.pipeline.analyze`
+(and :mod:`analysis.paper`, :mod:`analysis.demo`). Parsing imports no torch (``--help`` is fast).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
-from analysis.pipeline import (AnalyzeOutput, UsageError, analyze, models_from_specs, one_line,
-                               parse_model_spec)
+from analysis.names import ANALYSES, CLI_OPTIONS
+from kamim.errors import ArgumentParser, run_command
+
+if TYPE_CHECKING:
+    from analysis.pipeline import AnalyzeOutput
 
 __all__ = ["PROG", "parse_option", "build_parser", "main"]
 
@@ -39,6 +46,8 @@ PROG = "kamim-analyze"
 def parse_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, YAML-parsed value), for :func:`analysis.runner.run_analyses` options."""
     import yaml
+
+    from analysis.pipeline import UsageError
 
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
@@ -50,11 +59,29 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise UsageError(f"--option {key}: cannot parse value '{value}'") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line ``kamim-analyze: error: ...`` (exit 2)."""
+#: ``--data`` names of the demo data (as ``kamim`` accepts them), unless a folder of that name exists
+DEMO_DATA = ("demo", "demo-photos", "demo-digits")
+_DATA_HELP = ("; or demo (the pretraining demo photographs), demo-photos or demo-digits (the val/ "
+              "split of the labelled demo sets), made on first use as for `kamim`")
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message}\n")
+
+def resolve_data(data: str) -> str:
+    """``--data`` as an image folder: a demo name of :data:`DEMO_DATA` becomes its folder
+    (:func:`kamim.data.build_dataset`, val split), anything else is returned unchanged."""
+    if data not in DEMO_DATA or Path(data).exists():
+        return data
+    from kamim.data import build_dataset
+
+    return str(build_dataset(data, split="val").root)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` if available else ``cpu`` (torch imported only then); others unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_out(p: argparse.ArgumentParser, metavar: str, default: Optional[str] = None) -> None:
@@ -71,7 +98,7 @@ def _add_out(p: argparse.ArgumentParser, metavar: str, default: Optional[str] = 
 def _add_data_out(p: argparse.ArgumentParser, data_metavar: str, data_help: str, *,
                   out_metavar: str) -> None:
     """The required ``--data`` image folder and ``--out`` output folder."""
-    p.add_argument("--data", required=True, metavar=data_metavar, help=data_help)
+    p.add_argument("--data", required=True, metavar=data_metavar, help=data_help + _DATA_HELP)
     _add_out(p, out_metavar)
 
 
@@ -80,26 +107,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=None, metavar="N",
                    help="analyse at most N images per model (default: %(default)s = all)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of image subset, t-SNE, ... "
                    "(default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, metavar="W",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="analysis option passed to analysis.runner.run_analyses (repeatable), e.g. "
-                   "tsne_samples=500, similarity_kind=cosine, cka_pool=cls, map_images=8")
+                   help="analysis option passed to analysis.runner.run_analyses (repeatable; VALUE is "
+                   "YAML, meanings in analysis.runner.RunOptions), e.g. tsne_samples=500, "
+                   f"similarity_kind=cosine, map_queries=[[1,2]]; keys: {', '.join(CLI_OPTIONS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kamim-analyze`` argument parser with its ``run``, ``paper-figures``, ``demo`` commands."""
-    from analysis.runner import ANALYSES
-
-    parser = _Parser(prog=PROG, description="Representation analysis of vision transformers "
+    parser = ArgumentParser(prog=PROG, description="Representation analysis of vision transformers "
                      "(attention distance, NMI, CKA, Fourier, t-SNE, ...) with figures and an "
                      "HTML report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+                                parser_class=ArgumentParser)
 
     run = sub.add_parser("run", help="analyse any number of models on an image folder",
                          description="Analyse any number of models on the images of a folder; "
@@ -107,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "report.html into OUT_DIR.")
     run.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
                      help="model to analyse (repeatable): a checkpoint file of any supported "
-                     "format, a manifest name or a timm model name (random init)")
+                     "format, a `kamim pretrain` run directory (its encoder.safetensors), a "
+                     "manifest name or a timm model name (random init)")
     _add_data_out(run, "IMAGE_DIR", "folder of images (class subfolders colour the t-SNE)",
                   out_metavar="OUT_DIR")
     run.add_argument("--analyses", default="all", metavar="a,b,...|all",
@@ -150,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of the options every analysing command shares (:func:`_add_common`)."""
-    return {"images": args.images, "batch_size": args.batch_size, "device": args.device,
+    return {"images": args.images, "batch_size": args.batch_size, "device": resolve_device(args.device),
             "seed": args.seed, "workers": args.workers, "progress": not args.quiet,
             "overwrite": args.overwrite,
             "options": dict(parse_option(o) for o in args.option)}
@@ -168,8 +196,10 @@ def _print_summary(out: AnalyzeOutput) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from analysis.pipeline import analyze, models_from_specs, parse_model_spec
+
     models = models_from_specs([parse_model_spec(m) for m in args.model])
-    res = analyze(models, args.data, args.out, analyses=args.analyses,
+    res = analyze(models, resolve_data(args.data), args.out, analyses=args.analyses,
                   image_size=args.image_size, **_common_kwargs(args))
     _print_summary(res)
     return 0
@@ -179,7 +209,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     from analysis.paper import reproduce_paper_figures
 
     out = reproduce_paper_figures(
-        {"SimMIM": args.simmim, "KAMIM": args.kamim, "MoCo v3": args.moco}, args.data, args.out,
+        {"SimMIM": args.simmim, "KAMIM": args.kamim, "MoCo v3": args.moco}, resolve_data(args.data), args.out,
         mim_image_size=args.mim_image_size, moco_image_size=args.moco_image_size,
         **_common_kwargs(args))
     _print_summary(out)
@@ -189,11 +219,10 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from analysis.demo import DEMO_NOTE, run_demo
 
-    print(DEMO_NOTE)
     out = run_demo(args.out, cache=args.cache, fast=args.fast, progress=not args.quiet,
                    overwrite=args.overwrite)
     _print_summary(out)
-    print(DEMO_NOTE)
+    print(f"\n{DEMO_NOTE}")  # once, under the numbers it qualifies (the report carries it too)
     return 0
 
 
@@ -201,20 +230,9 @@ _COMMANDS = {"run": _cmd_run, "paper-figures": _cmd_paper, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``kamim-analyze``; returns the exit code (2 for bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = os.environ.get("KAMIM_DEBUG", "") not in ("", "0")
-    try:
-        return _COMMANDS[args.command](args)
-    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as err:
-        if debug:
-            raise
-        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    """Entry point of ``kamim-analyze``; returns the exit code (:mod:`kamim.errors`)."""
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, _COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from .attention import (
 from .attribution import ATTRIBUTION_METHODS, attribute, predicted_class
 from .capture import SwinCapture, ViTCapture, is_vit, model_geometry, unwrap_backbone
 from .fourier import FourierAccumulator
+from .names import ANALYSES
 from .results import AnalysisResult, Record, records_to_frame
 from .rollout import HEAD_FUSIONS, RolloutMap
 from .similarity import (
@@ -79,19 +80,6 @@ __all__ = [
     "uniform_attention_entropy",
 ]
 
-ANALYSES = (
-    "attention-distance",
-    "nmi",
-    "attention-entropy",
-    "attention-similarity",
-    "cka",
-    "fourier",
-    "tsne",
-    "pre-post",
-    "attention-maps",
-    "rollout",
-    "attribution",
-)
 SWIN_ANALYSES = ("cka", "tsne")
 _ATTENTION = {"attention-distance", "nmi", "attention-entropy", "attention-similarity", "attention-maps", "rollout"}
 

@@ -1,14 +1,15 @@
-"""The ``kamim`` command: ``pretrain``, ``sweep``, ``presets`` and the evaluations ``linprobe``,
-``finetune``, ``knn``, ``reconstruct``.
+"""The ``kamim`` command: ``pretrain``, ``sweep``, ``presets``, the evaluations ``linprobe``,
+``finetune``, ``knn``, ``reconstruct``, and ``doctor`` (versions, device and CPU of this machine).
 
 Each subcommand is a pair ``_add_NAME(subparsers)`` (declares its arguments and sets
 ``func=_cmd_NAME``) + ``_cmd_NAME(args) -> int``, registered in ``SUBCOMMANDS``; adding one
 (linprobe, finetune, knn, reconstruct, ...) is a new pair plus one line in that list.
 
-Errors caused by the input (bad config values, missing files, unreadable checkpoints, ...)
-print a single ``kamim: error: ...`` line and exit with status 2; a diverged run
-(``NonFiniteLossError``) exits with status 1. Run multi-GPU with
-``torchrun --nproc_per_node N -m kamim.cli pretrain ...``.
+Errors follow :mod:`kamim.errors` (shared with ``kamim-analyze``): bad input (config values,
+missing files, unreadable checkpoints, a full disk, ...) and argument errors print a single
+``kamim: error: ...`` line and exit with status 2; a diverged run (``NonFiniteLossError``) exits
+with status 1; ``KAMIM_DEBUG=1`` shows tracebacks. Parsing imports no torch, so ``--help`` and
+argument errors are fast. Run multi-GPU with ``torchrun --nproc_per_node N -m kamim.cli pretrain ...``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from kamim.errors import ArgumentParser, run_command
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_config_arguments", "load_config_from_args"]
 
@@ -88,10 +91,6 @@ def _config_from_args(cls: type, args: argparse.Namespace, **explicit):
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **explicit})
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 # --------------------------------------------------------------------------- pretrain
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +120,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from kamim.engine.sweep import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
+    from kamim.engine.sweep_grid import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 
     p = sub.add_parser(
         "sweep", help="KAMIM grid over detectors x weight patch sizes x temperatures",
@@ -141,7 +140,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperatures", type=_csv_list(float), default=list(PAPER_TEMPERATURES),
                    metavar="T1,T2", help="default: %(default)s (the paper's grid)")
     g = p.add_argument_group("evaluation of each run's encoder")
-    g.add_argument("--eval-data", default=None, metavar="PATH",
+    g.add_argument("--eval-data", default=None, metavar="PATH", type=_labelled_data,
                    help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision "
                         "dataset, demo-photos or demo-digits (enables evaluation)")
     g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=["knn"], metavar="M1,M2",
@@ -202,13 +201,33 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluation
 
+def _labelled_data(text: str) -> str:
+    """``--data`` of the evaluations: ``demo`` (unlabelled, for pretraining) is refused with a hint,
+    unless a folder of that name exists."""
+    if text == "demo" and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError("'demo' is the unlabelled pretraining demo; the labelled "
+                                         "demo sets are demo-photos and demo-digits")
+    return text
+
+
+def _clamp_workers(args: argparse.Namespace) -> None:
+    """Lower ``--num-workers`` to the CPUs available (more only oversubscribe them), with a warning."""
+    from kamim.doctor import available_cpus
+
+    cpus = available_cpus()
+    if getattr(args, "num_workers", None) is not None and args.num_workers > cpus:
+        logging.getLogger("kamim").warning("--num-workers %d is more than the %d CPUs available; using %d",
+                                           args.num_workers, cpus, cpus)
+        args.num_workers = cpus
+
+
 def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = "bf16") -> None:
     """Arguments shared by linprobe / finetune / knn: encoder, data, run directory, execution."""
     p.add_argument("--checkpoint", required=True, metavar="SOURCE",
                    help="encoder: checkpoint file in any supported format (e.g. a kamim pretrain run's "
                         "encoder.safetensors or checkpoint-last.pt), Hugging Face directory, manifest name or "
                         "timm model name (random init)")
-    p.add_argument("--data", required=True, metavar="PATH",
+    p.add_argument("--data", required=True, metavar="PATH", type=_labelled_data,
                    help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, "
                         "demo-photos or demo-digits")
     _add_out_argument(p, "run directory (results, checkpoints)")
@@ -223,7 +242,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = 
 def _add_execution_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str, batch_help: str) -> None:
     """Batch size, loader workers, device, autocast and progress bars (every evaluation command)."""
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader workers per process (default: %(default)s)")
+    from kamim.doctor import default_num_workers
+
+    p.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="data loader workers per process, at most the CPUs available (default: %(default)s "
+                        "= min(4, CPUs available))")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--amp", default=amp, choices=("bf16", "fp16", "none"), help="autocast (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -366,22 +389,41 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- doctor
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="print versions, device and CPU (for bug reports)",
+                       description="One line each: kamim, python, the libraries kamim uses, the device, "
+                                   "the CPU model with its bf16 support, and the CPUs available.")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from kamim.doctor import environment_report
+
+    report = environment_report()
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_pretrain, _add_sweep, _add_presets, _add_linprobe, _add_finetune, _add_knn, _add_reconstruct,
+    _add_pretrain, _add_sweep, _add_presets, _add_linprobe, _add_finetune, _add_knn, _add_reconstruct, _add_doctor,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from kamim import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG, description="Keypoint Aware Masked Image Modelling: pretraining and evaluation toolkit.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the log")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
@@ -391,32 +433,14 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from kamim.data.images import ImageLoadError
-
-    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ImageLoadError)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``kamim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if (args.quiet or not _is_main()) else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from kamim.engine.pretrain import NonFiniteLossError
-
-    try:
-        return int(args.func(args) or 0)
-    except NonFiniteLossError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except _user_errors() as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    _clamp_workers(args)
+    return run_command(PROG, args.func, args)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kamim import distributed as kdist
 from kamim.config import RESUME_SAFE_KEYS, Config, ConfigError, config_diff, to_dict
+from kamim.engine.sweep_grid import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 from kamim.outputs import check_output_dir, mark_output_dir
 from kamim.serialization import atomic_write_json, atomic_write_text
 
@@ -47,10 +48,7 @@ __all__ = [
 
 log = logging.getLogger("kamim.sweep")
 
-PAPER_WEIGHT_PATCH_SIZES = (8, 16, 32)
-PAPER_TEMPERATURES = (0.1, 0.25, 0.5, 1.0, 2.5)
 RESULT_FIELDS = ("detector", "weight_patch_size", "temperature", "final_loss", "step", "status", "run_dir")
-EVAL_METHODS = ("knn", "linprobe")
 EVAL_FILE = "sweep_eval.json"
 COMMAND = "kamim sweep"  # the writer recorded in a sweep directory (kamim.outputs)
 

@@ -1,0 +1,32 @@
+"""The names ``kamim-analyze --help`` lists, as plain tuples (no torch import).
+
+:data:`ANALYSES` is the one list of analyses (:mod:`analysis.runner` imports it from here);
+:data:`RUN_OPTIONS` are the fields of :class:`analysis.runner.RunOptions`, the keyword options of
+:func:`analysis.runner.run_analyses` (a test keeps the two equal). :data:`CLI_OPTIONS` are those
+that ``--option KEY=VALUE`` can set (a YAML value; not a module, a dtype, or ``batch_size``, which
+has ``--batch-size``).
+"""
+from __future__ import annotations
+
+__all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS"]
+
+ANALYSES = (
+    "attention-distance",
+    "nmi",
+    "attention-entropy",
+    "attention-similarity",
+    "cka",
+    "fourier",
+    "tsne",
+    "pre-post",
+    "attention-maps",
+    "rollout",
+    "attribution",
+)
+RUN_OPTIONS = (
+    "batch_size", "similarity_kind", "cka_pool", "cka_estimator", "cka_chunk", "tsne_layer", "tsne_samples",
+    "tsne_perplexity", "tsne_iterations", "tsne_threads", "tsne_color", "pre_post_layer", "pre_post_images",
+    "map_images", "map_queries", "head_fusion", "attribution_methods", "attribution_model", "attribution_target",
+    "attribution_steps", "attribution_internal_batch_size", "amp_dtype",
+)
+CLI_OPTIONS = tuple(n for n in RUN_OPTIONS if n not in ("batch_size", "attribution_model", "amp_dtype"))
