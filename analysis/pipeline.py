@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,38 +116,19 @@ def staged_output_check(out: PathLike, command: str, overwrite: bool = False) ->
 
 @contextlib.contextmanager
 def staged_output(out: PathLike, command: str = "kamim-analyze run", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out`` (renames).
+    """Yield a temporary folder that replaces ``out`` as a whole on success
+    (:func:`kamim.outputs.staged_dir`: locked, atomic, the output-folder rule; one-line
+    :class:`UsageError` for a folder it may not replace)."""
+    from kamim.outputs import OutputDirError, staged_dir
 
-    ``out`` must be new, empty or an earlier output of ``command`` (:mod:`kamim.outputs`); with
-    ``overwrite`` any folder is replaced. On any exception the temporary folder is removed and
-    ``out`` is left as it was. An existing ``out`` is moved aside first and deleted only after the
-    new folder is in place.
-    """
-    from kamim.outputs import MARKER
-    from kamim.serialization import atomic_write_json, make_temp_dir
-
-    out = staged_output_check(out, command, overwrite).absolute()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")
-    except OSError as err:
-        raise UsageError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
-    try:
+        context = staged_dir(out, command, overwrite=overwrite)
+        staging = context.__enter__()
+    except OutputDirError as err:
+        raise UsageError(str(err)) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(context.__exit__)
         yield staging
-        from kamim import __version__
-
-        atomic_write_json({"command": command, "kamim": __version__}, staging / MARKER)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,11 +42,12 @@ from kamim.convert.hf import convert_hf_swin, convert_hf_vit, is_hf_swin, is_hf_
 from kamim.convert.layouts import (
     convert_dino, convert_mae, convert_moco_v3, convert_timm_vit, is_dino, is_mae, is_moco_v3, is_timm_vit,
 )
-from kamim.serialization import CheckpointError, load_safetensors, safe_load
+from kamim.serialization import CheckpointError, load_safetensors, read_safetensors_metadata, safe_load
 
 __all__ = [
     "FORMATS", "MANIFEST_PATH", "CHECKPOINT_DIR_ENV", "CheckpointError", "LoadedEncoder", "ResolvedSource",
     "load_encoder", "resolve_source", "load_manifest", "read_checkpoint", "convert_checkpoint", "sha256_file",
+    "check_run_export",
 ]
 
 #: Formats :func:`load_encoder` detects, with what identifies them.
@@ -188,6 +189,8 @@ def resolve_source(
     if path.is_dir():
         # a kamim run directory: its encoder export, else its training checkpoint
         own = next((path / f for f in _RUN_FILES if (path / f).is_file()), None)
+        if own is not None:
+            check_run_export(path)
         return ResolvedSource("file", name, own) if own is not None else _hf_directory(path, name)
     manifest_path = Path(manifest) if manifest is not None else MANIFEST_PATH
     entries = load_manifest(manifest_path) if (manifest is not None or MANIFEST_PATH.is_file()) else {}
@@ -207,6 +210,31 @@ def resolve_source(
     known = ", ".join(sorted(entries)[:6]) + (", ..." if len(entries) > 6 else "")
     raise FileNotFoundError(
         f"'{name}' is not a checkpoint file, a manifest entry ({known or 'none'}) or a timm model name")
+
+
+def check_run_export(run_dir: str | os.PathLike) -> None:
+    """Refuse a run directory whose encoder export does not come from its last checkpoint.
+
+    ``kamim pretrain`` records one id in ``checkpoint-last.pt`` (``save_id``) and in the export's
+    metadata (``checkpoint_id``); they differ only when a save was interrupted between the two
+    writes (rerunning the pretraining command repairs the export). Exports made before the id was
+    recorded are not checked. Reads the checkpoint memory-mapped: no tensor data is loaded.
+    """
+    run = Path(run_dir)
+    export, last = (run / f for f in _RUN_FILES)
+    if not (export.is_file() and last.is_file()):
+        return
+    exported = read_safetensors_metadata(export).get("checkpoint_id")
+    if not exported:
+        return
+    try:
+        saved = torch.load(last, map_location="cpu", mmap=True, weights_only=True).get("save_id")
+    except Exception as err:  # noqa: BLE001 - any failure to read means "not a readable checkpoint"
+        raise CheckpointError(f"cannot read checkpoint {last}: {' '.join(str(err).split())[:200]}") from None
+    if saved != exported:
+        raise CheckpointError(
+            f"{export} does not come from {last} (a save was interrupted): rerun the same `kamim pretrain` "
+            f"command on {run} to repair the export, or load {last} instead")
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -276,11 +304,40 @@ def _unwrap(obj: Any, checkpoint_key: str | None, where: str) -> tuple[str | Non
     return None, None
 
 
+# timm.create_model arguments that open a file or reach the network: never taken from a checkpoint
+_FETCHING_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                              "cache_dir", "pretrained_strict"})
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return False
+
+
+def _checked_spec(name: Any, kwargs: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """A model spec read from a checkpoint, as data: a locally registered timm architecture name
+    (no ``hf-hub:``/``timm/`` names, which download) and plain keyword values, none of which open
+    or fetch anything. One-line :class:`CheckpointError` otherwise."""
+    if not isinstance(name, str) or not name or ":" in name or "/" in name or not timm.is_model(name):
+        raise CheckpointError(f"{where}: model name {name!r} in the checkpoint metadata is not a timm "
+                              f"architecture name (pass --model-name to choose one)")
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{where}: model kwargs in the checkpoint metadata must be a mapping, got {kwargs!r}")
+    bad = sorted(str(k) for k, v in kwargs.items() if not isinstance(k, str) or k in _FETCHING_KWARGS
+                 or not _is_plain(v))
+    if bad:
+        raise CheckpointError(f"{where}: refusing model kwargs {', '.join(bad)} from the checkpoint metadata "
+                              f"(only plain architecture options are used)")
+    return name, dict(kwargs)
+
+
 def _spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("model_name"), str) or not isinstance(
-            spec.get("kwargs", {}), Mapping):
+    if not isinstance(spec, Mapping):
         raise CheckpointError(f"{where}: 'encoder_spec' must be {{'model_name': str, 'kwargs': dict}}, got {spec!r}")
-    return spec["model_name"], dict(spec.get("kwargs", {}))
+    return _checked_spec(spec.get("model_name"), spec.get("kwargs", {}), where)
 
 
 def _native_img(kwargs: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -329,6 +386,7 @@ def _convert_kamim_encoder(sd: Mapping[str, torch.Tensor], meta: Mapping[str, st
         raise CheckpointError(f"{where}: kamim-encoder metadata 'kwargs' is not valid JSON ({e})") from None
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{where}: kamim-encoder metadata 'kwargs' must be a JSON object, got {kwargs!r}")
+    name, kwargs = _checked_spec(name, kwargs, where)
     return Conversion("kamim-encoder", dict(sd), name, kwargs, native_img_size=_native_img(kwargs),
                       method=meta.get("method"))
 

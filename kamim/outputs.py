@@ -10,15 +10,21 @@ that explicit flag, and training commands never resume into or mix files with a 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["MARKER", "OUT_RULE", "OVERWRITE_HELP", "OutputDirError", "check_output_dir", "mark_output_dir",
-           "output_command"]
+__all__ = ["LOCK", "MARKER", "OUT_RULE", "OVERWRITE_HELP", "OutputDirError", "OutputLock", "check_output_dir",
+           "lock_output", "mark_output_dir", "output_command", "staged_dir"]
 
 MARKER = ".kamim-output.json"
+LOCK = ".kamim.lock"
 #: the rule as the ``--help`` of every command with ``--out`` states it
 OUT_RULE = ("it must be new, empty or an earlier output of this command ({action}); "
             "anything else is refused unless --overwrite is given")
@@ -85,3 +91,120 @@ def mark_output_dir(out: str | os.PathLike, command: str) -> None:
 
     if output_command(out) != command:
         atomic_write_json({"command": command, "kamim": __version__}, Path(out) / MARKER)
+
+
+class OutputLock:
+    """An exclusive ``flock`` on a lock file, held until :meth:`release` (or the process dies: the
+    OS drops it, so a killed run never leaves a stale lock). Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        from kamim.serialization import umask_mode
+
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            self.release()
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputDirError(f"{what} is in use by another process (pid {holder}); wait for it to "
+                                     f"finish or choose another folder") from None
+            raise
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_output(directory: str | os.PathLike, what: str | None = None, name: str = LOCK) -> OutputLock:
+    """Lock ``directory/name`` (created if needed) for this process; :class:`OutputDirError` naming
+    the holder's pid if another process has it."""
+    return OutputLock(Path(directory) / name, what or f"'{directory}'")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
+
+    Python has no binding for it; without it a folder cannot be replaced by another in one step.
+    """
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _debris(out: Path) -> list[Path]:
+    return sorted(p for suffix in (".partial", ".old") for p in out.parent.glob(f".{out.name}.*{suffix}")
+                  if p.is_dir() and not p.is_symlink())
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder next to ``out`` that replaces ``out`` as a whole on success.
+
+    ``out`` must pass :func:`check_output_dir` for ``command``. While the context runs, the lock
+    file ``.NAME.lock`` beside ``out`` is held (a second process gets a one-line error naming this
+    one's pid) and the staging folders of earlier killed runs of the same output are removed. At
+    every instant ``out`` is either the old or the new complete folder (an atomic exchange where
+    the OS has one; elsewhere a killed swap is undone by the next run). A symlinked ``out`` is
+    written through: its target is replaced. On any exception the staging folder is removed and
+    ``out`` is left as it was.
+    """
+    from kamim import __version__
+    from kamim.serialization import atomic_write_json, make_temp_dir
+
+    out = check_output_dir(out, command, overwrite=overwrite).absolute()
+    if out.is_symlink():
+        out = out.resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_output(out.parent, f"--out '{out}'", name=f".{out.name}.lock")
+    except OSError as err:
+        raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
+    with lock:
+        leftovers = _debris(out)
+        if not out.exists() and any(p.suffix == ".old" for p in leftovers):
+            # a run killed between the two renames of the fallback swap: put the old output back
+            os.replace(max((p for p in leftovers if p.suffix == ".old"), key=lambda p: p.stat().st_mtime), out)
+        for path in _debris(out):
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            staging = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")
+        except OSError as err:
+            raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
+        try:
+            yield staging
+            atomic_write_json({"command": command, "kamim": __version__}, staging / MARKER)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not out.exists():
+            os.replace(staging, out)
+        elif _exchange(staging, out):
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
+        else:
+            old = staging.with_name(staging.name[: -len(".partial")] + ".old")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+    # the lock file stays: unlinking it would let a process that opened it before the unlink
+    # and one that creates it anew both take "the" lock

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Optional
@@ -21,7 +22,7 @@ import torch
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "atomic_write", "atomic_save",
     "atomic_write_text", "atomic_write_json", "safe_load", "save_safetensors",
-    "load_safetensors", "read_safetensors_metadata", "make_temp_dir", "umask_mode",
+    "load_safetensors", "read_safetensors_metadata", "make_temp_dir", "umask_mode", "remove_stale_temp_files",
 ]
 
 
@@ -67,6 +68,26 @@ def make_temp_dir(parent: str | Path, prefix: str, suffix: str = "") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
     os.chmod(path, umask_mode(directory=True))
     return path
+
+
+# the names atomic_write's mkstemp gives: ".<target>.<8 random characters>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``directory``.
+
+    Call it only while holding the directory's lock (:func:`kamim.outputs.lock_output`): a
+    concurrent writer's temporary file would look the same. Returns the removed paths.
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager

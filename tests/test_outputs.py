@@ -62,3 +62,71 @@ def test_written_files_and_staging_folders_follow_the_umask(tmp_path, mask):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+
+
+# ------------------------------------------------------------------------------ staged folders
+from kamim import outputs  # noqa: E402
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER)
+
+
+def test_staged_dir_replaces_its_own_output_atomically(tmp_path):
+    out = tmp_path / "out"
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "a.txt").write_text("1")
+        assert not out.exists()
+    assert _files(out) == ["a.txt"] and output_command(out) == "kamim-analyze run"
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "b.txt").write_text("2")
+        assert _files(out) == ["a.txt"]  # the old output stays until the new one is complete
+    assert _files(out) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from_a").touch()
+    if not outputs._exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system")
+    assert [p.name for p in b.iterdir()] == ["from_a"] and not list(a.iterdir())
+
+
+def test_staged_dir_without_exchange_and_recovery_of_a_killed_swap(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "v1").touch()
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "v2").touch()
+    assert _files(out) == ["v2"]
+    # state after a kill between the fallback's two renames: no out, the old output aside
+    os.replace(out, tmp_path / ".out.k1ll3d.old")
+    (tmp_path / ".out.zzzz.partial").mkdir()  # and a half-written staging folder
+    with pytest.raises(RuntimeError):
+        with outputs.staged_dir(out, "kamim-analyze run"):
+            raise RuntimeError("boom")
+    assert _files(out) == ["v2"]  # restored, debris removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_staged_dir_writes_through_a_symlink(tmp_path):
+    target = tmp_path / "real"
+    with outputs.staged_dir(target, "kamim-analyze run") as staging:
+        (staging / "old").touch()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with outputs.staged_dir(link, "kamim-analyze run") as staging:
+        (staging / "new").touch()
+    assert link.is_symlink() and _files(target) == ["new"]
+
+
+def test_staged_dir_is_exclusive(tmp_path):
+    out = tmp_path / "out"
+    with outputs.staged_dir(out, "kamim-analyze run"):
+        with pytest.raises(OutputDirError, match=rf"--out '.*out' is in use by another process \(pid {os.getpid()}\)"):
+            with outputs.staged_dir(out, "kamim-analyze run"):
+                pass

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -48,10 +49,11 @@ from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_con
 from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
 from kamim.metrics_log import MetricsLogger
 from kamim.optim import fused_kwargs
-from kamim.outputs import check_output_dir, mark_output_dir
+from kamim.interrupt import Interrupted, graceful_stop
+from kamim.outputs import OutputLock, check_output_dir, lock_output, mark_output_dir
 from kamim.precision import warn_if_slow_bf16
 from kamim.serialization import (
-    CheckpointError, atomic_save, atomic_write_json, safe_load, save_safetensors,
+    CheckpointError, atomic_save, atomic_write_json, remove_stale_temp_files, safe_load, save_safetensors,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("kamim.pretrain")
+_SIGTERM = 15  # reported by a rank that did not receive the signal itself
 
 CHECKPOINT_FORMAT = "kamim-pretrain"
 CHECKPOINT_VERSION = 1
@@ -292,14 +295,39 @@ def encoder_prefix(model: nn.Module) -> Optional[str]:
     return next((f"{name}." for name, module in model.named_modules() if name and module is target), None)
 
 
-def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int) -> Path:
-    """Write ``model.encoder.state_dict()`` (timm keys) + ``encoder_spec`` metadata as safetensors."""
+def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int, checkpoint_id: str = "") -> Path:
+    """Write ``model.encoder.state_dict()`` (timm keys) + ``encoder_spec`` metadata as safetensors;
+    ``checkpoint_id`` is the ``save_id`` of the checkpoint it was exported with (see
+    :func:`kamim.checkpoints.check_run_export`)."""
     spec = getattr(model, "encoder_spec", None) or {}
     meta = {
         "format": "kamim-encoder", "model_name": str(spec.get("model_name", "")),
         "kwargs": json.dumps(spec.get("kwargs", {})), "method": method, "step": str(step),
     }
+    if checkpoint_id:
+        meta["checkpoint_id"] = checkpoint_id
     return save_safetensors(model.encoder.state_dict(), path, metadata=meta)
+
+
+def nonfinite_state(*states: Any) -> list[str]:
+    """Names of the floating-point tensors with a NaN or inf anywhere in nested ``states``
+    (model / optimizer state dicts); empty when everything is finite."""
+    bad: list[str] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}")
+
+    for i, state in enumerate(states):
+        walk(state, "model" if i == 0 else "optimizer")
+    return bad
 
 
 def _autocast(device: torch.device, amp: str):
@@ -374,9 +402,13 @@ class _Trainer:
             seed=cfg.run.seed,
         )
         self.lengths = schedule_lengths(cfg, self.sampler.steps_per_epoch)
+        self.lock: Optional[OutputLock] = None
         if self.main:  # only now: bad input must not leave an empty run directory behind
             out_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_output(out_dir, f"run directory '{out_dir}'")  # held until close()
             mark_output_dir(out_dir, COMMAND)
+            for path in remove_stale_temp_files(out_dir):
+                log.info("removed %s, left by an interrupted save", path.name)
         kdist.barrier()
         workers = cfg.data.num_workers
         from kamim.data import collate_skip_bad
@@ -407,8 +439,22 @@ class _Trainer:
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
 
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        if self.lock is not None:
+            self.lock.release()
+
     # ---------------------------------------------------------------- state
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        saved = ckpt["scheduler"]
+        old_len = (saved.get("t_initial"), saved.get("warmup_t"))
+        if old_len != (self.scheduler.t_initial, self.scheduler.warmup_t):
+            # the restored scheduler would keep the old length: refuse rather than log one schedule
+            # and run another (run.max_steps_schedule ties the schedule to run.max_steps)
+            raise ConfigError(
+                f"cannot resume from {self.resume_path}: its LR schedule is {sum(old_len)} steps (warmup "
+                f"{old_len[1]}), this config gives {self.lengths.total_steps} (warmup {self.lengths.warmup_steps}); "
+                f"keep run.max_steps when run.max_steps_schedule=true, or start a new --out directory")
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -431,6 +477,13 @@ class _Trainer:
         rngs = gather_rng_states(self.info.world_size)
         last = self.out_dir / LAST_CHECKPOINT
         if self.main:
+            bad = nonfinite_state(self.model.state_dict(), self.optimizer.state_dict())
+            if bad:
+                raise NonFiniteLossError(
+                    f"non-finite values in {len(bad)} parameter/optimizer tensors after step {self.step} "
+                    f"(e.g. {bad[0]}); stopped without saving, "
+                    + (f"last checkpoint left intact ({last})" if last.is_file() else "no checkpoint written"))
+            save_id = uuid.uuid4().hex
             ckpt = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -441,16 +494,32 @@ class _Trainer:
                 "encoder_prefix": encoder_prefix(self.model),
                 "method": self.cfg.method, "num_samples": len(self.dataset), "num_skipped": self.num_skipped,
                 "elapsed": self.elapsed + (time.perf_counter() - self.t0), "final_loss": self.final_loss,
-                "world_size": self.info.world_size,
+                "world_size": self.info.world_size, "save_id": save_id,
             }
             if self.cfg.run.keep_step_checkpoints:
                 step_path = atomic_save(ckpt, self.out_dir / f"checkpoint-{self.step:08d}.pt")
                 _atomic_link_or_copy(step_path, last)
             else:
                 atomic_save(ckpt, last)
-            export_encoder(self.model, self.out_dir / ENCODER_FILE, method=self.cfg.method, step=self.step)
+            export_encoder(self.model, self.out_dir / ENCODER_FILE, method=self.cfg.method, step=self.step,
+                           checkpoint_id=save_id)
         kdist.barrier()
         return last
+
+    def _repair_export(self) -> None:
+        """Re-export the encoder when the export does not come from the restored checkpoint (a save
+        interrupted between its two writes) or is missing."""
+        if not self.main or self.ckpt is None:
+            return
+        from kamim.serialization import read_safetensors_metadata
+
+        path = self.out_dir / ENCODER_FILE
+        saved = self.ckpt.get("save_id")
+        if path.is_file() and (not saved or read_safetensors_metadata(path).get("checkpoint_id") == saved):
+            return
+        if path.is_file():
+            log.warning("%s does not come from %s (interrupted save): exported again", path, self.resume_path)
+        export_encoder(self.model, path, method=self.cfg.method, step=self.step, checkpoint_id=saved or "")
 
     # ---------------------------------------------------------------- loop
     def _micro_batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -511,16 +580,23 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def _agreed_signal(self, signum: Optional[int]) -> int:
+        """The stop signal any rank received (0: none); a collective under DDP, so all ranks stop
+        after the same step."""
+        if self.info.world_size == 1:
+            return int(signum or 0)
+        anyone = kdist.all_reduce_sum(torch.tensor([float(signum or 0)], device=self.device)).item() > 0
+        return int(signum) if signum else (_SIGTERM if anyone else 0)
+
     def _sync_skipped(self, pending: int) -> None:
         self.num_skipped += int(kdist.all_reduce_sum(torch.tensor([pending], device=self.device)).item())
 
     def run(self) -> Path:
         cfg, lengths = self.cfg, self.lengths
         self.t0 = time.perf_counter()
+        self._repair_export()
         if self.step >= lengths.stop_step:
             log.info("nothing to do: checkpoint step %d >= stop step %d", self.step, lengths.stop_step)
-            if self.main and not (self.out_dir / ENCODER_FILE).is_file():
-                export_encoder(self.model, self.out_dir / ENCODER_FILE, method=cfg.method, step=self.step)
             self._write_summary()
             return self.out_dir / LAST_CHECKPOINT
 
@@ -551,12 +627,21 @@ class _Trainer:
         window_images, pending_skipped = 0, 0
         t_window = time.perf_counter()
         micro = self._micro_batches()
+        stop_ctx = graceful_stop()
+        stop = stop_ctx.__enter__()
         try:
             while self.step < lengths.stop_step:
                 lr = self.optimizer.param_groups[0]["lr"]
                 step_losses = []
                 for j in range(accum):
-                    _, batch = next(micro)
+                    try:
+                        _, batch = next(micro)
+                    except Exception:
+                        if stop.signum:  # the signal also reached (and stopped) the loader workers
+                            raise Interrupted(stop.signum, f"stopped by {stop.name} during step {self.step + 1}; "
+                                              f"last checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})"
+                                              ) from None
+                        raise
                     pending_skipped += int(batch.get("num_skipped", 0))
                     step_losses.append(self._forward_backward(batch, sync=j == accum - 1))
                 grad_norm = self._optimizer_step()
@@ -590,11 +675,17 @@ class _Trainer:
                     else:
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
                     window_losses, window_images, t_window = [], 0, now
-                if last or (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0):
+                signum = self._agreed_signal(stop.signum)
+                if last or signum or (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0):
                     self._sync_skipped(pending_skipped)  # a collective: every rank, unconditionally
                     pending_skipped = 0
                     self.save()
+                if signum and not last:
+                    raise Interrupted(signum, f"stopped by {stop.name or 'a signal'} after step {self.step}; "
+                                      f"checkpoint saved ({self.out_dir / LAST_CHECKPOINT}); rerun the same "
+                                      f"command to resume")
         finally:
+            stop_ctx.__exit__(None, None, None)
             micro.close()  # shuts the loader iterator (and its workers) down
             bar.close()
             logger.close()
@@ -668,8 +759,12 @@ def pretrain(
     out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=(LAST_CHECKPOINT, SUMMARY_FILE))
     created_group = not kdist.is_distributed()
     info = kdist.init_distributed(cfg.run.device)
+    trainer = None
     try:
-        return _Trainer(cfg, out_dir, info, resume).run()
+        trainer = _Trainer(cfg, out_dir, info, resume)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         if created_group:
             kdist.cleanup()

@@ -78,7 +78,7 @@ __all__ = [
     "stop_epoch",
     "EpochRunConfig",
     "RESUME_SAFE_KEYS",
-    "prepare_run_dir",
+    "claimed_run_dir",
     "topk_correct",
     "evaluate_logits",
     "json_safe",
@@ -450,12 +450,25 @@ def check_output_dir(path: str | os.PathLike, task: str, overwrite: bool = False
     return outputs.check_output_dir(path, f"kamim {task}", overwrite=overwrite, legacy=(f"{task}.json",))
 
 
-def prepare_run_dir(out_dir: Path, task: str, info: DistInfo) -> None:
-    """Create (and mark as ``kamim TASK``'s) the run directory on rank 0, then wait for every rank."""
+@contextlib.contextmanager
+def claimed_run_dir(out_dir: Path, task: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 creates, locks (:func:`kamim.outputs.lock_output`; a second process gets a one-line
+    error naming this one's pid) and marks the run directory as ``kamim TASK``'s and removes the
+    temporary files of earlier killed saves; every rank waits for it. The lock is held until exit."""
+    from kamim.serialization import remove_stale_temp_files
+
+    lock = None
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = outputs.lock_output(out_dir, f"run directory '{out_dir}'")
         outputs.mark_output_dir(out_dir, f"kamim {task}")
-    kdist.barrier()
+        remove_stale_temp_files(out_dir)
+    try:
+        kdist.barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def config_record(cfg: EpochRunConfig) -> dict[str, Any]:

@@ -44,9 +44,9 @@ from kamim.optim import fused_kwargs
 from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, check_finite_loss, check_output_dir, classification_data, config_record, ddp_wrap,
-    distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
-    micro_batch_size, prepare_run_dir, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
+    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, classification_data,
+    config_record, ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
+    micro_batch_size, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
     write_results, zero_loss,
 )
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
@@ -293,8 +293,11 @@ class _Probe:
         return table, summary
 
     def run(self) -> dict[str, Any]:
+        with claimed_run_dir(self.out_dir, "linprobe", self.info):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        prepare_run_dir(self.out_dir, "linprobe", self.info)
         log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
                  self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
         t0 = time.perf_counter()
