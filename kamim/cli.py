@@ -60,6 +60,17 @@ def load_config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _pixels(text: str) -> int:
+    """An image side in pixels: an int of at least 16 (a smaller one cannot hold a single ViT patch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"expected at least 16 pixels, got {value}")
+    return value
+
+
 def _folder(text: str) -> Path:
     if not text.strip():  # Path("") would silently mean the current directory
         raise argparse.ArgumentTypeError("expected a folder, got an empty value")
@@ -143,7 +154,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-data", default=None, metavar="PATH", type=_labelled_data,
                    help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision "
                         "dataset, demo-photos or demo-digits (enables evaluation)")
-    g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=["knn"], metavar="M1,M2",
+    g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=None, metavar="M1,M2",
                    help=f"evaluations, some of {','.join(EVAL_METHODS)}; the first sorts the table "
                         "(default: knn)")
     g.add_argument("--eval-layer", default="default", metavar="LAYER",
@@ -161,10 +172,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     evaluation = None
     if args.eval_data is not None:
         evaluation = SweepEval(
-            data=args.eval_data, methods=tuple(args.eval_methods), layer=args.eval_layer, k=args.eval_k,
+            data=args.eval_data, methods=tuple(args.eval_methods or ["knn"]), layer=args.eval_layer, k=args.eval_k,
             batch_size=args.eval_batch_size, linprobe_epochs=args.linprobe_epochs,
         ).validate()
-    elif args.eval_methods != ["knn"]:
+    elif args.eval_methods is not None:  # checked before the grid is trained
         raise ValueError("--eval needs --eval-data (labelled data to evaluate each run's encoder on)")
     rows = sweep(cfg, args.data, args.out, detectors=args.detectors, weight_patch_sizes=args.weight_patch_sizes,
                  temperatures=args.temperatures, evaluation=evaluation, overwrite=args.overwrite)
@@ -233,9 +244,9 @@ def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = 
     _add_out_argument(p, "run directory (results, checkpoints)")
     p.add_argument("--model-name", default=None, help="timm model to build for a plain state dict")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads when the checkpoint cannot tell")
-    p.add_argument("--encoder-img-size", type=int, default=None, metavar="PX",
+    p.add_argument("--encoder-img-size", type=_pixels, default=None, metavar="PX",
                    help="build the encoder at this size (position embeddings resampled)")
-    p.add_argument("--img-size", type=int, default=None, metavar="PX", help="data image size (default: the encoder's)")
+    p.add_argument("--img-size", type=_pixels, default=None, metavar="PX", help="data image size (default: the encoder's)")
     _add_execution_arguments(p, batch_size, amp, "global batch size")
 
 

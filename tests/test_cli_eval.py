@@ -87,6 +87,28 @@ def test_output_folder_rule(setup, tmp_path, capsys):
     assert main(["-q", "knn", *_common(setup, user, "--layers", "-1", "--k", "5")]) == 0  # now its own output
 
 
+def test_small_inputs_that_used_to_fail_late_or_silently(setup, tmp_path, capsys, caplog):
+    capsys.readouterr()
+    for argv in (["knn", *_common(setup, tmp_path / "k", "--img-size", "0")],
+                 ["knn", *_common(setup, tmp_path / "k", "--encoder-img-size", "7")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "expected at least 16 pixels" in err[0], err
+    assert not (tmp_path / "k").exists()
+    # --epochs 1 with the default 10 warmup epochs: the warmup is clamped, and the log says so
+    with caplog.at_level("WARNING", logger="kamim.linprobe"):
+        assert main(["linprobe", *_common(setup, tmp_path / "lp", "--epochs", "1", "--aug", "none",
+                                          "--batch-size", "12")]) == 0
+    assert "warmup_epochs=10 leaves no epoch after the warmup of a 1-epoch run: using 0" in caplog.text
+    # sweep --eval without --eval-data is refused before any grid point is trained
+    assert main(["sweep", "--config", "tiny_kamim", "--data", str(setup["data"] / "train"), "--out",
+                 str(tmp_path / "sw"), "--eval", "knn"]) == 2
+    assert "--eval needs --eval-data" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+
+
 def test_outputs_follow_the_umask(setup, tmp_path):
     import os
     import stat

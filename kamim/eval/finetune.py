@@ -107,8 +107,13 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs:
+            clamped = self.epochs // 20  # the default's proportion (5 of 100 epochs, rounded down)
+            log.warning("warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d",
+                        self.warmup_epochs, self.epochs, clamped)
+            self.warmup_epochs = clamped
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         for name in ("drop_path", "mixup_prob", "mixup_switch_prob", "label_smoothing", "re_prob"):

@@ -114,8 +114,13 @@ class LinprobeConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(out, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
-        if not 0 <= out.warmup_epochs <= out.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={out.epochs}], got {out.warmup_epochs}")
+        if out.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {out.warmup_epochs}")
+        if out.warmup_epochs >= out.epochs > 0 and out.warmup_epochs:
+            clamped = out.epochs // 10  # the default's proportion (10 of 90 epochs, rounded down)
+            log.warning("warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d",
+                        out.warmup_epochs, out.epochs, clamped)
+            out.warmup_epochs = clamped
         if out.weight_decay < 0 or out.base_lr <= 0 or (out.lr is not None and out.lr <= 0):
             raise ValueError(f"need lr/base_lr > 0 and weight_decay >= 0, got lr={out.lr} base_lr={out.base_lr} "
                              f"weight_decay={out.weight_decay}")
