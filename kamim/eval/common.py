@@ -18,6 +18,7 @@ import copy
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,7 @@ __all__ = [
     "check_finite_loss",
     "epoch_progress",
     "stop_epoch",
+    "clamped_warmup",
     "EpochRunConfig",
     "RESUME_SAFE_KEYS",
     "claimed_run_dir",
@@ -374,6 +376,19 @@ def epoch_scheduler(optimizer: torch.optim.Optimizer, cfg: EpochRunConfig, steps
     return cosine_scheduler(
         optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.warmup_lr, cfg.min_lr
     )
+
+
+def clamped_warmup(warmup_epochs: int, epochs: int, default_fraction: float, task: str) -> int:
+    """``warmup_epochs``, or ``int(epochs * default_fraction)`` with a logged warning when the warmup
+    would leave no epoch after it (e.g. ``--epochs 1`` with a recipe's default warmup)."""
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_epochs == 0 or warmup_epochs < epochs:
+        return int(warmup_epochs)
+    clamped = int(epochs * default_fraction)
+    logging.getLogger(f"kamim.{task}").warning(
+        "warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d", warmup_epochs, epochs, clamped)
+    return clamped
 
 
 def stop_epoch(cfg: EpochRunConfig) -> int:

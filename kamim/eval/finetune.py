@@ -43,7 +43,8 @@ from kamim.optim import fused_kwargs
 from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, classification_data, config_record,
+    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, clamped_warmup, classification_data,
+    config_record,
     ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
     micro_batch_size, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
     write_results, zero_loss,
@@ -107,13 +108,7 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs:
-            clamped = self.epochs // 20  # the default's proportion (5 of 100 epochs, rounded down)
-            log.warning("warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d",
-                        self.warmup_epochs, self.epochs, clamped)
-            self.warmup_epochs = clamped
+        self.warmup_epochs = clamped_warmup(self.warmup_epochs, self.epochs, 5 / 100, "finetune")  # recipe: 5 of 100
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         for name in ("drop_path", "mixup_prob", "mixup_switch_prob", "label_smoothing", "re_prob"):

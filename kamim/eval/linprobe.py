@@ -44,7 +44,7 @@ from kamim.optim import fused_kwargs
 from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, classification_data,
+    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, clamped_warmup, classification_data,
     config_record, ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
     micro_batch_size, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
     write_results, zero_loss,
@@ -114,13 +114,7 @@ class LinprobeConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(out, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
-        if out.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {out.warmup_epochs}")
-        if out.warmup_epochs >= out.epochs > 0 and out.warmup_epochs:
-            clamped = out.epochs // 10  # the default's proportion (10 of 90 epochs, rounded down)
-            log.warning("warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d",
-                        out.warmup_epochs, out.epochs, clamped)
-            out.warmup_epochs = clamped
+        out.warmup_epochs = clamped_warmup(out.warmup_epochs, out.epochs, 10 / 90, "linprobe")  # recipe: 10 of 90
         if out.weight_decay < 0 or out.base_lr <= 0 or (out.lr is not None and out.lr <= 0):
             raise ValueError(f"need lr/base_lr > 0 and weight_decay >= 0, got lr={out.lr} base_lr={out.base_lr} "
                              f"weight_decay={out.weight_decay}")
