@@ -3,7 +3,8 @@
 Pure functions on tensors plus streaming accumulators (bounded memory, batch-size invariant) for
 any timm ViT (any depth, patch size, image size, prefix tokens); geometry comes from the model.
 Layers are numbered ``1..L`` (block ``l - 1``), ``0`` is the embedding. Entry point for a whole
-dataset: :func:`analysis.runner.run_analyses`.
+dataset: :func:`analysis.runner.run_analyses`, which runs analyses registered in
+:mod:`analysis.registry` (built-ins and plugins: :func:`register`, :func:`load_plugin`).
 
 The names below are imported on first use (PEP 562), so that ``import analysis.cli`` (and
 ``kamim-analyze --help``) does not import torch.
@@ -15,6 +16,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .attention import (
+        AttentionMapsAccumulator,
+        FirstImages,
+        HeadMetricAccumulator,
+        MeanOverImages,
         PatchAttention,
         AttentionDistance,
         AttentionEntropy,
@@ -27,9 +32,10 @@ if TYPE_CHECKING:
         uniform_attention_entropy,
         uniform_nmi,
     )
-    from .attribution import ProbeClassifier, integrated_gradients, patch_occlusion
+    from .attribution import AttributionAccumulator, ProbeClassifier, integrated_gradients, patch_occlusion
     from .capture import (
         Captured,
+        Geometry,
         SwinCapture,
         SwinGeometry,
         ViTCapture,
@@ -38,47 +44,51 @@ if TYPE_CHECKING:
         geometry_from_dict,
         model_geometry,
     )
-    from .fourier import FourierAccumulator, delta_log_amplitude, fourier_frequencies
+    from .fourier import FourierAccumulator, LayerFourierAccumulator, delta_log_amplitude, fourier_frequencies
+    from .registry import Accumulator, Analysis, Batch, Context, load_plugin, register
     from .results import AnalysisResult, Record, records_to_frame
-    from .rollout import RolloutMap, attention_rollout, rollout_map
-    from .runner import ANALYSES, cross_model_cka, run_analyses
+    from .rollout import RolloutAccumulator, RolloutMap, attention_rollout, rollout_map
+    from .runner import ANALYSES, RunOptions, cross_model_cka, run_analyses
     from .similarity import (
         AttentionSimilarity,
+        AttentionSimilarityAccumulator,
         CKAAccumulator,
+        LayerCKAAccumulator,
         HeadSimilarity,
         attention_similarity,
         head_similarity,
         linear_cka,
     )
-    from .tokens import AttentionShift, Reservoir, pre_post_pca, tsne_embedding
+    from .tokens import AttentionShift, PrePostAccumulator, Reservoir, TSNEAccumulator, pre_post_pca, tsne_embedding
 
 # public name -> submodule that defines it
-_EXPORTS = {
-    "PatchAttention": "attention", "AttentionDistance": "attention", "AttentionEntropy": "attention",
-    "AttentionNMI": "attention", "attention_distance": "attention", "attention_entropy": "attention",
-    "attention_maps": "attention", "normalized_mutual_information": "attention", "uniform_attention_distance":
-    "attention", "uniform_attention_entropy": "attention", "uniform_nmi": "attention",
-    "ProbeClassifier": "attribution", "integrated_gradients": "attribution", "patch_occlusion": "attribution",
-    "Captured": "capture", "SwinCapture": "capture", "SwinGeometry": "capture", "ViTCapture": "capture",
-    "ViTGeometry": "capture", "capture": "capture", "geometry_from_dict": "capture", "model_geometry": "capture",
-    "FourierAccumulator": "fourier", "delta_log_amplitude": "fourier", "fourier_frequencies": "fourier",
-    "AnalysisResult": "results", "Record": "results", "records_to_frame": "results",
-    "RolloutMap": "rollout", "attention_rollout": "rollout", "rollout_map": "rollout",
-    "ANALYSES": "runner", "cross_model_cka": "runner", "run_analyses": "runner",
-    "AttentionSimilarity": "similarity", "CKAAccumulator": "similarity", "HeadSimilarity": "similarity",
-    "attention_similarity": "similarity", "head_similarity": "similarity", "linear_cka": "similarity",
-    "AttentionShift": "tokens", "Reservoir": "tokens", "pre_post_pca": "tokens", "tsne_embedding": "tokens",
+_MODULES = {
+    "attention": (
+        "PatchAttention", "AttentionDistance", "AttentionEntropy", "AttentionNMI", "MeanOverImages", "FirstImages",
+        "HeadMetricAccumulator", "AttentionMapsAccumulator", "attention_distance", "attention_entropy",
+        "attention_maps", "normalized_mutual_information", "uniform_attention_distance", "uniform_attention_entropy",
+        "uniform_nmi",
+    ),
+    "attribution": ("ProbeClassifier", "AttributionAccumulator", "integrated_gradients", "patch_occlusion"),
+    "capture": (
+        "Captured", "Geometry", "SwinCapture", "SwinGeometry", "ViTCapture", "ViTGeometry", "capture",
+        "geometry_from_dict", "model_geometry",
+    ),
+    "fourier": ("FourierAccumulator", "LayerFourierAccumulator", "delta_log_amplitude", "fourier_frequencies"),
+    # the registry's get() and names() stay qualified (analysis.registry.names()): ``analysis.names`` is
+    # the torch-free module of CLI names
+    "registry": ("Accumulator", "Analysis", "Batch", "Context", "load_plugin", "register"),
+    "results": ("AnalysisResult", "Record", "records_to_frame"),
+    "rollout": ("RolloutMap", "RolloutAccumulator", "attention_rollout", "rollout_map"),
+    "runner": ("ANALYSES", "RunOptions", "cross_model_cka", "run_analyses"),
+    "similarity": (
+        "AttentionSimilarity", "AttentionSimilarityAccumulator", "CKAAccumulator", "LayerCKAAccumulator",
+        "HeadSimilarity", "attention_similarity", "head_similarity", "linear_cka",
+    ),
+    "tokens": ("AttentionShift", "Reservoir", "TSNEAccumulator", "PrePostAccumulator", "pre_post_pca", "tsne_embedding"),
 }
-__all__ = [
-    "ANALYSES", "AnalysisResult", "AttentionDistance", "AttentionEntropy", "AttentionNMI", "AttentionShift",
-    "AttentionSimilarity", "CKAAccumulator", "Captured", "FourierAccumulator", "HeadSimilarity", "ProbeClassifier",
-    "PatchAttention", "Record", "Reservoir", "RolloutMap", "SwinCapture", "SwinGeometry", "ViTCapture", "ViTGeometry",
-    "attention_distance", "attention_entropy", "attention_maps", "attention_rollout", "attention_similarity",
-    "capture", "cross_model_cka", "geometry_from_dict", "delta_log_amplitude", "fourier_frequencies", "head_similarity",
-    "integrated_gradients", "linear_cka", "model_geometry", "normalized_mutual_information", "patch_occlusion",
-    "pre_post_pca", "records_to_frame", "rollout_map", "run_analyses", "tsne_embedding",
-    "uniform_attention_distance", "uniform_attention_entropy", "uniform_nmi",
-]
+_EXPORTS = {name: module for module, exported in _MODULES.items() for name in exported}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

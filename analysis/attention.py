@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,6 +48,12 @@ __all__ = [
     "AttentionNMI",
     "AttentionEntropy",
     "MeanOverImages",
+    "FirstImages",
+    "HeadMetricAccumulator",
+    "AttentionMapsAccumulator",
+    "distance_accumulator",
+    "nmi_accumulator",
+    "entropy_accumulator",
 ]
 
 _ROW_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
@@ -464,6 +471,12 @@ class MeanOverImages:
         self._sum = total if self._sum is None else self._sum + total
         self.images += values.shape[0]
 
+    def merge(self, other: MeanOverImages) -> None:
+        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
+        if other._sum is not None:
+            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
+        self.images += other.images
+
     def compute(self) -> Tensor:
         if self._sum is None or self.images == 0:
             raise ValueError(f"{type(self).__name__}: no images accumulated")
@@ -501,3 +514,118 @@ class AttentionEntropy(MeanOverImages):
 
     def _per_image(self, attn: Tensor) -> Tensor:
         return _entropy_per_image(attn, self.num_prefix_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# registry accumulators (analysis.registry contract: update(batch), merge(other), finish())
+
+
+class FirstImages:
+    """Rows of the first ``count`` images of the stream (by stream index), for overlays.
+
+    ``add(indices, name=tensor(B, ...), ...)`` keeps the rows whose index is ``< count`` (on the
+    CPU); ``arrays()`` returns them concatenated in stream order. Merging is exact.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._parts: list[tuple[int, dict[str, Tensor]]] = []
+
+    def add(self, indices: Tensor, **columns: Tensor | None) -> None:
+        keep = int((indices < self.count).sum())
+        if keep:
+            kept = {k: v[:keep].detach().cpu() for k, v in columns.items() if v is not None}
+            self._parts.append((int(indices[0]), kept))
+
+    def merge(self, other: FirstImages) -> None:
+        self._parts.extend(other._parts)
+
+    def arrays(self) -> dict[str, Tensor]:
+        parts = [p for _, p in sorted(self._parts, key=lambda item: item[0])]
+        if not parts:
+            return {}
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
+        return {k: v for k, v in out.items() if len(v) == len(next(iter(out.values())))}
+
+
+def _record(context, layer: int, head: int, metric: str, value: float, images: int):
+    from .results import Record
+
+    return Record(context.model_name, layer, head, metric, float(value), images)
+
+
+class HeadMetricAccumulator:
+    """One per-head attention statistic (a :class:`MeanOverImages` per layer) as tidy rows:
+    ``metric`` per (layer, head) and the mean over heads (``head = -1``)."""
+
+    def __init__(self, context, metric: str, make: Callable[[], MeanOverImages]) -> None:
+        self.context, self.metric = context, metric
+        self.layers = {layer: make() for layer in context.layers}
+
+    def update(self, batch) -> None:
+        for layer, acc in self.layers.items():
+            acc.update(batch.patch_attention(layer))
+
+    def merge(self, other: HeadMetricAccumulator) -> None:
+        for layer, acc in self.layers.items():
+            acc.merge(other.layers[layer])
+
+    def finish(self):
+        records = []
+        for layer, acc in self.layers.items():
+            values = acc.compute()
+            records += [_record(self.context, layer, h, self.metric, v, acc.images) for h, v in enumerate(values)]
+            records.append(_record(self.context, layer, -1, self.metric, values.mean(), acc.images))
+        return records, {}
+
+
+def distance_accumulator(context) -> HeadMetricAccumulator:
+    """``attention-distance`` (px) per layer and head."""
+    g = context.geometry
+    return HeadMetricAccumulator(context, "attention-distance",
+                                 lambda: AttentionDistance(g.grid, g.patch_size, g.num_prefix_tokens))
+
+
+def nmi_accumulator(context) -> HeadMetricAccumulator:
+    """``nmi`` per layer and head."""
+    return HeadMetricAccumulator(context, "nmi", lambda: AttentionNMI(context.geometry.num_prefix_tokens))
+
+
+def entropy_accumulator(context) -> HeadMetricAccumulator:
+    """``attention-entropy`` (nats) per layer and head."""
+    return HeadMetricAccumulator(context, "attention-entropy", lambda: AttentionEntropy(context.geometry.num_prefix_tokens))
+
+
+class AttentionMapsAccumulator:
+    """Attention maps of the query patches (option ``map_queries``, default the centre patch) for the
+    first ``map_images`` images: ``attention_maps`` (M, L, heads, Q, h, w), ``attention_map_queries``."""
+
+    def __init__(self, context) -> None:
+        g, opts = context.geometry, context.options
+        self.context = context
+        h, w = g.grid
+        self.queries = tuple(tuple(int(v) for v in q) for q in (opts.map_queries or ((h // 2, w // 2),)))
+        for q in self.queries:
+            if len(q) != 2 or not (0 <= q[0] < h and 0 <= q[1] < w):
+                raise ValueError(f"map query {q} is outside the {h}x{w} token grid")
+        self.first = FirstImages(opts.map_images)
+
+    def update(self, batch) -> None:
+        if int(batch.indices[0]) >= self.first.count:
+            return
+        g = self.context.geometry
+        maps = [attention_maps(batch.patch_attention(l), g.grid, self.queries, g.num_prefix_tokens)
+                for l in self.context.layers]
+        self.first.add(batch.indices, inputs=batch.images.float(), labels=batch.labels,
+                       maps=torch.stack(maps, dim=1))
+
+    def merge(self, other: AttentionMapsAccumulator) -> None:
+        self.first.merge(other.first)
+
+    def finish(self):
+        kept = self.first.arrays()
+        arrays = {"attention_maps": kept.pop("maps"), "inputs": kept["inputs"],
+                  "attention_map_queries": np.asarray(self.queries, dtype=np.int64).reshape(-1, 2)}
+        if "labels" in kept:
+            arrays["labels"] = kept["labels"]
+        return [], arrays

@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from .capture import _frozen_state, ViTGeometry, is_vit, unwrap_backbone
 
-__all__ = ["ProbeClassifier", "predicted_class", "integrated_gradients", "patch_occlusion", "attribute", "ATTRIBUTION_METHODS"]
+__all__ = [
+    "ProbeClassifier", "predicted_class", "integrated_gradients", "patch_occlusion", "attribute", "ATTRIBUTION_METHODS",
+    "AttributionAccumulator",
+]
 
 ATTRIBUTION_METHODS = ("integrated-gradients", "occlusion")
 
@@ -121,3 +124,50 @@ def attribute(classifier: nn.Module, images: Tensor, method: str, *, patch_size:
     if method == "occlusion":
         return patch_occlusion(classifier, images, patch_size, target, perturbations_per_eval=perturbations_per_eval)
     raise ValueError(f"unknown attribution method {method!r}; expected one of {ATTRIBUTION_METHODS}")
+
+
+class AttributionAccumulator:
+    """Registry accumulator of ``attribution``: captum maps of the first ``map_images`` images, computed
+    in ``finish`` with the classifier ``attribution_model`` (default: the model, if it has a head).
+
+    Arrays ``attribution`` = {method: (M, H, W), ``"target"``: (M,)} and ``inputs``/``labels``; options
+    ``attribution_methods``, ``attribution_target`` (``"prediction"`` or ``"label"``),
+    ``attribution_steps``, ``attribution_internal_batch_size``.
+    """
+
+    def __init__(self, context) -> None:
+        from .attention import FirstImages
+
+        opts = context.options
+        self.context = context
+        self.classifier = opts.attribution_model if opts.attribution_model is not None else context.model
+        if opts.attribution_model is None and getattr(unwrap_backbone(context.model), "num_classes", 0) == 0:
+            raise ValueError("attribution needs a classifier: the model has no head (num_classes=0); "
+                             "pass attribution_model=ProbeClassifier(model, head)")
+        self.first = FirstImages(opts.map_images)
+
+    def update(self, batch) -> None:
+        self.first.add(batch.indices, inputs=batch.images.float(), labels=batch.labels)
+
+    def merge(self, other: AttributionAccumulator) -> None:
+        self.first.merge(other.first)
+
+    def finish(self):
+        from .registry import on_device
+
+        opts, arrays = self.context.options, self.first.arrays()
+        if opts.attribution_target == "label" and "labels" not in arrays:
+            raise ValueError("attribution_target='label' but the loader gave no labels")
+        device = torch.device(self.context.device)
+        maps: dict[str, Tensor] = {}
+        with on_device(self.classifier, device):
+            x = arrays["inputs"].to(device)
+            tgt = arrays["labels"].to(device) if opts.attribution_target == "label" else predicted_class(self.classifier, x)
+            for method in opts.attribution_methods:
+                maps[method] = attribute(
+                    self.classifier, x, method, patch_size=self.context.geometry.patch_size, target=tgt,
+                    n_steps=opts.attribution_steps, internal_batch_size=opts.attribution_internal_batch_size,
+                ).cpu()
+            maps["target"] = tgt.cpu()
+        arrays["attribution"] = maps
+        return [], arrays

@@ -1,8 +1,9 @@
 """Capture of intermediate activations from timm vision transformers.
 
-Layer numbering used everywhere in :mod:`analysis`: layer ``l`` in ``1..L`` is the output
-(or the internals) of block ``l - 1``; layer ``0`` is the embedding output, i.e. the input of
-block 0 after position embedding (and ``norm_pre``).
+Layer numbering and geometry are those of :mod:`kamim.backbone` (re-exported here): layer ``l``
+in ``1..L`` is the output (or the internals) of block ``l`` (timm ``blocks[l - 1]``; a Swin's blocks
+counted across its stages); layer ``0`` is the embedding output, i.e. the input of block 1 after
+position embedding (and ``norm_pre``), or a Swin's patch embedding.
 
 For a timm ``VisionTransformer`` (any depth / width / patch size / image size, class token,
 register tokens, distillation token) :class:`ViTCapture` records, on request only and per block:
@@ -30,13 +31,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from kamim.backbone import (  # the geometry and model kinds are defined once, in the backbone layer
+    Geometry, SwinGeometry, ViTGeometry, geometry_from_dict, is_swin, is_vit, model_geometry, unwrap_backbone,
+)
+
 __all__ = [
+    "Geometry",
     "ViTGeometry",
     "SwinGeometry",
     "Captured",
@@ -49,205 +55,6 @@ __all__ = [
     "is_swin",
     "is_vit",
 ]
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def _check_layer(layer: Any, depth: int, allow_embedding: bool, what: str) -> int:
-    low = 0 if allow_embedding else 1
-    if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= depth:
-        raise ValueError(f"{what} {layer!r} out of range: expected an int in [{low}, {depth}]")
-    return int(layer)
-
-
-def is_vit(model: nn.Module) -> bool:
-    """True for timm ``VisionTransformer``-like models (patch_embed + blocks + forward_intermediates)."""
-    return (
-        hasattr(model, "patch_embed")
-        and isinstance(getattr(model, "blocks", None), nn.Sequential)
-        and hasattr(model, "forward_intermediates")
-        and hasattr(model, "num_prefix_tokens")
-    )
-
-
-def is_swin(model: nn.Module) -> bool:
-    """True for timm ``SwinTransformer``-like models (patch_embed + stages of ``blocks``)."""
-    layers = getattr(model, "layers", None)
-    return (
-        hasattr(model, "patch_embed")
-        and isinstance(layers, nn.Sequential)
-        and len(layers) > 0
-        and all(hasattr(stage, "blocks") for stage in layers)
-    )
-
-
-def unwrap_backbone(model: nn.Module) -> nn.Module:
-    """Return the timm backbone: ``model`` itself, or ``model.encoder`` for kamim pretraining wrappers."""
-    if is_vit(model) or is_swin(model):
-        return model
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, nn.Module) and (is_vit(encoder) or is_swin(encoder)):
-        return encoder
-    raise TypeError(
-        f"expected a timm VisionTransformer or SwinTransformer (or a wrapper with .encoder), "
-        f"got {type(model).__name__}"
-    )
-
-
-@dataclass(frozen=True)
-class ViTGeometry:
-    """Token geometry of a ViT, read from the model (nothing assumed).
-
-    ``patch_size`` and ``grid`` are ``(height, width)``; ``num_prefix_tokens`` counts the class,
-    distillation and register tokens that precede the ``grid[0] * grid[1]`` patch tokens.
-    """
-
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    grid: tuple[int, int]
-    num_prefix_tokens: int
-    depth: int
-    num_heads: int
-    embed_dim: int
-    has_class_token: bool = True
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
-
-    @property
-    def num_layers(self) -> int:
-        """Number of blocks ``L`` (layers are numbered ``1..L``, ``0`` is the embedding)."""
-        return self.depth
-
-    @classmethod
-    def from_model(cls, model: nn.Module, num_prefix_tokens: int | None = None) -> ViTGeometry:
-        """Read the geometry of a timm ``VisionTransformer`` (``num_prefix_tokens`` overrides the model's)."""
-        model = unwrap_backbone(model)
-        if not is_vit(model):
-            raise TypeError(f"ViTGeometry needs a timm VisionTransformer, got {type(model).__name__}")
-        pe = model.patch_embed
-        if getattr(pe, "img_size", None) is None or getattr(pe, "grid_size", None) is None:
-            raise ValueError(f"{type(model).__name__} has no fixed img_size/grid_size; build it with img_size=...")
-        prefix = int(model.num_prefix_tokens) if num_prefix_tokens is None else int(num_prefix_tokens)
-        if prefix < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {prefix}")
-        attn = model.blocks[0].attn
-        return cls(
-            img_size=_pair(pe.img_size),
-            patch_size=_pair(pe.patch_size),
-            grid=_pair(pe.grid_size),
-            num_prefix_tokens=prefix,
-            depth=len(model.blocks),
-            num_heads=int(attn.num_heads),
-            embed_dim=int(getattr(model, "embed_dim", model.num_features)),
-            has_class_token=getattr(model, "cls_token", None) is not None,
-        )
-
-    def check_layer(self, layer: int, *, allow_embedding: bool = False, what: str = "layer") -> int:
-        """Validate a layer number (``1..L``, or ``0..L`` with ``allow_embedding``)."""
-        return _check_layer(layer, self.depth, allow_embedding, what)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "vit", **asdict(self)}
-
-
-@dataclass(frozen=True)
-class SwinGeometry:
-    """Geometry of a timm ``SwinTransformer``: per-stage grids, widths and depths."""
-
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    grid: tuple[int, int]
-    stage_grids: tuple[tuple[int, int], ...]
-    stage_dims: tuple[int, ...]
-    stage_depths: tuple[int, ...]
-    stage_heads: tuple[int, ...]
-    num_prefix_tokens: int = 0
-    has_class_token: bool = False
-
-    @property
-    def depth(self) -> int:
-        return sum(self.stage_depths)
-
-    @property
-    def num_layers(self) -> int:
-        return self.depth
-
-    def layer_grid(self, layer: int) -> tuple[int, int]:
-        """Token grid of layer ``layer`` (0 = patch embedding)."""
-        self.check_layer(layer, allow_embedding=True)
-        if layer == 0:
-            return self.grid
-        stage = 0
-        remaining = layer
-        while remaining > self.stage_depths[stage]:
-            remaining -= self.stage_depths[stage]
-            stage += 1
-        return self.stage_grids[stage]
-
-    @classmethod
-    def from_model(cls, model: nn.Module, num_prefix_tokens: int | None = None) -> SwinGeometry:
-        model = unwrap_backbone(model)
-        if not is_swin(model):
-            raise TypeError(f"SwinGeometry needs a timm SwinTransformer, got {type(model).__name__}")
-        if num_prefix_tokens not in (None, 0):
-            raise ValueError(f"Swin has no prefix tokens, got num_prefix_tokens={num_prefix_tokens}")
-        pe = model.patch_embed
-        grids, dims, depths, heads = [], [], [], []
-        for stage in model.layers:
-            grids.append(_pair(stage.output_resolution))
-            dims.append(int(stage.blocks[0].norm1.normalized_shape[0]))
-            depths.append(len(stage.blocks))
-            heads.append(int(stage.blocks[0].attn.num_heads))
-        return cls(
-            img_size=_pair(pe.img_size),
-            patch_size=_pair(pe.patch_size),
-            grid=_pair(pe.grid_size),
-            stage_grids=tuple(grids),
-            stage_dims=tuple(dims),
-            stage_depths=tuple(depths),
-            stage_heads=tuple(heads),
-        )
-
-    def check_layer(self, layer: int, *, allow_embedding: bool = False, what: str = "layer") -> int:
-        return _check_layer(layer, self.depth, allow_embedding, what)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "swin", **asdict(self)}
-
-
-def geometry_from_dict(data: dict[str, Any]) -> ViTGeometry | SwinGeometry:
-    """Inverse of ``ViTGeometry.to_dict`` / ``SwinGeometry.to_dict`` (e.g. after a JSON round trip)."""
-    data = dict(data)
-    kind = data.pop("kind", "vit")
-    if kind not in ("vit", "swin"):
-        raise ValueError(f"unknown geometry kind {kind!r}; expected 'vit' or 'swin'")
-
-    def tuples(value: Any) -> Any:
-        return tuple(tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-    data = {k: tuples(v) for k, v in data.items()}
-    return ViTGeometry(**data) if kind == "vit" else SwinGeometry(**data)
-
-
-def model_geometry(model: nn.Module, num_prefix_tokens: int | None = None) -> ViTGeometry | SwinGeometry:
-    """Geometry of a timm ViT or Swin model."""
-    model = unwrap_backbone(model)
-    if is_vit(model):
-        return ViTGeometry.from_model(model, num_prefix_tokens)
-    return SwinGeometry.from_model(model, num_prefix_tokens)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def resolve_data(data: str) -> str:
     (:func:`kamim.data.build_dataset`, val split), anything else is returned unchanged."""
     if data not in DEMO_DATA or Path(data).exists():
         return data
-    from kamim.data import build_dataset
+    from kamim import build_dataset
 
     return str(build_dataset(data, split="val").root)
 

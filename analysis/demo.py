@@ -73,16 +73,16 @@ def default_cache_dir() -> Path:
     repo = Path(__file__).resolve().parents[1]
     if (repo / "pyproject.toml").is_file() and (repo / "checkpoints").is_dir():
         return repo / "checkpoints" / "demo"
-    from kamim.data.demo import kamim_data_dir
+    from kamim import kamim_data_dir
 
     return kamim_data_dir() / "demo-checkpoints"
 
 
 def _fingerprint(preset: str, overrides: Sequence[str], data: Optional[str]) -> dict:
-    import kamim
+    from kamim import __version__
 
     return {"preset": preset, "overrides": list(overrides), "data": data,
-            "kamim": kamim.__version__}
+            "kamim": __version__}
 
 
 def _run_dir(cache: Path, preset: str, tag: str) -> Path:
@@ -143,8 +143,7 @@ def ensure_demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = Fa
     built-in demo photographs) customise the runs; customised runs are cached in their own
     folders (``<preset>-<fast|full>-<hash>``), so they never clobber the standard demo models.
     """
-    from kamim.config import load_config
-    from kamim.engine.pretrain import pretrain
+    from kamim import load_config, pretrain
     from kamim.serialization import atomic_write_json
 
     cache = Path(cache) if cache is not None else default_cache_dir()
@@ -170,7 +169,7 @@ def ensure_demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = Fa
 
 def demo_eval_folder(size: int = 96) -> Path:
     """Labelled evaluation images (``val/`` of the photo-crops demo: one class per photograph)."""
-    from kamim.data.demo import kamim_data_dir, write_labelled_demo
+    from kamim import kamim_data_dir, write_labelled_demo
 
     root = write_labelled_demo(kamim_data_dir() / f"demo-labelled-{size}", kind="photo-crops",
                                n_train_per_class=2, n_val_per_class=6, size=size)

@@ -30,6 +30,7 @@ __all__ = [
     "delta_log_amplitude",
     "fourier_frequencies",
     "FourierAccumulator",
+    "LayerFourierAccumulator",
 ]
 
 EPS = 1e-6
@@ -149,6 +150,14 @@ class FourierAccumulator:
         self._sum = curves if self._sum is None else self._sum + curves
         self.images += batch.pop()
 
+    def merge(self, other: FourierAccumulator) -> None:
+        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
+        if (self.side, self.num_prefix_tokens) != (other.side, other.num_prefix_tokens):
+            raise ValueError("cannot merge Fourier accumulators of different geometries")
+        if other._sum is not None:
+            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
+        self.images += other.images
+
     def compute(self) -> Tensor:
         if self._sum is None or self.images == 0:
             raise ValueError("FourierAccumulator: no images accumulated")
@@ -157,3 +166,28 @@ class FourierAccumulator:
 
     def frequencies(self) -> Tensor:
         return fourier_frequencies(self.side)
+
+
+class LayerFourierAccumulator:
+    """Registry accumulator of ``fourier``: the embedding and every block output of a ViT with a
+    square grid; ``fourier`` (L+1, F), ``fourier_freqs`` (F,) and ``fourier-high-frequency`` rows."""
+
+    def __init__(self, context) -> None:
+        g = context.geometry
+        self.context = context
+        self.fourier = FourierAccumulator(g.grid, g.num_prefix_tokens, g.depth + 1)
+
+    def update(self, batch) -> None:
+        out = batch.captured
+        self.fourier.update([out.embedding] + [out.block_output[l] for l in self.context.layers])
+
+    def merge(self, other: LayerFourierAccumulator) -> None:
+        self.fourier.merge(other.fourier)
+
+    def finish(self):
+        from .results import Record
+
+        curves = self.fourier.compute()
+        records = [Record(self.context.model_name, l, -1, "fourier-high-frequency", float(curves[l, -1]),
+                          self.fourier.images) for l in range(curves.shape[0])]
+        return records, {"fourier": curves, "fourier_freqs": self.fourier.frequencies()}

@@ -1,28 +1,19 @@
 """The names ``kamim-analyze --help`` lists, as plain tuples (no torch import).
 
-:data:`ANALYSES` is the one list of analyses (:mod:`analysis.runner` imports it from here);
-:data:`RUN_OPTIONS` are the fields of :class:`analysis.runner.RunOptions`, the keyword options of
+:data:`ANALYSES` are the names of the built-in analyses, read from their registry declarations
+(:mod:`analysis.builtin`; :func:`analysis.registry.names` adds plugins); :data:`RUN_OPTIONS` are the
+fields of :class:`analysis.runner.RunOptions`, the keyword options of
 :func:`analysis.runner.run_analyses` (a test keeps the two equal). :data:`CLI_OPTIONS` are those
 that ``--option KEY=VALUE`` can set (a YAML value; not a module, a dtype, or ``batch_size``, which
 has ``--batch-size``).
 """
 from __future__ import annotations
 
+from .builtin import BUILTIN
+
 __all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS"]
 
-ANALYSES = (
-    "attention-distance",
-    "nmi",
-    "attention-entropy",
-    "attention-similarity",
-    "cka",
-    "fourier",
-    "tsne",
-    "pre-post",
-    "attention-maps",
-    "rollout",
-    "attribution",
-)
+ANALYSES: tuple[str, ...] = tuple(a.name for a in BUILTIN)
 RUN_OPTIONS = (
     "batch_size", "similarity_kind", "cka_pool", "cka_estimator", "cka_chunk", "tsne_layer", "tsne_samples",
     "tsne_perplexity", "tsne_iterations", "tsne_threads", "tsne_color", "pre_post_layer", "pre_post_images",

@@ -137,10 +137,8 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
     from torch.utils.data import DataLoader, Subset
 
     from analysis.plots import save_figure
-    from kamim.data import EvalTransform, ImageFolderDataset, collate_skip_bad
-    from kamim.eval.reconstruct import (MaskedImages, evaluate_reconstruction,
-                                        load_pretrain_model, plot_reconstructions)
-    from kamim.masking import MaskGenerator
+    from kamim import (EvalTransform, ImageFolderDataset, MaskedImages, MaskGenerator, collate_skip_bad,
+                       evaluate_reconstruction, load_pretrain_model, plot_reconstructions)
 
     models, infos = {}, {}
     for name, path in checkpoints.items():

@@ -151,7 +151,7 @@ def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
     ``image_size`` rebuilds every model for that resolution (position embeddings resampled).
     Errors name the model and its source in one line.
     """
-    from kamim.checkpoints import load_encoder
+    from kamim import load_encoder
 
     check_unique_names([s.name for s in specs])
     loaded = {}
@@ -238,7 +238,7 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from kamim.data import EvalTransform, ImageFolderDataset, collate_skip_bad
+    from kamim import EvalTransform, ImageFolderDataset, collate_skip_bad
 
     try:
         dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="auto")
@@ -361,7 +361,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     from analysis import plots
     from analysis.report import summary_table, write_report
     from analysis.runner import run_analyses
-    from kamim.data.images import find_images
+    from kamim import find_images
     from kamim.serialization import atomic_write_text
 
     asked_all = (analyses == "all") if isinstance(analyses, str) else ("all" in analyses)

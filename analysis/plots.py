@@ -820,44 +820,46 @@ def plot_keypoint_weights(image: np.ndarray, *, detector: str = "fast", render: 
 
 
 # ----------------------------------------------------------------------------------------------
-# dispatch
-FIGURE_FUNCTIONS: dict[str, Any] = {
-    "attention-distance": plot_attention_distance,
-    "nmi": plot_nmi,
-    "attention-entropy": plot_attention_entropy,
-    "attention-similarity": plot_attention_similarity,
-    "cka": plot_cka,
-    "fourier": plot_fourier,
-    "tsne": plot_tsne,
-    "pre-post": plot_pre_post,
-    "attention-maps": plot_attention_maps,
-    "rollout": plot_rollout,
-    "attribution": plot_attribution,
-}
+# dispatch: thin views over analysis.registry (each analysis carries its figure and title)
+class _RegistryView(Mapping[str, Any]):
+    """Read-only ``analysis name -> attribute`` view of the registered analyses (plugins included)."""
 
-FIGURE_TITLES: dict[str, str] = {
-    "attention-distance": "Attention distance",
-    "nmi": "Normalised mutual information",
-    "attention-entropy": "Attention entropy",
-    "attention-similarity": "Self-attention similarity across layers",
-    "cka": "CKA across layers",
-    "fourier": "Fourier analysis of feature maps",
-    "tsne": "Token t-SNE",
-    "pre-post": "Pre- vs post-attention tokens",
-    "attention-maps": "Attention maps",
-    "rollout": "Attention rollout",
-    "attribution": "Attributions",
-    "cross-cka": "Cross-model CKA",
-    "reconstructions": "Masked-image reconstructions",
-}
+    def __init__(self, attribute: str, extra: Optional[Mapping[str, Any]] = None) -> None:
+        self._attribute, self._extra = attribute, dict(extra or {})
+
+    def _items(self) -> dict[str, Any]:
+        from analysis import registry
+
+        items = {n: getattr(registry.get(n), self._attribute) for n in registry.names()}
+        return {**{n: v for n, v in items.items() if v is not None}, **self._extra}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
+def _figure_only_titles() -> dict[str, str]:
+    from analysis.builtin import FIGURE_ONLY_TITLES
+
+    return FIGURE_ONLY_TITLES
+
+
+#: analysis name -> figure function (a view over :mod:`analysis.registry`).
+FIGURE_FUNCTIONS: Mapping[str, Any] = _RegistryView("plot")
+#: analysis or figure name -> title (a view over :mod:`analysis.registry`, plus cross-model figures).
+FIGURE_TITLES: Mapping[str, str] = _RegistryView("title", _figure_only_titles())
 
 
 def plot_analysis(name: str, results: Mapping[str, Any], *, palette: Optional[ModelPalette] = None,
                   out: Optional[PathLike] = None, **kwargs: Any) -> Figure:
-    """The figure of analysis ``name`` (a key of :data:`FIGURE_FUNCTIONS`)."""
-    try:
-        fn = FIGURE_FUNCTIONS[name]
-    except KeyError:
-        raise ValueError(f"no figure for analysis {name!r}; expected one of "
-                         f"{', '.join(FIGURE_FUNCTIONS)}") from None
-    return fn(results, palette=palette, out=out, **kwargs)
+    """The figure of registered analysis ``name`` (:attr:`analysis.registry.Analysis.plot`)."""
+    from analysis import registry
+
+    if name not in registry.names() or registry.get(name).plot is None:
+        raise ValueError(f"no figure for analysis {name!r}; expected one of {', '.join(FIGURE_FUNCTIONS)}")
+    return registry.get(name).plot(results, palette=palette, out=out, **kwargs)

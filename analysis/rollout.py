@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .attention import MeanOverImages
+from .attention import FirstImages, MeanOverImages
 
-__all__ = ["attention_rollout", "rollout_map", "RolloutMap", "HEAD_FUSIONS"]
+__all__ = ["attention_rollout", "rollout_map", "RolloutMap", "RolloutAccumulator", "HEAD_FUSIONS"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 _ROW_TOL = 1e-3
@@ -87,3 +87,29 @@ class RolloutMap(MeanOverImages):
 
     def _per_image(self, attentions: Sequence[Tensor]) -> Tensor:  # type: ignore[override]
         return self.maps(attentions)
+
+
+class RolloutAccumulator:
+    """Registry accumulator of ``rollout``: per-image maps of the first ``map_images`` images
+    (``rollout`` (M, h, w), with ``inputs``/``labels``) and ``rollout_mean`` (h, w) over all images;
+    option ``head_fusion``."""
+
+    def __init__(self, context) -> None:
+        g, opts = context.geometry, context.options
+        self.context = context
+        self.rollout = RolloutMap(g.grid, g.num_prefix_tokens, bool(getattr(g, "has_class_token", False)), opts.head_fusion)
+        self.first = FirstImages(opts.map_images)
+
+    def update(self, batch) -> None:
+        maps = self.rollout.maps([batch.captured.attention[l] for l in self.context.layers])
+        self.rollout.add(maps)
+        self.first.add(batch.indices, inputs=batch.images.float(), labels=batch.labels, rollout=maps)
+
+    def merge(self, other: RolloutAccumulator) -> None:
+        self.rollout.merge(other.rollout)
+        self.first.merge(other.first)
+
+    def finish(self):
+        arrays = self.first.arrays()
+        arrays["rollout_mean"] = self.rollout.compute()
+        return [], arrays

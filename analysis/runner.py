@@ -1,9 +1,13 @@
-"""One streaming pass of representation analyses over a data loader (the contract the CLI builds on).
+"""One streaming pass of registered analyses over a data loader (the contract the CLI builds on).
 
-``run_analyses(model, loader, analyses, model_name=...)`` makes ONE pass over ``loader``, captures
-only what the requested analyses need (see :mod:`analysis.capture`), and streams every micro-batch
-into bounded-memory accumulators whose results do not depend on the batch size. Batches are dicts
-with ``"image"`` (and optional ``"label"``), ``(image, label, ...)`` tuples or bare image tensors.
+``run_analyses(model, loader, analyses, model_name=...)`` makes ONE pass over ``loader``: it looks the
+requested analyses up in :mod:`analysis.registry` (refusing those the model's geometry does not
+support, with the registry's one message), builds each analysis' accumulator from a
+:class:`~analysis.registry.Context` (model, geometry, :class:`RunOptions`, seed), captures the union of
+what they need (:mod:`analysis.capture`), streams every micro-batch into every accumulator as a
+:class:`~analysis.registry.Batch`, and collects the rows and arrays their ``finish`` returns.
+Results do not depend on the batch size. Batches are dicts with ``"image"`` (and optional
+``"label"``), ``(image, label, ...)`` tuples or bare image tensors.
 
 Result (:class:`analysis.results.AnalysisResult`):
 
@@ -13,7 +17,7 @@ for the mean over heads / not per head. Metrics: ``attention-distance`` (px), ``
 head-head similarity per layer); ``fourier-high-frequency`` (layers 0..L); ``attention-shift-ratio``
 and ``attention-shift-cosine`` (per layer, from ``pre-post``).
 
-``arrays``:
+``arrays`` (each analysis lists its keys in :attr:`analysis.registry.Analysis.arrays`):
 
 * ``attention_similarity`` (L, L), ``head_similarity`` (L, H, H): 1 - JSD (bits) or cosine.
 * ``cka`` (L, L): linear CKA between block outputs.
@@ -28,51 +32,38 @@ and ``attention-shift-cosine`` (per layer, from ``pre-post``).
 * ``rollout`` (M, h, w) for the first M images and ``rollout_mean`` (h, w) over all images.
 * ``attribution``: {method: (M, H, W), ``"target"``: (M,)}.
 
-Swin models support ``cka`` and ``tsne`` only (block outputs).
+Which analyses support Swin models is a property of each registered analysis
+(:func:`analysis.registry.supported`); today ``cka`` and ``tsne`` (block outputs).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attention import (
-    PatchAttention,
-    AttentionDistance,
-    AttentionEntropy,
-    AttentionNMI,
-    attention_maps,
-    uniform_attention_distance,
-    uniform_attention_entropy,
-    uniform_nmi,
-)
-from .attribution import ATTRIBUTION_METHODS, attribute, predicted_class
-from .capture import SwinCapture, ViTCapture, is_vit, model_geometry, unwrap_backbone
-from .fourier import FourierAccumulator
+from kamim.backbone import model_geometry, unwrap_backbone
+from kamim.precision import autocast
+
+from . import registry
+from .attention import uniform_attention_distance, uniform_attention_entropy, uniform_nmi
+from .attribution import ATTRIBUTION_METHODS
+from .capture import SwinCapture, ViTCapture
 from .names import ANALYSES
+from .registry import Batch, Context, on_device
 from .results import AnalysisResult, Record, records_to_frame
-from .rollout import HEAD_FUSIONS, RolloutMap
-from .similarity import (
-    ATTENTION_SIMILARITY_KINDS,
-    CKA_ESTIMATORS,
-    CKA_POOLS,
-    AttentionSimilarity,
-    CKAAccumulator,
-    HeadSimilarity,
-    pool_features,
-)
-from .tokens import AttentionShift, Reservoir, pre_post_pca, tsne_embedding
+from .rollout import HEAD_FUSIONS
+from .similarity import ATTENTION_SIMILARITY_KINDS, CKA_ESTIMATORS, CKA_POOLS, CKAAccumulator, pool_features
 
 __all__ = [
     "ANALYSES",
-    "SWIN_ANALYSES",
+    "CAPTURES",
     "RunOptions",
     "run_analyses",
+    "capture_request",
     "cross_model_cka",
     "iterate_images",
     "uniform_attention_distance",
@@ -80,8 +71,17 @@ __all__ = [
     "uniform_attention_entropy",
 ]
 
-SWIN_ANALYSES = ("cka", "tsne")
-_ATTENTION = {"attention-distance", "nmi", "attention-entropy", "attention-similarity", "attention-maps", "rollout"}
+#: The geometry kind -> capture class of that model family (a new family adds its capture here).
+CAPTURES = {"vit": ViTCapture, "swin": SwinCapture}
+#: What each registry need asks the capture for (``inputs`` / ``gradients`` need no capture).
+_CAPTURE_OF_NEED = {"attention": "attention", "pre_attention": "pre_attention", "post_attention": "post_attention",
+                    "tokens": "block_output"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SWIN_ANALYSES":  # kept for old imports: the registry knows which analyses support Swin
+        return registry.supported("swin")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -212,202 +212,20 @@ def _progress(loader: Iterable, max_images: int | None, enabled: bool, desc: str
     return tqdm(total=total, unit="img", desc=desc, disable=not enabled)
 
 
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Move ``model`` to ``device`` for the duration, then back to where it was."""
-    param = next(model.parameters(), None)
-    original = param.device if param is not None else device
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to(original)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # run_analyses
 
 
-def _resolve_analyses(analyses: Iterable[str] | str, swin: bool) -> tuple[str, ...]:
-    names = (analyses,) if isinstance(analyses, str) else tuple(analyses)
-    if not names:
-        raise ValueError(f"no analyses requested; choose from {', '.join(ANALYSES)}")
-    unknown = [a for a in names if a not in ANALYSES]
-    if unknown:
-        raise ValueError(f"unknown analysis {unknown[0]!r}; expected one of {', '.join(ANALYSES)}")
-    if swin:
-        bad = [a for a in names if a not in SWIN_ANALYSES]
-        if bad:
-            raise ValueError(f"analysis {bad[0]!r} is not supported for Swin models (supported: {', '.join(SWIN_ANALYSES)})")
-    return tuple(dict.fromkeys(a for a in ANALYSES if a in names))
-
-
-class _Pass:
-    """The accumulators of one :func:`run_analyses` pass, built from the requested analyses."""
-
-    def __init__(self, names: tuple[str, ...], geometry: Any, opts: RunOptions, seed: int) -> None:
-        self.want, self.geometry, self.opts, self.seed = set(names), geometry, opts, seed
-        g, want = geometry, self.want
-        self.layers = list(range(1, g.depth + 1))
-        self.prefix = g.num_prefix_tokens
-        self.has_cls = bool(getattr(g, "has_class_token", False))
-        self.tsne_layer = g.check_layer(opts.tsne_layer if opts.tsne_layer is not None else g.depth, what="tsne_layer")
-        self.pp_layer = g.check_layer(opts.pre_post_layer if opts.pre_post_layer is not None else g.depth,
-                                      what="pre_post_layer")
-        self.queries: tuple[tuple[int, int], ...] = ()
-        if "attention-maps" in want:
-            h, w = g.grid
-            self.queries = tuple(tuple(int(v) for v in q) for q in (opts.map_queries or ((h // 2, w // 2),)))
-            for q in self.queries:
-                if len(q) != 2 or not (0 <= q[0] < h and 0 <= q[1] < w):
-                    raise ValueError(f"map query {q} is outside the {h}x{w} token grid")
-        if "cka" in want and opts.cka_pool == "cls" and not self.has_cls:
-            raise ValueError("cka_pool='cls' needs a model with a class token")
-
-        def per_layer(name: str, make) -> dict[int, Any]:
-            return {l: make() for l in self.layers} if name in want else {}
-
-        p = self.prefix
-        self.distance = per_layer("attention-distance", lambda: AttentionDistance(g.grid, g.patch_size, p))
-        self.nmi = per_layer("nmi", lambda: AttentionNMI(p))
-        self.entropy = per_layer("attention-entropy", lambda: AttentionEntropy(p))
-        self.head_similarity = per_layer("attention-similarity", lambda: HeadSimilarity(p, opts.similarity_kind))
-        self.similarity = AttentionSimilarity(p, opts.similarity_kind) if "attention-similarity" in want else None
-        self.cka = CKAAccumulator(estimator=opts.cka_estimator, chunk_size=opts.cka_chunk) if "cka" in want else None
-        self.fourier = FourierAccumulator(g.grid, p, g.depth + 1) if "fourier" in want else None
-        self.tsne = Reservoir(opts.tsne_samples, seed) if "tsne" in want else None
-        self.tsne_label_kind = "class" if opts.tsne_color == "class" else "image"
-        self.shift = per_layer("pre-post", lambda: AttentionShift(p))
-        self.pre_post = Reservoir(opts.pre_post_images, seed + 1) if "pre-post" in want else None
-        self.rollout = RolloutMap(g.grid, p, self.has_cls, opts.head_fusion) if "rollout" in want else None
-        self.keep_first = bool(want & {"attention-maps", "rollout", "attribution"})
-        self.firsts: dict[str, list[Tensor]] = {"inputs": [], "labels": [], "maps": [], "rollout": []}
-        self.images = 0
-
-    def capture_request(self, swin: bool, num_prefix_tokens: int | None) -> dict[str, Any] | None:
-        """Keyword arguments for ViTCapture / SwinCapture, or None when no forward pass is needed."""
-        attention = self.layers if self.want & _ATTENTION else []
-        pre_post = self.layers if "pre-post" in self.want else []
-        blocks = set(self.layers) if self.want & {"cka", "fourier"} else set()
-        if "tsne" in self.want:
-            blocks.add(self.tsne_layer)
-        request: dict[str, Any] = dict(block_output=sorted(blocks), embedding="fourier" in self.want)
-        if not swin:
-            request.update(attention=attention, pre_attention=pre_post, post_attention=pre_post,
-                           num_prefix_tokens=num_prefix_tokens)
-        return request if (attention or pre_post or blocks or request["embedding"]) else None
-
-    def update(self, out: Any, x: Tensor, y: Tensor | None) -> None:
-        """Stream one micro-batch (``out``: the Captured activations of images ``x``, labels ``y``)."""
-        b, p, layers, opts = x.shape[0], self.prefix, self.layers, self.opts
-        image_ids = torch.arange(self.images, self.images + b)
-        attention = {l: PatchAttention(a, p, self.geometry.grid) for l, a in out.attention.items()} if out else {}
-        for l, a in attention.items():
-            for accs in (self.distance, self.nmi, self.entropy, self.head_similarity):
-                if l in accs:
-                    accs[l].update(a)
-        if self.similarity is not None:
-            self.similarity.update([attention[l] for l in layers])
-        if self.cka is not None:
-            self.cka.update([pool_features(out.block_output[l], p, opts.cka_pool, self.has_cls) for l in layers])
-        if self.fourier is not None:
-            self.fourier.update([out.embedding] + [out.block_output[l] for l in layers])
-        if self.tsne is not None:
-            tokens = out.block_output[self.tsne_layer][:, p:]
-            image = image_ids.repeat_interleave(tokens.shape[1])
-            by_class = y is not None and opts.tsne_color == "class"
-            if self.tsne.seen and by_class != (self.tsne_label_kind == "class"):
-                raise ValueError("some batches have labels and some do not: cannot colour t-SNE by class")
-            self.tsne_label_kind = "class" if by_class else "image"
-            color = y.cpu().repeat_interleave(tokens.shape[1]) if by_class else image
-            self.tsne.update(x=tokens.reshape(-1, tokens.shape[-1]), label=color, image=image)
-        for l, acc in self.shift.items():
-            acc.update(out.pre_attention[l], out.post_attention[l])
-        if self.pre_post is not None:
-            self.pre_post.update(pre=out.pre_attention[self.pp_layer], post=out.post_attention[self.pp_layer],
-                                 image=image_ids)
-        rollout_maps = None
-        if self.rollout is not None:
-            rollout_maps = self.rollout.maps([out.attention[l] for l in layers])
-            self.rollout.add(rollout_maps)
-        room = opts.map_images - self.images
-        if self.keep_first and room > 0:
-            self.firsts["inputs"].append(x[:room].detach().float().cpu())
-            if y is not None:
-                self.firsts["labels"].append(y[:room].cpu())
-            if "attention-maps" in self.want:
-                maps = [attention_maps(attention[l], self.geometry.grid, self.queries, p)[:room] for l in layers]
-                self.firsts["maps"].append(torch.stack(maps, dim=1).cpu())
-            if rollout_maps is not None:
-                self.firsts["rollout"].append(rollout_maps[:room].cpu())
-        self.images += b
-
-    def finish(self, model_name: str) -> tuple[list[Record], dict[str, Any]]:
-        """Table records and arrays (see the module docstring)."""
-        n, layers = self.images, self.layers
-        records: list[Record] = []
-        arrays: dict[str, Any] = {}
-
-        def record(layer: int, head: int, metric: str, value: float) -> None:
-            records.append(Record(model_name, layer, head, metric, float(value), n))
-
-        for metric, accs in (("attention-distance", self.distance), ("nmi", self.nmi),
-                             ("attention-entropy", self.entropy)):
-            for l, acc in accs.items():
-                values = acc.compute()
-                for h, v in enumerate(values):
-                    record(l, h, metric, v)
-                record(l, -1, metric, values.mean())
-        if self.similarity is not None:
-            arrays["attention_similarity"] = self.similarity.compute()
-            heads = torch.stack([self.head_similarity[l].compute() for l in layers])
-            arrays["head_similarity"] = heads
-            if heads.shape[-1] > 1:
-                off_diagonal = ~torch.eye(heads.shape[-1], dtype=torch.bool)
-                for l in layers:
-                    record(l, -1, "head-similarity", heads[l - 1][off_diagonal].mean())
-        if self.cka is not None:
-            arrays["cka"] = self.cka.compute()
-        if self.fourier is not None:
-            curves = self.fourier.compute()
-            arrays["fourier"], arrays["fourier_freqs"] = curves, self.fourier.frequencies()
-            for l in range(len(layers) + 1):
-                record(l, -1, "fourier-high-frequency", curves[l, -1])
-        if self.tsne is not None:
-            sample = self.tsne.sample()
-            opts = self.opts
-            arrays["tsne_xy"] = tsne_embedding(sample["x"], perplexity=opts.tsne_perplexity, seed=self.seed,
-                                               max_iter=opts.tsne_iterations, threads=opts.tsne_threads)
-            arrays["tsne_labels"], arrays["tsne_images"] = sample["label"], sample["image"]
-            arrays["tsne_label_kind"] = np.asarray(self.tsne_label_kind)
-            arrays["tsne_layer"] = np.asarray(self.tsne_layer)
-        if self.pre_post is not None:
-            for l, acc in self.shift.items():
-                ratio, cosine = acc.compute().tolist()
-                record(l, -1, "attention-shift-ratio", ratio)
-                record(l, -1, "attention-shift-cosine", cosine)
-            sample = self.pre_post.sample()
-            pca = pre_post_pca(sample["pre"], sample["post"], self.prefix, seed=self.seed)
-            pca["image"] = sample["image"][pca["image"]]  # stream index of each token's image
-            arrays["pre_post"] = {**pca, "layer": np.asarray(self.pp_layer)}
-        if self.keep_first:
-            arrays["inputs"] = torch.cat(self.firsts["inputs"])
-            labels = torch.cat(self.firsts["labels"]) if self.firsts["labels"] else None
-            if labels is not None and len(labels) == len(arrays["inputs"]):
-                arrays["labels"] = labels
-        if "attention-maps" in self.want:
-            arrays["attention_maps"] = torch.cat(self.firsts["maps"])
-            arrays["attention_map_queries"] = np.asarray(self.queries, dtype=np.int64).reshape(-1, 2)
-        if self.rollout is not None:
-            arrays["rollout"] = torch.cat(self.firsts["rollout"])
-            arrays["rollout_mean"] = self.rollout.compute()
-        return records, arrays
+def capture_request(needs: Iterable[str], num_prefix_tokens: int | None = None) -> dict[str, Any] | None:
+    """Keyword arguments of the capture class for the union of registry ``needs``; None when the
+    analyses need no forward pass (only ``inputs`` / ``gradients``)."""
+    needs = set(needs)
+    request: dict[str, Any] = {key: True for need, key in _CAPTURE_OF_NEED.items() if need in needs}
+    if "embedding" in needs:
+        request["embedding"] = True
+    if not request:
+        return None
+    return {**request, "num_prefix_tokens": num_prefix_tokens}
 
 
 def run_analyses(
@@ -423,65 +241,53 @@ def run_analyses(
     progress: bool = True,
     **options: Any,
 ) -> AnalysisResult:
-    """Run the requested ``analyses`` (names from :data:`ANALYSES`) in one pass over ``loader``.
+    """Run the requested registered ``analyses`` (:func:`analysis.registry.names`) in one pass over ``loader``.
 
     See the module docstring for the result layout and :class:`RunOptions` for ``**options``.
-    Raises ``ValueError`` for unknown analyses/options, an empty loader, or images that do not
-    match the model's input size.
+    Raises ``ValueError`` for unknown or unsupported analyses, bad options, an empty loader, or
+    images that do not match the model's input size.
     """
     backbone = unwrap_backbone(model)
-    swin = not is_vit(backbone)
-    names = _resolve_analyses(analyses, swin)
-    opts = RunOptions.from_kwargs(options)
     geometry = model_geometry(backbone, num_prefix_tokens)
+    chosen = registry.check_supported(analyses, geometry)
+    opts = RunOptions.from_kwargs(options)
     device = torch.device(device)
-    classifier = None
-    if "attribution" in names:
-        classifier = opts.attribution_model if opts.attribution_model is not None else model
-        if opts.attribution_model is None and getattr(backbone, "num_classes", 0) == 0:
-            raise ValueError("attribution needs a classifier: the model has no head (num_classes=0); "
-                             "pass attribution_model=ProbeClassifier(model, head)")
-    state = _Pass(names, geometry, opts, seed)
-    request = state.capture_request(swin, num_prefix_tokens)
-    capturing = (SwinCapture if swin else ViTCapture)(backbone, **request) if request else contextlib.nullcontext()
+    context = Context(model_name, geometry, opts, seed, model, device)
+    accumulators = [analysis.accumulator(context) for analysis in chosen]  # options are validated here
+    request = capture_request(set().union(*(a.needs for a in chosen)), num_prefix_tokens)
+    kind = registry.geometry_kind(geometry)
+    capturing = CAPTURES[kind](backbone, **request) if request else nullcontext()
 
-    with _on_device(backbone, device), capturing as cap, _progress(loader, max_images, progress, model_name) as bar:
-        for images, labels in iterate_images(loader, max_images):
-            for start in range(0, images.shape[0], opts.batch_size):
-                x = images[start : start + opts.batch_size].to(device, non_blocking=True)
-                y = labels[start : start + opts.batch_size] if labels is not None else None
+    images = 0
+    with on_device(backbone, device), capturing as cap, _progress(loader, max_images, progress, model_name) as bar:
+        for x_all, y_all in iterate_images(loader, max_images):
+            for start in range(0, x_all.shape[0], opts.batch_size):
+                x = x_all[start : start + opts.batch_size].to(device, non_blocking=True)
+                y = y_all[start : start + opts.batch_size] if y_all is not None else None
                 out = None
                 if cap is not None:
-                    with _autocast(device, opts.amp_dtype):
+                    with autocast(device, opts.amp_dtype):
                         out = cap(x)
-                state.update(out, x, y)
+                batch = Batch(x, y, torch.arange(images, images + x.shape[0]), out, geometry)
+                for acc in accumulators:
+                    acc.update(batch)
+                images += x.shape[0]
                 bar.update(x.shape[0])
-    if state.images == 0:
+    if images == 0:
         raise ValueError("the loader yielded no images")
-    records, arrays = state.finish(model_name)
-
-    if classifier is not None:
-        if opts.attribution_target == "label" and "labels" not in arrays:
-            raise ValueError("attribution_target='label' but the loader gave no labels")
-        attributions: dict[str, Any] = {}
-        with _on_device(classifier, device):
-            x = arrays["inputs"].to(device)
-            tgt = arrays["labels"].to(device) if opts.attribution_target == "label" else predicted_class(classifier, x)
-            for method in opts.attribution_methods:
-                attributions[method] = attribute(
-                    classifier, x, method, patch_size=geometry.patch_size, target=tgt,
-                    n_steps=opts.attribution_steps, internal_batch_size=opts.attribution_internal_batch_size,
-                ).cpu()
-            attributions["target"] = tgt.cpu()
-        arrays["attribution"] = attributions
-
+    records: list[Record] = []
+    arrays: dict[str, Any] = {}
+    for acc in accumulators:
+        rows, values = acc.finish()
+        records += rows
+        arrays.update(values)  # shared keys (inputs, labels) hold the same images
     return AnalysisResult(
         model_name=model_name,
         table=records_to_frame(records),
         arrays=arrays,
         geometry=geometry,
-        images=state.images,
-        analyses=names,
+        images=images,
+        analyses=tuple(a.name for a in chosen),
         options={**opts.to_dict(), "seed": seed, "max_images": max_images, "device": str(device)},
     )
 
@@ -521,18 +327,14 @@ def cross_model_cka(
     seen = 0
     caps = []
     for m, g, p in ((a, ga, num_prefix_tokens[0]), (b, gb, num_prefix_tokens[1])):
-        kwargs = dict(block_output=True)
-        if is_vit(m):
-            caps.append(ViTCapture(m, num_prefix_tokens=p, **kwargs))
-        else:
-            caps.append(SwinCapture(m, **kwargs))
+        caps.append(CAPTURES[registry.geometry_kind(g)](m, **capture_request({"tokens"}, p)))
     name = f"{model_names[0]} vs {model_names[1]}"
-    with _on_device(a, device), _on_device(b, device), caps[0] as cap_a, caps[1] as cap_b, \
+    with on_device(a, device), on_device(b, device), caps[0] as cap_a, caps[1] as cap_b, \
             _progress(loader, max_images, progress, name) as bar:
         for images, _ in iterate_images(loader, max_images):
             for start in range(0, images.shape[0], batch_size):
                 x = images[start : start + batch_size].to(device, non_blocking=True)
-                with _autocast(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     out_a, out_b = cap_a(x), cap_b(x)
                 feats_a = [pool_features(out_a.block_output[l], ga.num_prefix_tokens, pool, getattr(ga, "has_class_token", False))
                            for l in range(1, ga.depth + 1)]

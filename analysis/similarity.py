@@ -47,6 +47,8 @@ __all__ = [
     "ATTENTION_SIMILARITY_KINDS",
     "CKA_POOLS",
     "CKA_ESTIMATORS",
+    "AttentionSimilarityAccumulator",
+    "LayerCKAAccumulator",
 ]
 
 ATTENTION_SIMILARITY_KINDS = ("jsd", "cosine")
@@ -122,6 +124,12 @@ class _PairwiseMean:
         total = per_image.double().sum(0).cpu()
         self._sum = total if self._sum is None else self._sum + total
         self.images += per_image.shape[0]
+
+    def merge(self, other: _PairwiseMean) -> None:
+        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
+        if other._sum is not None:
+            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
+        self.images += other.images
 
     def compute(self) -> Tensor:
         if self._sum is None or self.images == 0:
@@ -399,6 +407,49 @@ class CKAAccumulator:
         return _cka_from_hsic(hsic, self_hsic[:la], self_hsic[la:])
 
     # ---------------------------------------------------------------------------------------
+    def merge(self, other: CKAAccumulator) -> None:
+        """Add ``other``'s samples, which come after this accumulator's in stream order.
+
+        ``exact``: exact (up to float64 rounding) for any split. ``minibatch``: the buffered samples
+        are joined and the processed chunk sums added, which equals one accumulator over the whole
+        stream when this one saw a multiple of ``chunk_size`` samples or ``other`` processed no
+        chunk yet (fewer than ``chunk_size + 4`` samples); otherwise the chunks are a different,
+        equally valid, partition of the samples.
+        """
+        same = (self.estimator, self.chunk_size, self.cross) == (other.estimator, other.chunk_size, other.cross)
+        if not same or (self._dims is not None and other._dims is not None
+                        and (self._dims, self._num_a) != (other._dims, other._num_a)):
+            raise ValueError("cannot merge CKA accumulators with different settings or feature dimensions")
+        if other.samples == 0:
+            return
+        if self.samples == 0:
+            self.__dict__.update({k: (list(v) if isinstance(v, list) else v) for k, v in other.__dict__.items()})
+            return
+        self.samples += other.samples
+        if self.estimator == "minibatch":
+            self._buffer = self._buffer + other._buffer
+            self._buffered += other._buffered
+            if other._hsic is not None:
+                self._hsic = other._hsic.clone() if self._hsic is None else self._hsic + other._hsic
+            while self._buffered >= self.chunk_size + 4:
+                self._process(self._take(self.chunk_size))
+            return
+        # exact: move other's sums from its shift to ours (covariances are shift invariant)
+        n, d, zsum = other.samples, other._shift - self._shift, other._zsum
+        self._zsum = self._zsum + zsum + n * d
+        if not self.cross:
+            self._gram = self._gram + other._gram + torch.outer(zsum, d) + torch.outer(d, zsum) + n * torch.outer(d, d)
+            return
+        da = sum(self._dims[: self._num_a])
+        self._gram = (self._gram + other._gram + torch.outer(zsum[:da], d[da:]) + torch.outer(d[:da], zsum[da:])
+                      + n * torch.outer(d[:da], d[da:]))
+        offsets = torch.tensor([0] + self._dims).cumsum(0).tolist()
+        merged = []
+        for i, (mine, theirs) in enumerate(zip(self._self_grams, other._self_grams)):
+            s = slice(offsets[i], offsets[i + 1])
+            merged.append(mine + theirs + torch.outer(zsum[s], d[s]) + torch.outer(d[s], zsum[s]) + n * torch.outer(d[s], d[s]))
+        self._self_grams = merged
+
     def compute(self) -> Tensor:
         if self.samples == 0:
             raise ValueError("CKAAccumulator: no samples accumulated")
@@ -421,3 +472,63 @@ class CKAAccumulator:
         la = self._num_a
         diag = hsic.diagonal()
         return _cka_from_hsic(hsic[:la, la:], diag[:la], diag[la:])
+
+
+# --------------------------------------------------------------------------------------------
+# registry accumulators (analysis.registry contract: update(batch), merge(other), finish())
+
+
+class AttentionSimilarityAccumulator:
+    """``attention_similarity`` (L, L), ``head_similarity`` (L, H, H) and the ``head-similarity`` rows
+    (mean off-diagonal head-head similarity per layer); option ``similarity_kind``."""
+
+    def __init__(self, context) -> None:
+        p, kind = context.geometry.num_prefix_tokens, context.options.similarity_kind
+        self.context = context
+        self.layers = AttentionSimilarity(p, kind)
+        self.heads = {l: HeadSimilarity(p, kind) for l in context.layers}
+
+    def update(self, batch) -> None:
+        attention = [batch.patch_attention(l) for l in self.context.layers]
+        for a, acc in zip(attention, self.heads.values()):
+            acc.update(a)
+        self.layers.update(attention)
+
+    def merge(self, other: AttentionSimilarityAccumulator) -> None:
+        self.layers.merge(other.layers)
+        for l, acc in self.heads.items():
+            acc.merge(other.heads[l])
+
+    def finish(self):
+        from .results import Record
+
+        heads = torch.stack([acc.compute() for acc in self.heads.values()])
+        records = []
+        if heads.shape[-1] > 1:
+            off_diagonal = ~torch.eye(heads.shape[-1], dtype=torch.bool)
+            records = [Record(self.context.model_name, l, -1, "head-similarity", float(heads[l - 1][off_diagonal].mean()),
+                              self.layers.images) for l in self.context.layers]
+        return records, {"attention_similarity": self.layers.compute(), "head_similarity": heads}
+
+
+class LayerCKAAccumulator:
+    """Linear CKA between the block outputs of one model: ``cka`` (L, L); options ``cka_pool``,
+    ``cka_estimator``, ``cka_chunk``."""
+
+    def __init__(self, context) -> None:
+        opts, g = context.options, context.geometry
+        self.has_cls = bool(getattr(g, "has_class_token", False))
+        if opts.cka_pool == "cls" and not self.has_cls:
+            raise ValueError("cka_pool='cls' needs a model with a class token")
+        self.context = context
+        self.cka = CKAAccumulator(estimator=opts.cka_estimator, chunk_size=opts.cka_chunk)
+
+    def update(self, batch) -> None:
+        p, pool = self.context.geometry.num_prefix_tokens, self.context.options.cka_pool
+        self.cka.update([pool_features(batch.captured.block_output[l], p, pool, self.has_cls) for l in self.context.layers])
+
+    def merge(self, other: LayerCKAAccumulator) -> None:
+        self.cka.merge(other.cka)
+
+    def finish(self):
+        return [], {"cka": self.cka.compute()}

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .attention import MeanOverImages
 
-__all__ = ["Reservoir", "tsne_embedding", "pre_post_pca", "attention_shift", "AttentionShift"]
+__all__ = ["Reservoir", "tsne_embedding", "pre_post_pca", "attention_shift", "AttentionShift", "TSNEAccumulator",
+           "PrePostAccumulator"]
 
 
 class Reservoir:
@@ -35,14 +36,18 @@ class Reservoir:
     def __init__(self, capacity: int, seed: int = 0) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        self.capacity = capacity
-        self._rng = np.random.default_rng(seed)
+        self.capacity, self.seed = capacity, seed
         self._keys = np.empty(0)
         self._order = np.empty(0, dtype=np.int64)
         self._data: dict[str, np.ndarray] = {}
         self.seen = 0
 
     def update(self, **columns: Tensor | np.ndarray) -> None:
+        """Add rows that follow every row seen so far in the stream."""
+        self.update_at(self.seen, **columns)
+
+    def update_at(self, start: int, **columns: Tensor | np.ndarray) -> None:
+        """Add rows at stream positions ``start, start + 1, ...`` (a later accumulator of a split stream)."""
         if not columns:
             raise ValueError("Reservoir.update needs at least one column")
         arrays = {k: (v.detach().float().cpu().numpy() if isinstance(v, Tensor) and v.is_floating_point()
@@ -54,16 +59,30 @@ class Reservoir:
         n = n.pop()
         if self._data and set(arrays) != set(self._data):
             raise ValueError(f"reservoir columns changed: {sorted(self._data)} -> {sorted(arrays)}")
-        keys = self._rng.random(n)  # consumed in stream order: independent of the batching
-        order = np.arange(self.seen, self.seen + n)
+        # the keys of one seeded PCG64 stream, taken at the rows' stream positions: independent of the
+        # batching and of how the stream is split between accumulators
+        keys = np.random.Generator(np.random.PCG64(self.seed).advance(int(start))).random(n)
+        order = np.arange(start, start + n)
         self.seen += n
+        self._keep(keys, order, arrays)
+
+    def merge(self, other: Reservoir) -> None:
+        """Add the rows kept by ``other`` (same capacity and seed, disjoint stream positions): exact."""
+        if (self.capacity, self.seed) != (other.capacity, other.seed):
+            raise ValueError("cannot merge reservoirs with different capacities or seeds")
+        self.seen += other.seen
+        if other._data:
+            self._keep(other._keys, other._order, other._data)
+
+    def _keep(self, keys: np.ndarray, order: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         if not self._data:
             self._data = {k: v[:0] for k, v in arrays.items()}
         all_keys = np.concatenate([self._keys, keys])
+        all_order = np.concatenate([self._order, order])
         keep = np.argsort(all_keys, kind="stable")[: self.capacity]
-        keep.sort()  # keep stream order
+        keep = keep[np.argsort(all_order[keep], kind="stable")]  # keep stream order
         self._keys = all_keys[keep]
-        self._order = np.concatenate([self._order, order])[keep]
+        self._order = all_order[keep]
         self._data = {k: np.concatenate([self._data[k], arrays[k]])[keep] for k in arrays}
 
     def __len__(self) -> int:
@@ -148,3 +167,87 @@ class AttentionShift(MeanOverImages):
     def _per_image(self, pre: Tensor, post: Tensor) -> Tensor:
         shift = attention_shift(pre, post, self.num_prefix_tokens)
         return torch.stack([shift["ratio"], shift["cosine"]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# registry accumulators (analysis.registry contract: update(batch), merge(other), finish())
+
+
+class TSNEAccumulator:
+    """t-SNE of a reservoir sample of the patch tokens of layer ``tsne_layer`` (default L), coloured by
+    class (labels) or by image; options ``tsne_samples``, ``tsne_perplexity``, ``tsne_iterations``,
+    ``tsne_threads``, ``tsne_color``. Arrays ``tsne_xy``, ``tsne_labels``, ``tsne_images``,
+    ``tsne_label_kind``, ``tsne_layer``."""
+
+    def __init__(self, context) -> None:
+        g, opts = context.geometry, context.options
+        self.context = context
+        self.layer = g.check_layer(opts.tsne_layer if opts.tsne_layer is not None else g.depth, what="tsne_layer")
+        self.reservoir = Reservoir(opts.tsne_samples, context.seed)
+        self.label_kind = "class" if opts.tsne_color == "class" else "image"
+
+    def update(self, batch) -> None:
+        tokens = batch.captured.block_output[self.layer][:, self.context.geometry.num_prefix_tokens:]
+        per_image = tokens.shape[1]
+        image = batch.indices.repeat_interleave(per_image)
+        by_class = batch.labels is not None and self.context.options.tsne_color == "class"
+        self._set_kind("class" if by_class else "image", self.reservoir.seen > 0)
+        color = batch.labels.cpu().repeat_interleave(per_image) if by_class else image
+        self.reservoir.update_at(int(batch.indices[0]) * per_image, x=tokens.reshape(-1, tokens.shape[-1]),
+                                 label=color, image=image)
+
+    def _set_kind(self, kind: str, seen: bool) -> None:
+        if seen and kind != self.label_kind:
+            raise ValueError("some batches have labels and some do not: cannot colour t-SNE by class")
+        self.label_kind = kind
+
+    def merge(self, other: TSNEAccumulator) -> None:
+        if other.reservoir.seen:
+            self._set_kind(other.label_kind, self.reservoir.seen > 0)
+        self.reservoir.merge(other.reservoir)
+
+    def finish(self):
+        opts, sample = self.context.options, self.reservoir.sample()
+        xy = tsne_embedding(sample["x"], perplexity=opts.tsne_perplexity, seed=self.context.seed,
+                            max_iter=opts.tsne_iterations, threads=opts.tsne_threads)
+        return [], {"tsne_xy": xy, "tsne_labels": sample["label"], "tsne_images": sample["image"],
+                    "tsne_label_kind": np.asarray(self.label_kind), "tsne_layer": np.asarray(self.layer)}
+
+
+class PrePostAccumulator:
+    """Attention shift per layer (``attention-shift-ratio``, ``attention-shift-cosine`` rows) and the PCA
+    of pre- vs post-attention tokens of ``pre_post_images`` sampled images at layer ``pre_post_layer``
+    (default L): array ``pre_post``."""
+
+    def __init__(self, context) -> None:
+        g, opts = context.geometry, context.options
+        self.context = context
+        self.layer = g.check_layer(opts.pre_post_layer if opts.pre_post_layer is not None else g.depth,
+                                   what="pre_post_layer")
+        self.shift = {l: AttentionShift(g.num_prefix_tokens) for l in context.layers}
+        self.reservoir = Reservoir(opts.pre_post_images, context.seed + 1)
+
+    def update(self, batch) -> None:
+        out = batch.captured
+        for l, acc in self.shift.items():
+            acc.update(out.pre_attention[l], out.post_attention[l])
+        self.reservoir.update_at(int(batch.indices[0]), pre=out.pre_attention[self.layer],
+                                 post=out.post_attention[self.layer], image=batch.indices)
+
+    def merge(self, other: PrePostAccumulator) -> None:
+        for l, acc in self.shift.items():
+            acc.merge(other.shift[l])
+        self.reservoir.merge(other.reservoir)
+
+    def finish(self):
+        from .results import Record
+
+        records = []
+        for l, acc in self.shift.items():
+            ratio, cosine = acc.compute().tolist()
+            records += [Record(self.context.model_name, l, -1, "attention-shift-ratio", ratio, acc.images),
+                        Record(self.context.model_name, l, -1, "attention-shift-cosine", cosine, acc.images)]
+        sample = self.reservoir.sample()
+        pca = pre_post_pca(sample["pre"], sample["post"], self.context.geometry.num_prefix_tokens, seed=self.context.seed)
+        pca["image"] = sample["image"][pca["image"]]  # stream index of each token's image
+        return records, {"pre_post": {**pca, "layer": np.asarray(self.layer)}}

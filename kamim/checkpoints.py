@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fnmatch
 import hashlib
 import json
@@ -35,8 +36,10 @@ import timm
 import torch
 import yaml
 from timm.layers import resample_abs_pos_embed
+from timm.models import clean_state_dict
 from torch import nn
 
+from kamim.backbone import Geometry, model_geometry, to_hw
 from kamim.convert import Conversion, ConversionError
 from kamim.convert.hf import convert_hf_swin, convert_hf_vit, is_hf_swin, is_hf_vit
 from kamim.convert.layouts import (
@@ -46,7 +49,7 @@ from kamim.serialization import CheckpointError, load_safetensors, read_safetens
 
 __all__ = [
     "FORMATS", "MANIFEST_PATH", "CHECKPOINT_DIR_ENV", "CheckpointError", "LoadedEncoder", "ResolvedSource",
-    "load_encoder", "resolve_source", "load_manifest", "read_checkpoint", "convert_checkpoint", "sha256_file",
+    "load_encoder", "encoder_from_module", "resolve_encoder", "resolve_source", "load_manifest", "read_checkpoint", "convert_checkpoint", "sha256_file",
     "check_run_export",
 ]
 
@@ -89,7 +92,7 @@ _LAYOUTS: tuple[tuple[str, Callable[[Mapping[str, Any], str | None], bool], _Con
 
 @dataclass
 class LoadedEncoder:
-    """A timm encoder loaded from a checkpoint.
+    """A timm encoder loaded from a checkpoint (or wrapped from memory: :func:`encoder_from_module`).
 
     Attributes:
         model: the timm model, ``eval()`` mode, ``num_classes=0``, on the requested device.
@@ -97,15 +100,17 @@ class LoadedEncoder:
         patch_size: patch size in pixels (an int for square patches, else (h, w)); None for models without
             a patch embedding.
         num_prefix_tokens: class/register tokens before the patch tokens (0 for Swin).
-        format: detected format (a key of :data:`FORMATS`).
-        source: the file loaded (or the timm model name).
-        sha256: hex digest of the file (None for a timm model name).
+        format: detected format (a key of :data:`FORMATS`, or ``"module"`` for an in-memory model).
+        source: the file loaded (or the timm model name, or the in-memory model's class name).
+        sha256: hex digest of the file (None for a timm model name or an in-memory model).
         report: what happened: ``loaded`` (tensors loaded), ``converted`` (source tensors renamed/fused),
             ``ignored`` ({category: [keys]} set aside), ``missing``/``unexpected`` (tolerated with
             ``strict=False`` only), ``resampled``, ``verified_buffers``, ``notes``, ...
         spec: ``{"model_name", "kwargs"}`` recreating the architecture with ``timm.create_model``
             (kwargs may hold a ``norm_layer`` callable, e.g. for Hugging Face eps 1e-12).
         method: pretraining method recorded in the checkpoint (this project's formats), else None.
+        geometry: :func:`kamim.backbone.model_geometry` of the model, read once at load (None for
+            architectures other than ViT and Swin).
     """
 
     model: nn.Module
@@ -118,6 +123,21 @@ class LoadedEncoder:
     report: dict[str, Any]
     spec: dict[str, Any] = field(default_factory=dict)
     method: str | None = None
+    geometry: Geometry | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, format: str, source: str, sha256: str | None, report: dict[str, Any],
+           spec: dict[str, Any] | None = None, method: str | None = None) -> LoadedEncoder:
+        """Build the record of ``model``, its geometry fields read from the model."""
+        try:
+            geometry = model_geometry(model)
+        except ValueError:  # not a fixed-size ViT/Swin: the input size timm records for the architecture
+            size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 0, 0))
+            return cls(model, (int(size[1]), int(size[2])), None, int(getattr(model, "num_prefix_tokens", 0)),
+                       format, source, sha256, report, spec or {}, method)
+        ph, pw = geometry.patch_size
+        return cls(model, geometry.img_size, ph if ph == pw else (ph, pw), geometry.num_prefix_tokens, format,
+                   source, sha256, report, spec or {}, method, geometry)
 
 
 @dataclass(frozen=True)
@@ -342,9 +362,7 @@ def _spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
 
 def _native_img(kwargs: Mapping[str, Any]) -> tuple[int, int] | None:
     img = kwargs.get("img_size")
-    if img is None:
-        return None
-    return (int(img), int(img)) if isinstance(img, int) else (int(img[0]), int(img[1]))
+    return None if img is None else to_hw(img)
 
 
 def _convert_kamim_pretrain(obj: Mapping[str, Any], where: str) -> Conversion:
@@ -419,9 +437,10 @@ def convert_checkpoint(
         raise CheckpointError(f"{where}: unknown checkpoint format: no state dict of tensors found (saw {seen}); "
                               f"known formats: {', '.join(FORMATS)}")
     notes = []
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-        notes.append("stripped the DistributedDataParallel 'module.' prefix")
+    cleaned = clean_state_dict(dict(sd))
+    if list(cleaned) != list(sd):
+        sd = cleaned
+        notes.append("stripped the DistributedDataParallel/torch.compile 'module.'/'_orig_mod.' prefixes")
     for fmt, matches, convert in _LAYOUTS:
         if matches(sd, container):
             kw: dict[str, Any] = {"num_heads": num_heads, "native_img_size": native_img_size,
@@ -468,16 +487,6 @@ def _category(key: str, allow_extra: Sequence[str]) -> str | None:
     if key.split(".")[0] in _CLASSIFIER:
         return "classifier"
     return None
-
-
-def _geometry(model: nn.Module) -> tuple[tuple[int, int], int | tuple[int, int] | None]:
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        img = tuple(int(s) for s in pe.img_size)
-        patch = tuple(int(s) for s in pe.patch_size)
-        return img, (patch[0] if patch[0] == patch[1] else patch)
-    size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 0, 0))
-    return (int(size[1]), int(size[2])), None
 
 
 def _match_state_dict(
@@ -570,6 +579,7 @@ def load_encoder(
     device: str | torch.device = "cpu",
     checkpoint_key: str | None = None,
     manifest: str | Path | None = None,
+    drop_path_rate: float | None = None,
     **model_kwargs: Any,
 ) -> LoadedEncoder:
     """Load an encoder checkpoint of any supported format into a timm model (``num_classes=0``, eval).
@@ -590,6 +600,8 @@ def load_encoder(
         device: where to put the model.
         checkpoint_key: container to read (e.g. ``"student"`` for a DINO checkpoint; default: teacher).
         manifest: manifest file to resolve names with (default: the repository's).
+        drop_path_rate: stochastic depth rate passed to ``timm.create_model`` (finetuning); default: the
+            architecture's (0 for inference).
         **model_kwargs: passed to ``timm.create_model`` (override inferred kwargs, e.g. ``drop_path_rate``).
 
     Raises:
@@ -599,15 +611,16 @@ def load_encoder(
     """
     resolved = resolve_source(source, manifest=manifest)
     allow = list(allow_extra or [])
+    if drop_path_rate is not None:
+        model_kwargs = {**model_kwargs, "drop_path_rate": float(drop_path_rate)}
     if resolved.kind == "timm":
         kwargs = {**model_kwargs, "num_classes": 0}
         kwargs.update({k: v for k, v in (("img_size", img_size), ("num_heads", num_heads)) if v is not None})
         model = _build(resolved.name, kwargs).eval().to(device)
-        image, patch = _geometry(model)
         report = {"loaded": 0, "converted": 0, "ignored": {}, "missing": [], "unexpected": [], "resampled": {},
                   "verified_buffers": 0, "notes": ["random initialisation (pretrained=False)"]}
-        return LoadedEncoder(model, image, patch, int(getattr(model, "num_prefix_tokens", 0)), "timm-name",
-                             resolved.name, None, report, {"model_name": resolved.name, "kwargs": kwargs})
+        return LoadedEncoder.of(model, "timm-name", resolved.name, None, report,
+                                {"model_name": resolved.name, "kwargs": kwargs})
 
     path = resolved.path
     assert path is not None
@@ -639,10 +652,38 @@ def load_encoder(
     if result.unexpected_keys or set(result.missing_keys) != set(report["missing"]):
         raise RuntimeError(f"internal error: key check and load_state_dict disagree ({result})")
     model.eval().to(device)
-    image, patch = _geometry(model)
     report = {"format": conv.format, "model_name": conv.model_name, "requested": resolved.name, **report,
               "notes": conv.notes}
     if conv.method:
         report["method"] = conv.method
-    return LoadedEncoder(model, image, patch, int(getattr(model, "num_prefix_tokens", 0)), conv.format, where,
-                         sha256_file(path), report, {"model_name": conv.model_name, "kwargs": kwargs}, conv.method)
+    return LoadedEncoder.of(model, conv.format, where, sha256_file(path), report,
+                            {"model_name": conv.model_name, "kwargs": kwargs}, conv.method)
+
+
+def encoder_from_module(model: nn.Module) -> LoadedEncoder:
+    """Wrap an in-memory timm ViT/Swin (``num_classes=0``) with its geometry read from the model.
+
+    Format ``"module"``, source the class name, no hash, an empty report. One-line error
+    (:class:`kamim.backbone.NotABackboneError`, a ValueError) for anything but a fixed-size ViT/Swin.
+    """
+    model_geometry(model)  # refuse what is not a fixed-size timm ViT/Swin
+    return LoadedEncoder.of(model, "module", type(model).__name__, None, {})
+
+
+def resolve_encoder(
+    source: str | os.PathLike[str] | nn.Module, device: str | torch.device, options: Mapping[str, Any] | None = None,
+    frozen: bool = True,
+) -> LoadedEncoder:
+    """:func:`load_encoder` ``(source, **options)`` (or an in-memory model) on ``device``.
+
+    ``frozen=True``: eval mode and ``requires_grad=False`` (probing, k-NN; an in-memory model is used
+    as is). ``frozen=False`` (finetuning): an in-memory model is deep-copied, never modified.
+    """
+    if isinstance(source, nn.Module):
+        enc = encoder_from_module(source if frozen else copy.deepcopy(source))
+    else:
+        enc = load_encoder(source, **dict(options or {}))
+    enc.model.to(device)
+    if frozen:
+        enc.model.eval().requires_grad_(False)
+    return enc

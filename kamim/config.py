@@ -21,14 +21,17 @@ compressed to ``max_steps`` optimizer steps (warmup scaled by ``warmup_epochs / 
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, ClassVar, Iterable, Mapping, Optional, TypeVar, Union
 
 import yaml
 
@@ -36,10 +39,15 @@ __all__ = [
     "Config", "ModelConfig", "DataConfig", "MaskConfig", "KamimConfig", "MoCoConfig",
     "OptimConfig", "RunConfig", "ConfigError", "load_config", "list_presets", "preset_path",
     "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff",
-    "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR",
+    "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
+    "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
+    "field_help", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
+    "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+EVAL_CONFIG_DIR = CONFIG_DIR / "eval"  # evaluation recipes: COMMAND_NAME.yaml
+T = TypeVar("T")
 METHODS = ("simmim", "kamim", "moco")
 AMP_MODES = ("bf16", "fp16", "none")
 LOSS_NORMALIZE = ("mask", "weight")
@@ -100,7 +108,9 @@ class ModelConfig:
 
     arch: str = "vit_b"
     img_size: int = 192
-    overrides: dict[str, Any] = field(default_factory=dict)  # extra kwargs for the model factory
+    # timm keyword arguments of the encoder (``timm.create_model``), e.g. depth, embed_dim,
+    # drop_path_rate; nothing else (KAMIM's temperature is ``kamim.temperature``)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,8 +150,8 @@ class MoCoConfig:
 
     temperature: float = 0.2
     momentum: float = 0.99  # start value, cosine-increased to 1 over training
-    dim: int = 256
-    mlp_dim: int = 4096
+    dim: Optional[int] = None  # output dim of projector/predictor; None: the arch preset's size (256 for ViTs)
+    mlp_dim: Optional[int] = None  # hidden dim of the MLPs; None: the arch preset's size (4096 for ViTs)
 
 
 @dataclass
@@ -248,6 +258,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return _from_dict(tp, value, key + ".")
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[X, ...]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        item = (typing.get_args(tp) or (Any,))[0]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -285,6 +305,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # e.g. a Path from an argparse flag
+            return os.fspath(value)
         raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")  # pragma: no cover
 
@@ -298,6 +320,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             f"unknown config key '{prefix}{unknown[0]}'; valid keys"
             f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
         )
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}' (it has no default)")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -322,12 +348,12 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict, checking every level against the dataclasses."""
+def _set_path(data: dict[str, Any], dotted: str, value: Any, root: type = None) -> None:  # type: ignore[assignment]
+    """Set ``a.b.c`` in a nested dict, checking every level against the dataclasses of ``root`` (``Config``)."""
     parts = dotted.split(".")
     if any(not p for p in parts):
         raise ConfigError(f"bad override key '{dotted}'")
-    cls: Any = Config
+    cls: Any = Config if root is None else root
     node = data
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
@@ -359,37 +385,64 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         node = node[part]
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings (values parsed by ``yaml.safe_load``) to a config dict."""
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``"key.sub=value"`` -> (``"key.sub"``, value parsed by ``yaml.safe_load``; empty -> None)."""
+    if "=" not in item:
+        raise ConfigError(f"bad override '{item}': expected key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override value in '{item}': {str(e).splitlines()[0]}") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], cls: type = None) -> dict[str, Any]:  # type: ignore[assignment]
+    """Apply ``key.sub=value`` strings (values parsed by ``yaml.safe_load``) to a config dict of ``cls`` (``Config``)."""
     out = copy.deepcopy(data)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"bad override '{item}': expected key.sub=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = _yaml_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"bad override value in '{item}': {str(e).splitlines()[0]}") from None
-        _set_path(out, key, value)
+        _set_path(out, *_parse_override(item), root=cls)
     return out
 
 
 # --------------------------------------------------------------------------- presets / files
 
-def list_presets() -> list[str]:
-    """Names of the bundled presets (``kamim/configs/*.yaml``; ``_*.yaml`` are shared bases)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+def _preset_location(cls: type | None) -> tuple[Path, str] | None:
+    """(folder, file-name prefix) of the bundled presets of a command config class, or None.
+
+    ``Config`` (pretraining): ``kamim/configs/NAME.yaml``; a class with ``COMMAND = "linprobe"``:
+    ``kamim/configs/eval/linprobe_NAME.yaml``; any other class has no presets (files only).
+    """
+    if cls is None or cls is Config:
+        return CONFIG_DIR, ""
+    command = getattr(cls, "COMMAND", None)
+    return (EVAL_CONFIG_DIR, f"{command}_") if command else None
 
 
-def preset_path(name: str) -> Path:
-    """Path of a bundled preset; ``ConfigError`` listing the valid names if unknown."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    if "/" in name or not path.is_file():
-        raise ConfigError(
-            f"unknown preset '{name}' (not a YAML file either); presets: {', '.join(list_presets())}"
-        )
-    return path
+def list_presets(cls: type | None = None) -> list[str]:
+    """Names of the bundled presets of ``cls`` (default ``Config``: ``kamim/configs/*.yaml``,
+    ``_*.yaml`` are shared bases; an evaluation config: its recipes in ``kamim/configs/eval/``)."""
+    where = _preset_location(cls)
+    if where is None:
+        return []
+    folder, prefix = where
+    return sorted(p.stem[len(prefix):] for p in folder.glob(f"{prefix}*.yaml")
+                  if not p.stem.startswith("_") and p.stem[len(prefix):])
+
+
+def preset_path(name: str, cls: type | None = None) -> Path:
+    """Path of a bundled preset of ``cls`` (default ``Config``); ``ConfigError`` listing the valid names if unknown."""
+    where = _preset_location(cls)
+    if where is None:
+        raise FileNotFoundError(f"config file not found: {name}")
+    folder, prefix = where
+    path = folder / f"{prefix}{name}.yaml"  # also a shared base (_NAME)
+    if "/" not in name and path.is_file():
+        return path
+    names = list_presets(cls)
+    raise ConfigError(
+        f"unknown preset '{name}' (not a YAML file either); presets: {', '.join(names) or 'none'}"
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -408,8 +461,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _resolve(name_or_path: str | Path, _seen: tuple[Path, ...] = (), _rel: Path | None = None) -> dict:
-    s = str(name_or_path)
+def _resolve(name_or_path: str | os.PathLike, _seen: tuple[Path, ...] = (), _rel: Path | None = None,
+             cls: type | None = None) -> tuple[dict[str, Any], Path]:
+    """(merged data, path) of a preset name or YAML file, its ``base:`` chain merged under it."""
+    s = os.fspath(name_or_path)
     looks_like_file = s.endswith((".yaml", ".yml")) or "/" in s or Path(s).is_file()
     if looks_like_file:
         path = Path(s)
@@ -418,29 +473,189 @@ def _resolve(name_or_path: str | Path, _seen: tuple[Path, ...] = (), _rel: Path 
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {s}")
     else:
-        path = preset_path(s)
+        path = preset_path(s, cls)
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"circular 'base' in config {path}")
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
-        data = _deep_merge(_resolve(base, _seen + (path,), path.parent), data)
-    return data
+        data = _deep_merge(_resolve(base, _seen + (path,), path.parent, cls)[0], data)
+    return data, path
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str = "") -> None:
+    """Every key of ``data`` is a field of ``cls`` (recursively into nested dataclasses)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}'; valid keys"
+                f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
+            )
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_keys(hints[k], v, f"{prefix}{k}.")
+
+
+class MissingConfigKey(ConfigError):
+    """A config field without a default was given no value (``key``: its dotted name)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"missing config key '{key}' (it has no default)")
+        self.key = key
+
+
+def load_command_config(
+    cls: type[T],
+    source: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> T:
+    """The validated config of a command, from four layers, each over the one before:
+
+    1. the dataclass defaults of ``cls`` (the only place defaults are written);
+    2. ``source``: a YAML file, or the name of a bundled preset of ``cls`` (:func:`list_presets`),
+       which may start with ``base: OTHER``; an unknown key is a ``ConfigError`` naming the file,
+       the key and the valid keys; a key written twice is refused;
+    3. ``values``: ``{dotted key: value}`` (the CLI flags the user actually passed);
+    4. ``overrides``: ``"key.sub=value"`` strings (values parsed by ``yaml.safe_load``, as ``--set``).
+
+    Values are coerced to the annotated types (one-line ``ConfigError`` naming the key) and the
+    result is validated with its ``validate()`` method if it has one.
+    """
+    data: dict[str, Any] = {}
+    if source is not None:
+        data, path = _resolve(source, cls=cls)
+        try:
+            _check_keys(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    for key, value in (values or {}).items():
+        _set_path(data, key, value, root=cls)
+    data = apply_overrides(data, overrides, cls)
+    try:
+        cfg = _from_dict(cls, data)
+    except ConfigError as e:
+        missing = str(e).startswith("missing config key '")
+        if missing:
+            raise MissingConfigKey(str(e).split("'")[1]) from None
+        raise
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
 
 
 def load_config(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Preset name or YAML path, plus ``key.sub=value`` overrides -> validated ``Config``."""
-    data = _resolve(name_or_path)
-    data = apply_overrides(data, overrides)
-    return from_dict(data)
+    return load_command_config(Config, name_or_path, overrides)
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """``value`` (from :func:`to_dict`) is something YAML holds: None, bool, number, str, list, dict."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise ConfigError(f"config key '{key}' holds a {type(value).__name__}, which a YAML config file cannot hold")
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the dataclass config ``cfg`` as YAML (atomically); ``load_command_config(type(cfg), path) == cfg``.
+
+    A value YAML cannot hold (an in-memory model, ...) is a ``ConfigError`` naming its key.
+    """
+    from kamim.serialization import atomic_write_text
+
+    data = to_dict(cfg)
+    _check_plain(data, "")
+    command = "pretrain" if isinstance(cfg, Config) else getattr(cfg, "COMMAND", None)
+    header = (f"# resolved config of `kamim {command}`; rerun with: kamim {command} --config THIS_FILE\n"
+              if command else "")
+    return atomic_write_text(header + yaml.safe_dump(data, sort_keys=False), path)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    from kamim.serialization import atomic_write_text
+    """Write the resolved pretraining config as YAML (atomically; :func:`dump_config`)."""
+    dump_config(cfg, path)
 
-    atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
+
+# --------------------------------------------------------------------------- command-line layer
+
+def field_default(cls: type, key: str) -> Any:
+    """The dataclass default of the dotted field ``key`` of ``cls`` (``dataclasses.MISSING`` if none)."""
+    node: Any = cls
+    value: Any = dataclasses.MISSING
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            raise ConfigError(f"unknown config key '{key}' of {getattr(cls, '__name__', cls)}")
+        f = fields[part]
+        value = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        node = typing.get_type_hints(node)[part]
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list)):
+        return ",".join(_show(v) for v in value)
+    return str(value)
+
+
+def field_help(cls: type, key: str, text: str = "") -> str:
+    """Argparse help ``"TEXT (default: VALUE)"`` with VALUE read from the dataclass (``%`` escaped);
+    a default of ``None`` is shown only through ``text`` (which says what None means)."""
+    default = field_default(cls, key)
+    text = text.replace("%", "%%")
+    if default is dataclasses.MISSING or default is None:
+        return text
+    shown = f"default: {_show(default)}".replace("%", "%%")
+    return f"{text} ({shown})" if text else shown
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type | None = None, *,
+                         required: bool = False) -> None:
+    """``--config PRESET|FILE`` and repeatable ``--set KEY=VALUE`` (dest ``config`` and ``overrides``).
+
+    ``cls`` (optional) names the bundled presets in the help. Precedence: dataclass defaults <
+    ``--config`` < the command's own flags < ``--set``.
+    """
+    names = list_presets(cls) if cls is not None else []
+    shown = f" ({', '.join(names)})" if names else ""
+    parser.add_argument(
+        "--config", required=required, default=None, metavar="PRESET|FILE" if names or cls is None else "FILE",
+        help=(f"preset{shown} or YAML config file, e.g. OUT/config.yaml of an earlier run to rerun it"
+              if names or cls is None else "YAML config file, e.g. OUT/config.yaml of an earlier run to rerun it"),
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override config values (after --config and the flags), e.g. --set epochs=10 pool=cls",
+    )
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, flags: Mapping[str, str]) -> T:
+    """:func:`load_command_config` of ``--config``, the flags the user passed and ``--set``.
+
+    ``flags`` maps argparse dest -> dotted config key; a flag whose value is ``None`` (its argparse
+    default) was not given and leaves the file's or the dataclass's value in place.
+    """
+    values = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    try:
+        return load_command_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (), values)
+    except MissingConfigKey as e:
+        dest = next((d for d, k in flags.items() if k == e.key), None)
+        hint = f"give --{dest.replace('_', '-')} or " if dest else ""
+        raise ConfigError(f"missing config key '{e.key}': {hint}set it in --config FILE or with --set {e.key}=...") \
+            from None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -529,8 +744,10 @@ def _validate(cfg: Config) -> None:
     mc = cfg.moco
     _check_number("moco.temperature", mc.temperature, mc.temperature > 0, "> 0")
     _check_number("moco.momentum", mc.momentum, 0 <= mc.momentum <= 1, "in [0, 1]")
-    if mc.dim <= 0 or mc.mlp_dim <= 0:
-        raise ConfigError(f"moco.dim={mc.dim} and moco.mlp_dim={mc.mlp_dim} must be positive")
+    for name in ("dim", "mlp_dim"):
+        v = getattr(mc, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"moco.{name}={v} must be a positive integer (or null: the arch preset's size)")
 
     o = cfg.optim
     if o.epochs <= 0:
@@ -570,3 +787,293 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.max_steps={r.max_steps} must be positive (or null)")
     if r.max_steps_schedule and r.max_steps is None:
         raise ConfigError("run.max_steps_schedule=true needs run.max_steps")
+
+
+# --------------------------------------------------------------------------- evaluation commands
+# The configs of ``kamim linprobe | finetune | knn | reconstruct``: torch-free, so that the CLI
+# shows their defaults in ``--help`` without importing torch; the engines in ``kamim.eval`` use them.
+
+EVAL_AMP_MODES = AMP_MODES
+LINPROBE_OPTIMIZERS = ("adamw", "lars", "sgd")
+LINPROBE_AUGS = ("finetune", "light", "none")
+# the LinprobeConfig fields a linear-probe recipe fills where they are None
+LINPROBE_RECIPE_KEYS = ("opt", "base_lr", "weight_decay", "batchnorm", "aug")
+
+
+def _check_device(key: str, device: str) -> None:
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{key}={device!r} is not valid; expected auto, cpu, cuda or cuda:N")
+
+
+def _check_execution(cfg: Any) -> None:
+    """Device, autocast, batch size and loader workers: the fields every evaluation config has."""
+    _check_device("device", cfg.device)
+    _check_choice("amp", cfg.amp, EVAL_AMP_MODES)
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if getattr(cfg, "img_size", None) is not None and cfg.img_size < 1:
+        raise ConfigError(f"img_size must be >= 1, got {cfg.img_size}")
+
+
+def clamped_warmup(warmup_epochs: int, epochs: int, default_fraction: float, task: str) -> int:
+    """``warmup_epochs``, or ``int(epochs * default_fraction)`` with a logged warning when the warmup
+    would leave no epoch after it (e.g. ``--epochs 1`` with a recipe's default warmup)."""
+    if warmup_epochs < 0:
+        raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_epochs == 0 or warmup_epochs < epochs:
+        return int(warmup_epochs)
+    clamped = int(epochs * default_fraction)
+    logging.getLogger(f"kamim.{task}").warning(
+        "warmup_epochs=%d leaves no epoch after the warmup of a %d-epoch run: using %d", warmup_epochs, epochs, clamped)
+    return clamped
+
+
+def _check_epoch_run(cfg: Any) -> None:
+    """The schedule fields of a trained evaluation (linear probe, finetuning)."""
+    for name in ("epochs", "batch_size", "accum_steps"):
+        if int(getattr(cfg, name)) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup_epochs < 0:
+        raise ConfigError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    if cfg.stop_epoch is not None and cfg.stop_epoch < 1:
+        raise ConfigError(f"stop_epoch must be >= 1 (or null), got {cfg.stop_epoch}")
+    for name in ("min_lr", "warmup_lr"):
+        v = getattr(cfg, name)
+        _check_number(name, v, v >= 0, ">= 0")
+    if cfg.lr is not None:
+        _check_number("lr", cfg.lr, cfg.lr > 0, "> 0 (or null: base_lr x batch_size / 256)")
+    _check_execution(cfg)
+
+
+def linprobe_recipes() -> dict[str, dict[str, Any]]:
+    """``{recipe: {field: value}}`` of the linear-probe recipes: the :data:`LINPROBE_RECIPE_KEYS` of
+    each bundled preset ``kamim/configs/eval/linprobe_RECIPE.yaml`` (their only source)."""
+    out = {}
+    for name in list_presets(LinprobeConfig):
+        data, path = _resolve(name, cls=LinprobeConfig)
+        missing = [k for k in LINPROBE_RECIPE_KEYS if k not in data]
+        if missing or data.get("recipe", name) != name:
+            raise ConfigError(f"recipe file {path} must set recipe: {name} and {', '.join(LINPROBE_RECIPE_KEYS)}")
+        out[name] = {k: data[k] for k in LINPROBE_RECIPE_KEYS}
+    return out
+
+
+@dataclass
+class LinprobeConfig:
+    """A linear-probing run (``kamim linprobe``). ``None`` values take the recipe's (:func:`linprobe_recipes`)."""
+
+    COMMAND: ClassVar[str] = "linprobe"
+
+    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
+    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
+    output_dir: str
+    layers: Any = "default"  # "default" (block 8 of 12 scaled to depth), "all", "last", 8, "1,4,8"
+    pool: str = "avg"  # avg (patch tokens) | cls
+    recipe: str = "reference"  # reference | mae (kamim/configs/eval/linprobe_RECIPE.yaml)
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 256  # global: all ranks x accumulation steps
+    accum_steps: int = 1
+    opt: Optional[str] = None  # adamw | lars | sgd
+    base_lr: Optional[float] = None  # peak lr = base_lr x batch_size / 256
+    lr: Optional[float] = None  # absolute peak LR (overrides base_lr)
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0
+    weight_decay: Optional[float] = None
+    batchnorm: Optional[bool] = None  # BatchNorm1d(affine=False) before each head
+    aug: Optional[str] = None  # finetune | light | none
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25  # random erasing (finetune augmentation only)
+    img_size: Optional[int] = None  # default: the encoder's
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "bf16"
+    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
+    stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
+    progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
+    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
+
+    def validate(self) -> "LinprobeConfig":
+        """Check every value given (recipe values still None are checked by :meth:`resolved`)."""
+        recipes = linprobe_recipes()
+        if self.recipe not in recipes:
+            raise ConfigError(f"recipe {self.recipe!r} is not valid; expected one of {', '.join(recipes)}")
+        if self.opt is not None and self.opt not in LINPROBE_OPTIMIZERS:
+            raise ConfigError(f"opt {self.opt!r} is not valid; expected one of {', '.join(LINPROBE_OPTIMIZERS)}")
+        if self.aug is not None and self.aug not in LINPROBE_AUGS:
+            raise ConfigError(f"aug {self.aug!r} is not valid; expected one of {', '.join(LINPROBE_AUGS)}")
+        if self.pool not in ("avg", "cls"):
+            raise ConfigError(f"pool {self.pool!r} is not valid; expected avg or cls")
+        _check_epoch_run(self)
+        if self.base_lr is not None:
+            _check_number("base_lr", self.base_lr, self.base_lr > 0, "> 0")
+        if self.weight_decay is not None:
+            _check_number("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check_number("re_prob", self.re_prob, 0 <= self.re_prob <= 1, "in [0, 1]")
+        return self
+
+    def resolved(self) -> "LinprobeConfig":
+        """A validated copy with the recipe's values filled in and a too long warmup clamped (with a warning)."""
+        self.validate()
+        out = dataclasses.replace(self)
+        for key, value in linprobe_recipes()[self.recipe].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        out.warmup_epochs = clamped_warmup(out.warmup_epochs, out.epochs, 10 / 90, "linprobe")  # recipe: 10 of 90
+        return out.validate()
+
+    def peak_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
+
+
+@dataclass
+class FinetuneConfig:
+    """A finetuning run (``kamim finetune``); the defaults are MAE's ViT-B recipe (``kamim/configs/eval/finetune_mae.yaml``)."""
+
+    COMMAND: ClassVar[str] = "finetune"
+
+    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
+    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
+    output_dir: str
+    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | token (CLS)
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 1024  # global: all ranks x accumulation steps
+    accum_steps: int = 1
+    base_lr: float = 5e-4  # peak lr = base_lr x batch_size / 256
+    lr: Optional[float] = None  # absolute peak LR (overrides base_lr)
+    min_lr: float = 1e-6
+    warmup_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # 1.0 disables layer-wise decay
+    drop_path: float = 0.1
+    clip_grad: Optional[float] = None  # max grad norm; null: no clipping
+    mixup: float = 0.8  # mixup alpha, 0 = off
+    cutmix: float = 1.0  # cutmix alpha, 0 = off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm string, "trivialaugment" or null/"none"
+    re_prob: float = 0.25  # random erasing probability
+    ema: bool = False  # also evaluate an EMA of the weights
+    ema_decay: float = 0.9999
+    img_size: Optional[int] = None  # default: the encoder's
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "bf16"
+    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
+    stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
+    progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
+    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
+
+    def validate(self) -> "FinetuneConfig":
+        """Check every value (one-line ``ConfigError``); ``auto_augment: none`` becomes None and a too long
+        warmup is clamped (with a warning)."""
+        if self.pool not in ("avg", "token"):
+            raise ConfigError(f"pool {self.pool!r} is not valid; expected avg or token")
+        if self.auto_augment == "none":
+            self.auto_augment = None
+        _check_epoch_run(self)
+        self.warmup_epochs = clamped_warmup(self.warmup_epochs, self.epochs, 5 / 100, "finetune")  # recipe: 5 of 100
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        for name in ("drop_path", "mixup_prob", "mixup_switch_prob", "label_smoothing", "re_prob"):
+            v = getattr(self, name)
+            _check_number(name, v, 0 <= v <= 1, "in [0, 1]")
+        for name in ("mixup", "cutmix", "weight_decay"):
+            v = getattr(self, name)
+            _check_number(name, v, v >= 0, ">= 0")
+        _check_number("base_lr", self.base_lr, self.base_lr > 0, "> 0 (the learning rate)")
+        _check_number("betas", self.betas, all(0 <= b < 1 for b in self.betas), "in [0, 1)")
+        if self.clip_grad is not None:
+            _check_number("clip_grad", self.clip_grad, self.clip_grad >= 0, ">= 0 (or null: no clipping)")
+        _check_number("ema_decay", self.ema_decay, 0 < self.ema_decay < 1, "in (0, 1)")
+        return self
+
+    def peak_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class KNNConfig:
+    """A k-NN evaluation run (``kamim knn``): encoder, labelled data, layers, k values."""
+
+    COMMAND: ClassVar[str] = "knn"
+
+    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
+    data: str  # folder with train/ and val/ class folders, or "NAME:ROOT" torchvision dataset
+    output_dir: str
+    layers: Any = "default"  # as for linprobe
+    pool: str = "avg"  # avg | cls
+    ks: tuple[int, ...] = (20, 200)  # neighbour counts
+    temperature: float = 0.07
+    batch_size: int = 128
+    num_workers: int = 4
+    train_chunk_size: int = 65536  # train rows per similarity block
+    query_chunk_size: int = 1024  # queries per similarity block
+    bank_dtype: str = "float16"  # float16 | float32: feature bank storage
+    device: str = "auto"
+    amp: str = "bf16"
+    img_size: Optional[int] = None  # default: the encoder's
+    progress: bool = True
+    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
+    overwrite: bool = False  # write into an output_dir holding files of something else
+
+    def validate(self) -> "KNNConfig":
+        """Check every value (one-line ``ConfigError``)."""
+        _check_choice("bank_dtype", self.bank_dtype, ("float16", "float32"))
+        if self.pool not in ("avg", "cls"):
+            raise ConfigError(f"pool {self.pool!r} is not valid; expected avg or cls")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"ks={list(self.ks)} must be positive integers")
+        _check_number("temperature", self.temperature, self.temperature > 0, "> 0")
+        if self.train_chunk_size < 1 or self.query_chunk_size < 1:
+            raise ConfigError(f"chunk sizes must be >= 1, got train {self.train_chunk_size}, "
+                              f"query {self.query_chunk_size}")
+        _check_execution(self)
+        return self
+
+
+@dataclass
+class ReconstructConfig:
+    """Reconstruction quality (``kamim reconstruct``) of SimMIM/KAMIM checkpoints on the same images and masks."""
+
+    COMMAND: ClassVar[str] = "reconstruct"
+
+    checkpoints: Any  # list of paths / run dirs / NAME=PATH, or {name: path}; names default to the run directories
+    data: str  # image folder (flat or class folders), "NAME:ROOT" torchvision data or "demo"
+    output_dir: str
+    mask_ratio: float = 0.4  # the paper's
+    mask_patch_size: Optional[int] = None  # default: the (first) checkpoint's
+    seed: int = 0  # mask seed
+    batch_size: int = 32  # images per batch and process
+    num_workers: int = 4
+    max_images: Optional[int] = None  # evaluate the first N images only
+    figure_images: int = 4  # rows of the figure grid (0: no figure)
+    device: str = "auto"
+    amp: str = "none"
+    progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
+
+    def validate(self) -> "ReconstructConfig":
+        """Check every value (one-line ``ConfigError``)."""
+        _check_number("mask_ratio", self.mask_ratio, 0 < self.mask_ratio < 1, "in (0, 1)")
+        if self.mask_patch_size is not None and self.mask_patch_size < 1:
+            raise ConfigError(f"mask_patch_size must be >= 1 (or null), got {self.mask_patch_size}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"max_images must be >= 1 (or null), got {self.max_images}")
+        if self.figure_images < 0:
+            raise ConfigError(f"figure_images must be >= 0, got {self.figure_images}")
+        _check_execution(self)
+        return self

@@ -1,4 +1,8 @@
-"""bf16 on the CPU: does this CPU multiply bfloat16 natively?
+"""Precision: the one autocast of the toolkit (training, evaluation and analysis), and whether this
+CPU multiplies bfloat16 natively.
+
+``amp`` is a name (``bf16`` | ``fp16`` | ``none``, :data:`kamim.config.AMP_MODES`); :func:`amp_dtype_of`
+turns it into a dtype at the boundary (one-line errors), :func:`autocast` enters ``torch.autocast`` for it.
 
 Without AVX512-BF16 or AMX (x86), or the BF16 extension (Arm), torch multiplies bf16 through a slow
 fallback: on the AVX2 machine of ``BENCHMARKS.md`` a bf16-autocast training step ran 12x slower than
@@ -7,13 +11,16 @@ warning; nothing is changed behind the user's back.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_bf16_flags", "cpu_has_native_bf16", "warn_if_slow_bf16"]
+from kamim.config import AMP_MODES
+
+__all__ = ["amp_dtype_of", "autocast", "cpu_bf16_flags", "cpu_has_native_bf16", "warn_if_slow_bf16"]
 
 log = logging.getLogger("kamim")
 
@@ -59,3 +66,31 @@ def warn_if_slow_bf16(amp: str, device: torch.device | str) -> bool:
     log.warning("bf16 autocast on a CPU without native bf16 (no avx512_bf16/amx_bf16 flag): expect it to be "
                 "several times slower than fp32 (12x on an AVX2 machine); amp none runs at full speed")
     return True
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def amp_dtype_of(amp: str, device: torch.device | str, warn: bool = True) -> torch.dtype | None:
+    """``bf16`` -> bfloat16, ``fp16`` -> float16 (CUDA only), ``none`` -> None (full precision).
+
+    bf16 on a CPU without native bf16 logs a one-time warning (:func:`warn_if_slow_bf16`)
+    unless ``warn=False`` (e.g. on non-zero ranks).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp {amp!r} is not valid; expected one of {', '.join(AMP_MODES)}")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError(f"amp=fp16 needs a CUDA device (device is {device}); use bf16 or none")
+    if warn:
+        warn_if_slow_bf16(amp, device)
+    return _DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | str | None):
+    """``torch.autocast`` for ``dtype`` (a dtype or an ``amp`` name) on ``device``, or a no-op
+    context for full precision."""
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

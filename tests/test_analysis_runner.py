@@ -197,3 +197,16 @@ def test_bf16_autocast_close_to_float32(dataset, full):
                        progress=False, amp_dtype=torch.bfloat16)
     ref = full.table[full.table["metric"].isin(["attention-distance", "nmi"])]
     np.testing.assert_allclose(res.table["value"].to_numpy(), ref["value"].to_numpy(), rtol=0.05, atol=0.01)
+
+
+def test_capture_request_is_the_union_of_the_needs():
+    from analysis import registry
+    from analysis.runner import SWIN_ANALYSES, capture_request
+
+    assert capture_request({"inputs", "gradients"}) is None
+    assert capture_request({"attention", "tokens", "embedding"}, 4) == dict(
+        attention=True, block_output=True, embedding=True, num_prefix_tokens=4)
+    needs = set().union(*(registry.get(n).needs for n in ("fourier", "pre-post")))
+    assert capture_request(needs) == dict(pre_attention=True, post_attention=True, block_output=True,
+                                          embedding=True, num_prefix_tokens=None)
+    assert SWIN_ANALYSES == registry.supported("swin") == ("cka", "tsne")

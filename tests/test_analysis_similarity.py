@@ -274,3 +274,35 @@ def test_minibatch_does_not_keep_views_of_larger_tensors_alive():
     acc.update([tokens[:, 0], tokens[:4].mean(1).repeat(2, 1)])  # a strided view and a fresh tensor
     held = [f for part in acc._buffer for f in part]
     assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in held)
+
+
+@pytest.mark.parametrize("estimator,chunk,split", [("exact", 256, 7), ("exact", 256, 1), ("minibatch", 4, 8),
+                                                   ("minibatch", 256, 13)])
+def test_cka_merge_equals_one_accumulator(estimator, chunk, split):
+    """Merging accumulators over consecutive parts of a stream gives the one-accumulator CKA (exact: any
+    split; minibatch: a split at a multiple of the chunk size, or a second part with no full chunk)."""
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(30, 5, generator=g) * 3 + 10, torch.randn(30, 3, generator=g)]
+    feats.append(feats[0][:, :2] @ torch.randn(2, 4, generator=g) + 0.1 * torch.randn(30, 4, generator=g))
+    whole, first, second = (CKAAccumulator(estimator=estimator, chunk_size=chunk) for _ in range(3))
+    for i in range(0, 30, 3):
+        whole.update([f[i:i + 3] for f in feats])
+    first.update([f[:split] for f in feats])
+    for i in range(split, 30, 5):
+        second.update([f[i:i + 5] for f in feats])
+    first.merge(second)
+    assert first.samples == 30
+    np.testing.assert_allclose(first.compute().numpy(), whole.compute().numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_cka_cross_exact_merge():
+    g = torch.Generator().manual_seed(1)
+    a, b = [torch.randn(20, 4, generator=g) + 5], [torch.randn(20, 3, generator=g) - 2, torch.randn(20, 2, generator=g)]
+    whole, first, second = (CKAAccumulator(estimator="exact", cross=True) for _ in range(3))
+    whole.update(a, b)
+    first.update([f[:6] for f in a], [f[:6] for f in b])
+    second.update([f[6:] for f in a], [f[6:] for f in b])
+    first.merge(second)
+    np.testing.assert_allclose(first.compute().numpy(), whole.compute().numpy(), rtol=1e-9)
+    with pytest.raises(ValueError, match="different settings"):
+        first.merge(CKAAccumulator(estimator="minibatch", cross=True))

@@ -166,3 +166,22 @@ def test_rollout_streaming_and_errors():
         attention_rollout(attns, head_fusion="median")
     with pytest.raises(ValueError, match=r"rollout has 10 tokens but grid 4x4"):
         rollout_map(attention_rollout(attns), 4)
+
+
+def test_reservoir_merge_is_exact_and_keys_follow_the_seeded_stream():
+    x = np.arange(100, dtype=np.float32).reshape(50, 2)
+    whole = Reservoir(7, seed=5)
+    for i in range(0, 50, 6):
+        whole.update(x=x[i:i + 6])
+    first, second = Reservoir(7, seed=5), Reservoir(7, seed=5)
+    first.update(x=x[:20])
+    second.update_at(20, x=x[20:35])
+    second.update_at(35, x=x[35:])
+    first.merge(second)
+    a, b = whole.sample(), first.sample()
+    assert first.seen == 50 and np.array_equal(a["index"], b["index"]) and np.array_equal(a["x"], b["x"])
+    # the kept rows are the 7 smallest keys of one default_rng(seed) stream drawn in row order
+    keys = np.random.default_rng(5).random(50)
+    assert a["index"].tolist() == sorted(np.argsort(keys)[:7].tolist())
+    with pytest.raises(ValueError, match="different capacities or seeds"):
+        first.merge(Reservoir(7, seed=6))

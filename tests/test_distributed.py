@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
     assert kdist.is_distributed()  # pretrain leaves a group it did not create alone
     kdist.cleanup()
     assert not kdist.is_distributed()
-    print("worker-ok", info.rank)
+    print(f"worker-ok {info.rank}", flush=True)  # one write: the two ranks share stdout
 """)
 
 
@@ -113,3 +113,4 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     ref6 = safe_load(single)["model"]
     for k, v in safe_load(resumed)["model"].items():
         torch.testing.assert_close(v, ref6[k], rtol=1e-4, atol=1e-5, msg=k)
+

@@ -1,4 +1,4 @@
-"""Features from any layer: parity with a manual block-by-block forward, layer specs, bad input."""
+"""Features from any layer: parity with a manual block-by-block forward (ViT and Swin), layer specs, bad input."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,7 @@ def vit():
 def swin():
     return timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2, embed_dim=16,
-        depths=(1, 1, 1), num_heads=(1, 2, 2), num_classes=0,
+        depths=(2, 1, 2), num_heads=(1, 2, 2), num_classes=0,
     ).eval()
 
 
@@ -52,20 +52,30 @@ def test_vit_avg_and_cls_match_manual_forward(vit):
 
 
 @torch.no_grad()
-def test_swin_stage_features(swin):
+def test_swin_block_features(swin):
+    """Swin layers are blocks counted across stages (2 + 1 + 2 = 5); 'stage:K' is the stage's last block."""
     x = torch.randn(2, 3, 32, 32)
     feats = extract_features(swin, x, "all")
-    assert {k: v.shape[1] for k, v in feats.items()} == feature_dims(swin, [1, 2, 3]) == {1: 16, 2: 32, 3: 64}
-    stage1 = swin.layers[0](swin.patch_embed(x))  # NHWC
-    torch.testing.assert_close(feats[1], stage1.mean(dim=(1, 2)))
+    dims = {1: 16, 2: 16, 3: 32, 4: 64, 5: 64}
+    assert {k: v.shape[1] for k, v in feats.items()} == feature_dims(swin, range(1, 6)) == dims
+    t = swin.patch_embed(x)  # NHWC
+    blocks = [blk for stage in swin.layers for blk in stage.blocks]
+    for k, stage in ((1, 0), (2, 0), (3, 1), (4, 2), (5, 2)):
+        t = blocks[k - 1](swin.layers[stage].downsample(t) if k in (3, 4) else t)
+        torch.testing.assert_close(feats[k], t.mean(dim=(1, 2)))
+    stages = extract_features(swin, x, "stage:1,stage:2,stage:3")
+    assert sorted(stages) == [2, 3, 5]
+    for k in stages:
+        torch.testing.assert_close(stages[k], feats[k])
     with pytest.raises(ValueError, match="class token"):
         extract_features(swin, x, 1, pool="cls")
 
 
 def test_layer_specs(vit, swin):
-    assert num_layers(vit) == 4 and num_layers(swin) == 3
+    assert num_layers(vit) == 4 and num_layers(swin) == 5
     assert default_layer(vit) == 3  # 2/3 depth, i.e. block 8 of 12 for ViT-B
-    assert default_layer(swin) == 3
+    assert default_layer(swin) == 5  # the last block (= the last stage)
+    assert resolve_layers(swin, "stage:2, 1") == [1, 3] and resolve_layers(swin, ["stage:3"]) == [5]
     assert resolve_layers(vit, "all") == [1, 2, 3, 4]
     assert resolve_layers(vit, "last") == resolve_layers(vit, -1) == [4]
     assert resolve_layers(vit, "1, 3,-1") == [1, 3, 4]
@@ -92,5 +102,14 @@ def test_bad_specs_and_geometry(vit):
                                depth=2, num_heads=2, num_classes=0, class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="class token"):
         extract_features(no_cls, torch.randn(1, 3, 32, 32), 1, pool="cls")
-    with pytest.raises(ValueError, match="forward_intermediates"):
+    with pytest.raises(ValueError, match="expected a timm VisionTransformer or SwinTransformer"):
         num_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="has no stages"):
+        resolve_layers(vit, "stage:1")
+
+
+def test_stage_out_of_range(swin):
+    with pytest.raises(ValueError, match=r"has 3 stages \(stage:1\.\.stage:3\)"):
+        resolve_layers(swin, "stage:4")
+    with pytest.raises(ValueError, match=r"valid layers are 1\.\.5 \(or -5\.\.-1\) or stage:1\.\.stage:3"):
+        resolve_layers(swin, 6)

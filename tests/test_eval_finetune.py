@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from eval_helpers import tiny_vit as _vit
 from timm.layers import DropPath
 
 from kamim.eval.finetune import FinetuneConfig, add_classifier, build_finetune_optimizer, finetune, set_drop_path
+from kamim.interrupt import Interrupted
+from kamim.runtime import NonFiniteLossError
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,80 @@ def test_bad_inputs(crops, tmp_path):
         finetune(_cfg(_vit(), crops, tmp_path / "x", layer_decay=0))
     with pytest.raises(FileNotFoundError, match="labelled data folder not found"):
         finetune(_cfg(_vit(), tmp_path / "nope", tmp_path / "x"))
+
+
+def _signal_at(module: torch.nn.Module, at: int, signum: int = signal.SIGTERM) -> None:
+    """``module`` sends ``signum`` to this process during its forward call number ``at``."""
+    calls = []
+
+    def hook(_module, _args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+
+    module.register_forward_pre_hook(hook)
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(crops, tmp_path):
+    # 32 train images, batch 8: 4 steps per epoch; drop path, mixup/cutmix and EMA all draw or carry state
+    kw = dict(epochs=2, warmup_epochs=1, batch_size=8, drop_path=0.1, ema=True, ema_decay=0.9)
+    full = finetune(_cfg(_vit(), crops, tmp_path / "full", **kw))
+    model = _vit()
+    _signal_at(model, at=2, signum=signal.SIGINT)
+    with pytest.raises(Interrupted) as exc:
+        finetune(_cfg(model, crops, tmp_path / "cut", **kw))
+    assert str(exc.value).startswith("stopped by SIGINT after step 2; checkpoint saved")
+    cut = torch.load(tmp_path / "cut" / "checkpoint-last.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"], cut["history"]) == (0, 2, []) and cut["partial"]["sums"][1] == 2
+    resumed = finetune(_cfg(_vit(), crops, tmp_path / "cut", resume="auto", **kw))
+    assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+        for key in ("model", "ema") if name == "checkpoint-last.pt" else ("model",):
+            for k in a[key]:
+                assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+    assert (tmp_path / "full" / "finetune.csv").read_text() == (tmp_path / "cut" / "finetune.csv").read_text()
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_non_finite_gradient_norm_stops_before_the_update(crops, tmp_path):
+    model = _vit()
+    model.blocks[0].register_forward_hook(lambda _m, _a, out: _NaNGrad.apply(out))
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient norm nan at step 1; stopped, last checkpoint"):
+        finetune(_cfg(model, crops, tmp_path / "nan", amp="none"))
+    assert not (tmp_path / "nan" / "checkpoint-last.pt").exists()
+
+
+def test_drop_path_of_a_checkpoint_is_a_timm_constructor_argument(crops, tmp_path, monkeypatch):
+    import kamim.eval.common as common
+    from kamim.engine.pretrain import export_encoder
+
+    class Run(torch.nn.Module):  # what a pretraining run exports
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = _vit(4)
+            self.encoder_spec = {"model_name": "vit_tiny_patch16_224", "kwargs": dict(
+                img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0)}
+
+    path = export_encoder(Run(), tmp_path / "encoder.safetensors", method="simmim", step=0)
+    real, loaded = common.load_encoder, []
+    monkeypatch.setattr(common, "load_encoder", lambda *a, **kw: loaded.append((kw, real(*a, **kw))) or loaded[-1][1])
+    finetune(_cfg(str(path), crops, tmp_path / "ft", drop_path=0.3, stop_epoch=1, epochs=2))
+    kwargs, enc = loaded[0]
+    assert kwargs["drop_path_rate"] == 0.3
+    rates = [blk.drop_path1.drop_prob if isinstance(blk.drop_path1, DropPath) else 0.0 for blk in enc.model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert (tmp_path / "ft" / "config.yaml").is_file()

@@ -109,7 +109,7 @@ def test_run_knn_end_to_end_matches_manual_features(tmp_path):
 
     from kamim.checkpoints import load_encoder
     from kamim.data import build_labelled_splits, write_labelled_demo
-    from kamim.eval.common import eval_transform
+    from kamim.eval.data import eval_transform
     from kamim.eval.features import extract_features
     from kamim.eval.knn import KNNConfig, run_knn
 

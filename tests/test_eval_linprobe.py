@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from eval_helpers import photo_crops as _photo_crops
 from eval_helpers import tiny_vit
 
 from kamim.eval.linprobe import LinprobeConfig, ProbeHeads, build_probe_optimizer, linear_probe
+from kamim.interrupt import Interrupted
 
 
 def _vit(depth: int = 3):
@@ -100,3 +103,58 @@ def test_bad_inputs(small_crops, tmp_path):
     shutil.copytree(bad / "val" / "coffee", bad / "val" / "zebra")
     with pytest.raises(ValueError, match="zebra"):
         linear_probe(_cfg(_vit(2), bad, tmp_path / "x"))
+
+
+def _signal_at(module: torch.nn.Module, at: int, signum: int = signal.SIGTERM) -> None:
+    """``module`` sends ``signum`` to this process during its forward call number ``at``."""
+    calls = []
+
+    def hook(_module, _args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+
+    module.register_forward_pre_hook(hook)
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(small_crops, tmp_path):
+    kw = dict(layers="all", epochs=2, batch_size=8)  # 32 train images: 4 optimizer steps per epoch
+    full = linear_probe(_cfg(_vit(2), small_crops, tmp_path / "a", **kw))
+    model = _vit(2)
+    _signal_at(model.patch_embed, at=3)  # during the 3rd training batch of epoch 1
+    with pytest.raises(Interrupted) as exc:
+        linear_probe(_cfg(model, small_crops, tmp_path / "b", **kw))
+    assert exc.value.exit_status == 128 + signal.SIGTERM
+    assert str(exc.value).startswith("stopped by SIGTERM after step 3; checkpoint saved")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    cut = torch.load(tmp_path / "b" / "checkpoint-last.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"], cut["history"]) == (0, 3, []) and cut["partial"]["sums"][-1] == 3
+    resumed = linear_probe(_cfg(_vit(2), small_crops, tmp_path / "b", resume="auto", **kw))
+    assert resumed["history"] == full["history"]  # exactly the same floats
+    ca = torch.load(tmp_path / "a" / "checkpoint-last.pt", weights_only=True)
+    cb = torch.load(tmp_path / "b" / "checkpoint-last.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 8
+    for k in ca["heads"]:
+        assert torch.equal(ca["heads"][k], cb["heads"][k]), k
+    assert (tmp_path / "a" / "linprobe.csv").read_text() == (tmp_path / "b" / "linprobe.csv").read_text()
+
+
+def test_config_yaml_reruns_the_same_probe(small_crops, tmp_path):
+    from kamim.config import load_command_config
+    from kamim.engine.pretrain import export_encoder
+
+    class Run(torch.nn.Module):  # what a pretraining run exports
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = _vit(2)
+            self.encoder_spec = {"model_name": "vit_tiny_patch16_224", "kwargs": dict(
+                img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)}
+
+    enc = export_encoder(Run(), tmp_path / "encoder.safetensors", method="simmim", step=0)
+    first = linear_probe(_cfg(str(enc), small_crops, tmp_path / "a", layers="all", epochs=1, batch_size=16))
+    written = tmp_path / "a" / "config.yaml"
+    again = load_command_config(LinprobeConfig, written, [f"output_dir={tmp_path / 'b'}"])
+    assert again.opt == "adamw" and again.batchnorm is True  # the resolved recipe values are in the file
+    second = linear_probe(again)
+    assert second["history"] == first["history"]
+    assert (tmp_path / "a" / "linprobe.csv").read_text() == (tmp_path / "b" / "linprobe.csv").read_text()

@@ -52,7 +52,7 @@ def test_run_matches_scikit_image_on_the_same_masked_images(runs, tmp_path):
 
     # independent recomputation: same dataset, same (seed, index) masks, scikit-image metrics per image
     from kamim.data import build_dataset
-    from kamim.eval.common import eval_transform
+    from kamim.eval.data import eval_transform
     from kamim.masking import MaskGenerator
 
     model, info = load_pretrain_model(runs["simmim"])

@@ -465,7 +465,7 @@ def test_gradients_are_clipped_to_clip_grad(demo30, tmp_path, monkeypatch):
 
 
 def test_model_overrides_and_mask_geometry_errors_name_the_value(demo30, tmp_path):
-    with pytest.raises(ConfigError, match=r"model.overrides=.*'colour'.*rejected by 'vit_pico'"):
+    with pytest.raises(ConfigError, match=r"model.overrides=.*'colour'.*rejected by model.arch='vit_pico'"):
         pretrain(small_cfg("kamim", "model.overrides={colour: 1}"), demo30, tmp_path / "a", resume="none")
     # 12 px mask blocks divide the 48 px image but not the 8 px model patches
     with pytest.raises(ValueError, match=r"mask_patch_size.*12.*8"):

@@ -14,8 +14,8 @@ import kamim.eval.knn as knn_module
 from kamim.checkpoints import load_encoder
 from kamim.cli import main
 from kamim.data import collate_skip_bad, write_demo_folder, write_labelled_demo
-from kamim.engine.sweep import EVAL_FILE, sort_by_metric
-from kamim.eval.common import build_labelled_data
+from kamim.experiments.sweep import EVAL_FILE, sort_by_metric
+from kamim.eval.data import build_labelled_data
 from kamim.eval.features import default_layer, extract_dataset_features
 from kamim.eval.knn import knn_evaluate
 from kamim.metrics_log import read_metrics

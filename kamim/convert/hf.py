@@ -27,8 +27,9 @@ import timm
 import torch
 from torch import nn
 
+from kamim.backbone import to_hw
 from kamim.convert import Conversion, ConversionError
-from kamim.convert.layouts import STANDARD_HEAD_DIM, _pair, _scalar_or_pair, pos_embed_grid, standard_vit_name
+from kamim.convert.layouts import STANDARD_HEAD_DIM, _scalar_or_pair, pos_embed_grid, standard_vit_name
 
 __all__ = ["is_hf_vit", "is_hf_swin", "convert_hf_vit", "convert_hf_swin", "HF_VIT_EPS", "HF_SWIN_EPS"]
 
@@ -206,7 +207,7 @@ def convert_hf_vit(
     depth = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
     mlp_ratio = out["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     hint = native_img_size if native_img_size is not None else _config_value(config, "image_size")
-    grid, _ = pos_embed_grid(int(pos.shape[1]), 1, (ph, pw), None if hint is None else _pair(hint))
+    grid, _ = pos_embed_grid(int(pos.shape[1]), 1, (ph, pw), None if hint is None else to_hw(hint))
     img = (grid[0] * ph, grid[1] * pw)
     if num_heads is None:
         num_heads = _config_value(config, "num_attention_heads")
@@ -290,7 +291,7 @@ def convert_hf_swin(
         conv.notes.append(f"image size {side} assumed (last stage = one {window}x{window} window); "
                           "a Swin state dict does not store it")
     else:
-        img = _pair(hint)
+        img = to_hw(hint)
     eps = float(_config_value(config, "layer_norm_eps") or HF_SWIN_EPS)
     kwargs: dict[str, Any] = {
         "img_size": _scalar_or_pair(img), "patch_size": _scalar_or_pair((ph, pw)), "in_chans": in_chans,

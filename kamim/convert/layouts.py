@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import timm
 import torch
 
+from kamim.backbone import to_hw
 from kamim.convert import Conversion, ConversionError
 
 __all__ = [
@@ -39,10 +40,6 @@ STANDARD_HEAD_DIM = 64
 # width -> (timm size name, depth, heads) of the standard ViT family.
 _STANDARD_VIT = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16)}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _scalar_or_pair(v: tuple[int, int]) -> int | tuple[int, int]:
@@ -139,7 +136,7 @@ def infer_vit_spec(
     pos = state_dict.get("pos_embed")
     if pos is None:
         raise ConversionError("timm ViT state dict without 'pos_embed' (learned absolute position embedding)")
-    hint = None if native_img_size is None else _pair(native_img_size)
+    hint = None if native_img_size is None else to_hw(native_img_size)
     grid, no_embed_class = pos_embed_grid(int(pos.shape[1]), int(class_token) + reg_tokens, patch, hint,
                                           allow_no_embed_class=True)
     img = (grid[0] * ph, grid[1] * pw)

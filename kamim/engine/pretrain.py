@@ -13,10 +13,12 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
   step (accumulation does not change the schedule), linear warmup from ``warmup_lr`` then
   cosine to ``min_lr``; the schedule ends exactly at the last step of ``optim.epochs`` (warmup
   included).
-* bf16 autocast on CUDA and CPU; a ``GradScaler`` only for fp16; global grad-norm clipping.
-* A non-finite loss (or, without fp16 loss scaling, a non-finite gradient norm) stops every
-  rank with a one-line ``NonFiniteLossError`` before the parameters are touched, leaving the last
-  checkpoint intact.
+* The step (bf16 autocast, ``no_sync`` accumulation, fp16-only loss scaling, global grad-norm
+  clipping, a non-finite loss or gradient norm stopping every rank with a one-line
+  ``NonFiniteLossError`` before the parameters are touched) and the resumable state are the
+  shared runtime's (:class:`kamim.runtime.TrainStep`, :class:`kamim.runtime.TrainState`), as for
+  linear probing and finetuning; this module keeps the method's loss and the step-based policy.
+* The model comes from :func:`kamim.models.build_pretrain_model` (``build_model`` is its alias).
 * Checkpoints (``checkpoint-last.pt``, optionally ``checkpoint-STEP.pt`` copies) are written
   atomically every ``run.ckpt_every_steps`` optimizer steps and at the end, with model, optimizer,
   scheduler, scaler, every rank's RNG states, step, epoch and config; everything loads with
@@ -25,59 +27,48 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-import random
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from kamim import distributed as kdist
 from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_config, to_dict
-from kamim.engine.sampler import ResumableBatchSampler, SeededDataset
+from kamim.interrupt import Interrupted, StopRequest, graceful_stop
 from kamim.metrics_log import MetricsLogger
+from kamim.models import build_pretrain_model
 from kamim.optim import fused_kwargs
-from kamim.interrupt import Interrupted, graceful_stop
 from kamim.outputs import OutputLock, check_output_dir, lock_output, mark_output_dir
 from kamim.precision import warn_if_slow_bf16
-from kamim.serialization import (
-    CheckpointError, atomic_save, atomic_write_json, remove_stale_temp_files, safe_load, save_safetensors,
+from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
+    NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
+    find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint, nonfinite_state, rng_state, seed_all,
+    set_rng_state,
 )
+from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files, save_safetensors
 
 __all__ = [
     "pretrain", "NonFiniteLossError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT",
     "ENCODER_FILE", "SUMMARY_FILE", "ScheduleLengths", "schedule_lengths", "build_optimizer", "build_scheduler",
     "build_model", "build_pretrain_dataset", "build_pretrain_transform", "model_patch_size", "encoder_prefix", "export_encoder",
     "load_pretrain_checkpoint",
-    "find_resume_checkpoint", "rng_state", "set_rng_state", "seed_all", "gather_rng_states",
+    "find_resume_checkpoint", "rng_state", "set_rng_state", "seed_all", "gather_rng_states", "nonfinite_state",
 ]
 
 log = logging.getLogger("kamim.pretrain")
-_SIGTERM = 15  # reported by a rank that did not receive the signal itself
 
-CHECKPOINT_FORMAT = "kamim-pretrain"
-CHECKPOINT_VERSION = 1
-LAST_CHECKPOINT = "checkpoint-last.pt"
-ENCODER_FILE = "encoder.safetensors"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
 COMMAND = "kamim pretrain"  # the writer recorded in a run directory (kamim.outputs)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (NaN/inf loss or gradient); the last checkpoint was left untouched."""
 
 
 # --------------------------------------------------------------------------- schedule
@@ -119,52 +110,16 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, lengths: ScheduleLengths):
-    """``CosineLRScheduler`` over optimizer steps: linear warmup ``warmup_lr -> peak`` for
-    ``warmup_steps``, then cosine ``peak -> min_lr`` over the remaining steps.
-
-    Call ``step_update(n)`` after the n-th optimizer step; the LR of update ``n+1`` is then set.
-    """
-    from timm.scheduler import CosineLRScheduler
-
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=lengths.total_steps - lengths.warmup_steps,
-        lr_min=cfg.optim.min_lr,
-        warmup_t=lengths.warmup_steps,
-        warmup_lr_init=cfg.optim.warmup_lr,
-        warmup_prefix=True,
-        cycle_limit=1,
-        t_in_epochs=False,
-    )
+    """:func:`kamim.runtime.cosine_scheduler` over ``lengths.total_steps`` optimizer steps: linear
+    warmup ``warmup_lr -> peak`` for ``warmup_steps``, then cosine ``peak -> min_lr``."""
+    return cosine_scheduler(optimizer, lengths.total_steps, lengths.warmup_steps, cfg.optim.warmup_lr,
+                            cfg.optim.min_lr)
 
 
 # --------------------------------------------------------------------------- model / data
 
-def build_model(cfg: Config) -> nn.Module:
-    """The pretraining model of ``cfg.method`` on ``cfg.model.arch`` (``model.overrides`` go to timm)."""
-    from kamim.models.presets import create_encoder, create_pretrain_model
-
-    overrides: dict[str, Any] = dict(cfg.model.overrides)
-    if cfg.method == "moco":
-        # create_pretrain_model keeps MoCo's defaults; the config's MoCo settings are passed here.
-        from timm.models.vision_transformer import VisionTransformer
-
-        from kamim.models.moco import MoCoV3
-
-        try:
-            encoder, spec = create_encoder(cfg.model.arch, img_size=cfg.model.img_size, **overrides)
-        except TypeError as e:
-            raise ConfigError(f"model.overrides={overrides!r} rejected by {cfg.model.arch!r}: {e}") from None
-        if not isinstance(encoder, VisionTransformer):
-            raise ConfigError(f"method=moco needs a ViT arch, got model.arch={cfg.model.arch!r}")
-        m = cfg.moco
-        return MoCoV3(encoder, spec, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, momentum=m.momentum)
-    if cfg.method == "kamim":
-        overrides.update(temperature=cfg.kamim.temperature, loss_normalize=cfg.kamim.normalize)
-    try:
-        return create_pretrain_model(cfg.method, cfg.model.arch, img_size=cfg.model.img_size, **overrides)
-    except TypeError as e:  # an unknown model.overrides key reaches timm's constructor
-        raise ConfigError(f"model.overrides={dict(cfg.model.overrides)!r} rejected by {cfg.model.arch!r}: {e}") from None
+# the one constructor of pretraining models (kamim.models); the name is kept for callers and tests
+build_model = build_pretrain_model
 
 
 def model_patch_size(model: nn.Module) -> int:
@@ -220,75 +175,6 @@ def build_pretrain_transform(cfg: Config, model: nn.Module):
 
 # --------------------------------------------------------------------------- RNG / checkpoints
 
-def rng_state() -> dict[str, Any]:
-    """This process' torch CPU/CUDA, numpy and python RNG states (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4]),
-        },
-        "python": [py_version, list(py_internal), py_gauss],
-    }
-
-
-def seed_all(seed: int) -> None:
-    """Seed torch, numpy's global RNG (timm's Mixup draws from it) and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
-    """Every rank's :func:`rng_state`, on every rank (a collective when ``world_size > 1``)."""
-    state = rng_state()
-    if world_size == 1:
-        return [state]
-    states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def load_pretrain_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a ``kamim-pretrain`` checkpoint (``weights_only``)."""
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a kamim pretraining checkpoint (format '{CHECKPOINT_FORMAT}')")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def find_resume_checkpoint(out_dir: Path, resume: str | Path | bool | None) -> Optional[Path]:
-    """The checkpoint to resume from: ``"auto"``/True -> ``out_dir/checkpoint-last.pt`` if present;
-    None/False/``"none"`` -> none; a run directory or checkpoint file -> that one (must exist)."""
-    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() == "none"):
-        return None
-    if resume is True or (isinstance(resume, str) and resume.lower() == "auto"):
-        path = out_dir / LAST_CHECKPOINT
-        return path if path.is_file() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / LAST_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    return path
-
-
 def encoder_prefix(model: nn.Module) -> Optional[str]:
     """Prefix of ``model.encoder``'s keys in ``model.state_dict()`` (e.g. ``"backbone.encoder."``)."""
     target = getattr(model, "encoder", None)
@@ -307,35 +193,6 @@ def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int
     if checkpoint_id:
         meta["checkpoint_id"] = checkpoint_id
     return save_safetensors(model.encoder.state_dict(), path, metadata=meta)
-
-
-def nonfinite_state(*states: Any) -> list[str]:
-    """Names of the floating-point tensors with a NaN or inf anywhere in nested ``states``
-    (model / optimizer state dicts); empty when everything is finite."""
-    bad: list[str] = []
-
-    def walk(obj: Any, name: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-                bad.append(name)
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{name}.{i}")
-
-    for i, state in enumerate(states):
-        walk(state, "model" if i == 0 else "optimizer")
-    return bad
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -421,10 +278,10 @@ class _Trainer:
 
         self.optimizer = build_optimizer(self.model, o)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.lengths)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" else None
-
-        self.step = 0
+        self.state = TrainState(self.model, self.optimizer, self.scheduler,
+                                LossScaler(self.device, enabled=cfg.run.amp == "fp16"))
         self.num_skipped = 0
+        self._pending_skipped = 0
         self.elapsed = 0.0
         self.final_loss: Optional[float] = None
         if self.ckpt is not None:
@@ -438,6 +295,15 @@ class _Trainer:
             )
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
+        self.train_step = TrainStep(
+            self.state, self.train_model, self.device, cfg.run.amp, o.accum_steps, clip_grad=o.clip_grad or None,
+            last=out_dir / LAST_CHECKPOINT, warn=False,  # warned above, on rank 0
+        )
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.state.step
 
     def close(self) -> None:
         """Release the run directory's lock."""
@@ -455,47 +321,26 @@ class _Trainer:
                 f"cannot resume from {self.resume_path}: its LR schedule is {sum(old_len)} steps (warmup "
                 f"{old_len[1]}), this config gives {self.lengths.total_steps} (warmup {self.lengths.warmup_steps}); "
                 f"keep run.max_steps when run.max_steps_schedule=true, or start a new --out directory")
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
+        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.run.seed)
         self.num_skipped = int(ckpt.get("num_skipped", 0))
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.final_loss = ckpt.get("final_loss")
-        self.scheduler.step_update(self.step)
-        states = ckpt.get("rng") or []
-        if len(states) == self.info.world_size:
-            set_rng_state(states[self.info.rank])
-        else:  # different world size: fresh but deterministic per-rank streams
-            seed_all(self.cfg.run.seed + self.info.rank + 1_000_003 * self.step)
         log.info("resumed from %s at step %d", self.resume_path, self.step)
 
     def save(self) -> Path:
         """Checkpoint + encoder export (rank 0 writes, all ranks take part in the RNG gather)."""
-        rngs = gather_rng_states(self.info.world_size)
         last = self.out_dir / LAST_CHECKPOINT
-        if self.main:
-            bad = nonfinite_state(self.model.state_dict(), self.optimizer.state_dict())
-            if bad:
-                raise NonFiniteLossError(
-                    f"non-finite values in {len(bad)} parameter/optimizer tensors after step {self.step} "
-                    f"(e.g. {bad[0]}); stopped without saving, "
-                    + (f"last checkpoint left intact ({last})" if last.is_file() else "no checkpoint written"))
-            save_id = uuid.uuid4().hex
-            ckpt = {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": rngs, "step": self.step, "epoch": self.step // self.lengths.steps_per_epoch,
-                "config": to_dict(self.cfg), "encoder_spec": getattr(self.model, "encoder_spec", None),
-                "encoder_prefix": encoder_prefix(self.model),
-                "method": self.cfg.method, "num_samples": len(self.dataset), "num_skipped": self.num_skipped,
-                "elapsed": self.elapsed + (time.perf_counter() - self.t0), "final_loss": self.final_loss,
-                "world_size": self.info.world_size, "save_id": save_id,
-            }
+        self.state.epoch = self.step // self.lengths.steps_per_epoch
+        save_id = uuid.uuid4().hex
+        ckpt = self.state.checkpoint(self.info.world_size, self.main, last, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "config": to_dict(self.cfg), "encoder_spec": getattr(self.model, "encoder_spec", None),
+            "encoder_prefix": encoder_prefix(self.model),
+            "method": self.cfg.method, "num_samples": len(self.dataset), "num_skipped": self.num_skipped,
+            "elapsed": self.elapsed + (time.perf_counter() - self.t0), "final_loss": self.final_loss,
+            "world_size": self.info.world_size, "save_id": save_id,
+        })
+        if ckpt is not None:
             if self.cfg.run.keep_step_checkpoints:
                 step_path = atomic_save(ckpt, self.out_dir / f"checkpoint-{self.step:08d}.pt")
                 _atomic_link_or_copy(step_path, last)
@@ -532,63 +377,27 @@ class _Trainer:
                 yield epoch, batch
             epoch, start = epoch + 1, 0
 
-    def _forward_backward(self, batch: dict[str, Any], sync: bool) -> float:
-        cfg = self.cfg
-        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
-        ctx = self.train_model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
-        with ctx:
-            if _batch_size(batch) > 0:
-                with _autocast(self.device, cfg.run.amp):
-                    loss = self.train_model(_to_device(batch, self.device))["loss"]
-                value = loss.detach().float().reshape(1)
-                count = torch.ones(1, device=self.device)
-            else:  # every image of this micro-batch was corrupt: contribute zero gradient (keeps DDP in step)
-                loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-                value = torch.zeros(1, device=self.device)
-                count = torch.zeros(1, device=self.device)
-            stats = kdist.all_reduce_sum(torch.cat([value, count]))
-            mean = (stats[0] / stats[1].clamp_min(1)).item()
-            if not math.isfinite(mean):
-                raise NonFiniteLossError(
-                    f"non-finite loss {mean} at step {self.step + 1}; stopped, last checkpoint left intact "
-                    f"({self.out_dir / LAST_CHECKPOINT})"
-                )
-            loss = loss / cfg.optim.accum_steps
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        return mean
+    def _take(self, micro: Iterator[tuple[int, dict[str, Any]]], stop: StopRequest) -> Iterator[dict[str, Any]]:
+        """The ``accum_steps`` micro-batches of the next optimizer step."""
+        for _ in range(self.cfg.optim.accum_steps):
+            try:
+                _, batch = next(micro)
+            except Exception:
+                if stop.signum:  # the signal also reached (and stopped) the loader workers
+                    raise Interrupted(stop.signum, f"stopped by {stop.name} during step {self.step + 1}; "
+                                      f"last checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})") from None
+                raise
+            yield batch
 
-    def _optimizer_step(self) -> float:
-        o = self.cfg.optim
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = o.clip_grad if o.clip_grad else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if self.scaler is not None:  # fp16: inf grads mean "skip and lower the scale"
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm {grad_norm} at step {self.step + 1}; stopped, last checkpoint "
-                    f"left intact ({self.out_dir / LAST_CHECKPOINT})"
-                )
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+    def _loss(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
+        """The method's loss of one micro-batch (None: every image of it was unreadable)."""
+        self._pending_skipped += int(batch.get("num_skipped", 0))
+        if _batch_size(batch) == 0:
+            return None
+        return self.train_model(_to_device(batch, self.device))["loss"]
 
-    def _agreed_signal(self, signum: Optional[int]) -> int:
-        """The stop signal any rank received (0: none); a collective under DDP, so all ranks stop
-        after the same step."""
-        if self.info.world_size == 1:
-            return int(signum or 0)
-        anyone = kdist.all_reduce_sum(torch.tensor([float(signum or 0)], device=self.device)).item() > 0
-        return int(signum) if signum else (_SIGTERM if anyone else 0)
-
-    def _sync_skipped(self, pending: int) -> None:
+    def _sync_skipped(self) -> None:
+        pending, self._pending_skipped = self._pending_skipped, 0
         self.num_skipped += int(kdist.all_reduce_sum(torch.tensor([pending], device=self.device)).item())
 
     def run(self) -> Path:
@@ -622,42 +431,26 @@ class _Trainer:
             cfg.optim.accum_steps,
         )
         self.train_model.train()
-        accum = cfg.optim.accum_steps
         window_losses: list[float] = []
-        window_images, pending_skipped = 0, 0
+        window_images = 0
         t_window = time.perf_counter()
         micro = self._micro_batches()
         stop_ctx = graceful_stop()
         stop = stop_ctx.__enter__()
         try:
             while self.step < lengths.stop_step:
-                lr = self.optimizer.param_groups[0]["lr"]
-                step_losses = []
-                for j in range(accum):
-                    try:
-                        _, batch = next(micro)
-                    except Exception:
-                        if stop.signum:  # the signal also reached (and stopped) the loader workers
-                            raise Interrupted(stop.signum, f"stopped by {stop.name} during step {self.step + 1}; "
-                                              f"last checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})"
-                                              ) from None
-                        raise
-                    pending_skipped += int(batch.get("num_skipped", 0))
-                    step_losses.append(self._forward_backward(batch, sync=j == accum - 1))
-                grad_norm = self._optimizer_step()
-                self.step += 1
-                self.scheduler.step_update(self.step)
+                out = self.train_step(self._take(micro, stop), self._loss)
+                lr, grad_norm = out.lr, out.grad_norm
                 hook = getattr(self.model, "on_after_optimizer_step", None)
                 if callable(hook):
                     hook(self.step, lengths.total_steps)
-                window_losses.append(sum(step_losses) / accum)
+                window_losses.append(out.loss)
                 window_images += cfg.optim.batch_size
                 bar.update(1)
 
                 last = self.step == lengths.stop_step
                 if self.step % cfg.run.log_every == 0 or last:
-                    self._sync_skipped(pending_skipped)
-                    pending_skipped = 0
+                    self._sync_skipped()
                     now = time.perf_counter()
                     loss = sum(window_losses) / len(window_losses)
                     self.final_loss = loss
@@ -675,10 +468,9 @@ class _Trainer:
                     else:
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
                     window_losses, window_images, t_window = [], 0, now
-                signum = self._agreed_signal(stop.signum)
+                signum = agreed_signal(stop.signum, self.device)
                 if last or signum or (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0):
-                    self._sync_skipped(pending_skipped)  # a collective: every rank, unconditionally
-                    pending_skipped = 0
+                    self._sync_skipped()  # a collective: every rank, unconditionally
                     self.save()
                 if signum and not last:
                     raise Interrupted(signum, f"stopped by {stop.name or 'a signal'} after step {self.step}; "

@@ -1,12 +1,2 @@
-"""The paper's KAMIM sweep grid and the sweep's evaluation methods, as plain constants.
-
-Kept apart from :mod:`kamim.engine.sweep` (which imports torch) so that ``kamim sweep --help``
-can show them as defaults without importing torch; :mod:`kamim.engine.sweep` re-exports them.
-"""
-from __future__ import annotations
-
-__all__ = ["PAPER_WEIGHT_PATCH_SIZES", "PAPER_TEMPERATURES", "EVAL_METHODS"]
-
-PAPER_WEIGHT_PATCH_SIZES = (8, 16, 32)
-PAPER_TEMPERATURES = (0.1, 0.25, 0.5, 1.0, 2.5)
-EVAL_METHODS = ("knn", "linprobe")
+"""Moved to :mod:`kamim.experiments.sweep_grid` (re-exported here for old imports; the lead removes this)."""
+from kamim.experiments.sweep_grid import *  # noqa: F401,F403

@@ -1,12 +1,12 @@
-"""Features from any block of a timm ViT (or any stage of a timm Swin) in one forward pass.
+"""Pooled features of any layer(s) of a timm ViT or Swin for the evaluations, checked finite.
 
-Layers are numbered like Hugging Face ``hidden_states``: layer ``k`` (1-based) is the output of the
-``k``-th transformer block (timm ``blocks[k - 1]``), taken *before* the final norm. The KAMIM
-reference linear probe uses ``hidden_states[8]`` of a 12-block ViT (= layer 8 here), drops the CLS
-token and average-pools the patch tokens: ``extract_features(model, x, 8, pool="avg")``.
-For Swin, layer ``k`` is the output of stage ``k`` (timm ``layers[k - 1]``).
-Negative layers count from the end (``-1`` = last block). Geometry (depth, image and patch size,
-prefix tokens) always comes from the model.
+Layers, pooling and geometry are those of :mod:`kamim.backbone` (re-exported here): layer ``k``
+(1-based) is the output of transformer block ``k`` before the final norm, counting a Swin's blocks
+across its stages; ``"stage:K"`` selects the output of Swin stage ``K``; negative layers count from
+the end. The KAMIM reference linear probe uses ``hidden_states[8]`` of a 12-block ViT (= layer 8),
+drops the CLS token and average-pools the patch tokens: ``extract_features(model, x, 8, pool="avg")``.
+Pooling names are timm's: ``"avg"`` (patch tokens / spatial map averaged) and ``"token"`` (class
+token); ``"cls"`` is still accepted here as the old name of ``"token"``.
 
 Non-finite features (NaN/inf, a diverged encoder) are refused where they are made: every batch of
 :func:`extract_features` is checked (one ``isfinite().all()`` per layer) and raises
@@ -15,7 +15,7 @@ computed from them. A float16 feature bank is checked again after the cast (over
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -23,8 +23,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-Pool = Literal["avg", "cls"]
-LayerSpec = int | str | Sequence[int] | None
+from kamim.backbone import (
+    LayerSpec, check_input_size, default_layer, expected_input_size, feature_dims, is_token_model, layer_features,
+    num_layers, resolve_layers, unwrap,
+)
+
+Pool = Literal["avg", "token", "cls"]
+_OLD_POOL_NAMES = {"cls": "token"}  # accepted by the evaluations until their callers use timm's names
 
 __all__ = [
     "NonFiniteFeaturesError",
@@ -64,128 +69,6 @@ def _check_finite(feats: dict[int, torch.Tensor], source: str | None, where: str
         )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def is_token_model(model: nn.Module) -> bool:
-    """True for ViT-like models (token sequences with prefix tokens), False for Swin-like stage models."""
-    model = unwrap(model)
-    return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
-
-
-def num_layers(model: nn.Module) -> int:
-    """Number of probe-able layers: blocks of a ViT, stages of a Swin (from ``feature_info``)."""
-    model = unwrap(model)
-    info = getattr(model, "feature_info", None)
-    if not info or not hasattr(model, "forward_intermediates"):
-        raise ValueError(
-            f"{type(model).__name__} does not expose timm's forward_intermediates/feature_info; "
-            "expected a timm VisionTransformer or SwinTransformer"
-        )
-    return len(info)
-
-
-def default_layer(model: nn.Module) -> int:
-    """The reference's probe layer scaled to depth: block 8 of 12 (2/3 depth) for a ViT, last stage for Swin."""
-    n = num_layers(model)
-    return max(1, round(2 * n / 3)) if is_token_model(model) else n
-
-
-def _parse_layer_spec(spec: LayerSpec) -> list[int | str]:
-    if spec is None:
-        return ["default"]
-    if isinstance(spec, bool):
-        raise ValueError(f"layer spec {spec!r} is not valid; expected an int, 'all', 'last' or '1,4,8'")
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, str):
-        items: list[int | str] = []
-        for part in spec.replace(" ", "").split(","):
-            if part in ("all", "last", "default"):
-                items.append(part)
-            else:
-                try:
-                    items.append(int(part))
-                except ValueError:
-                    raise ValueError(
-                        f"layer spec {spec!r} is not valid; expected 'all', 'last', 'default' or "
-                        "integers like '8' or '1,4,8'"
-                    ) from None
-        return items
-    return [int(s) for s in spec]
-
-
-def resolve_layers(model: nn.Module, spec: LayerSpec = None) -> list[int]:
-    """Turn a layer spec (``None``/'default', 'all', 'last', 8, -1, '1,4,8', [1, 4]) into sorted 1-based layers.
-
-    Raises ValueError naming the valid range for an out-of-range layer.
-    """
-    n = num_layers(model)
-    unit = "blocks" if is_token_model(model) else "stages"
-    out: set[int] = set()
-    for item in _parse_layer_spec(spec):
-        if item == "all":
-            out.update(range(1, n + 1))
-        elif item == "last":
-            out.add(n)
-        elif item == "default":
-            out.add(default_layer(model))
-        else:
-            k = int(item)
-            if not (1 <= k <= n or -n <= k <= -1):
-                raise ValueError(
-                    f"layer {k} is out of range: {type(unwrap(model)).__name__} has {n} {unit}, "
-                    f"valid layers are 1..{n} (or -{n}..-1)"
-                )
-            out.add(k if k > 0 else n + 1 + k)
-    if not out:
-        raise ValueError(f"layer spec {spec!r} selects no layer")
-    return sorted(out)
-
-
-def feature_dims(model: nn.Module, layers: Iterable[int]) -> dict[int, int]:
-    """Channel width of each (1-based) layer's pooled feature."""
-    info = unwrap(model).feature_info
-    return {k: int(info[k - 1]["num_chs"]) for k in layers}
-
-
-def expected_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """The (H, W) the model requires, or None when it accepts any size divisible by its patch size."""
-    pe = getattr(unwrap(model), "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size is None or not getattr(pe, "strict_img_size", True):
-        return None
-    return int(size[0]), int(size[1])
-
-
-def check_input_size(model: nn.Module, shape: Sequence[int]) -> None:
-    """Raise ValueError naming both shapes when images of ``shape`` (..., C, H, W) do not fit the model."""
-    model = unwrap(model)
-    h, w = int(shape[-2]), int(shape[-1])
-    chans = int(shape[-3]) if len(shape) >= 3 else None
-    pe = getattr(model, "patch_embed", None)
-    in_chans = getattr(getattr(pe, "proj", None), "in_channels", None)
-    want = expected_input_size(model)
-    if want is not None and (h, w) != want or (in_chans is not None and chans is not None and chans != in_chans):
-        exp = f"{in_chans or 3}x{want[0]}x{want[1]}" if want else f"{in_chans or 3}xHxW"
-        raise ValueError(
-            f"input images are {chans}x{h}x{w} but the model expects {exp} "
-            "(use an eval transform with the model's image size, or a checkpoint trained at this size)"
-        )
-    if want is None and pe is not None:
-        ps = tuple(int(p) for p in getattr(pe, "patch_size", (1, 1)))
-        if not getattr(pe, "dynamic_img_pad", False) and (h % ps[0] or w % ps[1]):
-            raise ValueError(f"input images are {h}x{w}, not divisible by the model's patch size {ps[0]}x{ps[1]}")
-
-
 def extract_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -197,8 +80,8 @@ def extract_features(
     """Pooled (B, C_k) features of every requested layer from a single forward pass.
 
     ``pool="avg"`` averages the patch tokens (prefix tokens dropped) of a ViT block, or the spatial
-    map of a Swin stage; ``pool="cls"`` takes the class token (ViT with a class token only).
-    ``norm=True`` applies the model's final norm to the intermediates (the reference does not).
+    map of a Swin block; ``pool="token"`` (old name ``"cls"``) takes the class token (ViT with a class
+    token only). ``norm=True`` applies the model's final norm (:func:`kamim.backbone.layer_features`).
     Call under ``torch.no_grad()``/``inference_mode`` for frozen use; gradients flow otherwise.
     NaN/inf features raise ``NonFiniteFeaturesError`` naming the layer and ``source`` (the checkpoint).
     """
@@ -211,33 +94,9 @@ def _pooled_features(
     model: nn.Module, images: torch.Tensor, layers: LayerSpec, pool: Pool, norm: bool
 ) -> dict[int, torch.Tensor]:
     """``extract_features`` without the finiteness check (its callers check, with their own context)."""
-    model = unwrap(model)
-    if pool not in ("avg", "cls"):
-        raise ValueError(f"pool {pool!r} is not valid; expected 'avg' or 'cls'")
-    ks = resolve_layers(model, layers)
-    if images.ndim != 4:
-        raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
-    check_input_size(model, images.shape)
-    indices = [k - 1 for k in ks]
-    if is_token_model(model):
-        if pool == "cls" and getattr(model, "cls_token", None) is None:
-            raise ValueError(f"pool='cls' needs a class token but {type(model).__name__} has none; use pool='avg'")
-        outs = model.forward_intermediates(
-            images, indices=indices, norm=norm, stop_early=True, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=pool == "cls",
-        )
-        if pool == "cls":
-            feats = [prefix[:, 0] for _, prefix in outs]
-        else:
-            feats = [tokens.mean(dim=1) for tokens in outs]
-    else:
-        if pool == "cls":
-            raise ValueError(f"pool='cls' needs a class token but {type(model).__name__} has none; use pool='avg'")
-        outs = model.forward_intermediates(
-            images, indices=indices, norm=norm, stop_early=True, output_fmt="NCHW", intermediates_only=True
-        )
-        feats = [fmap.mean(dim=(2, 3)) for fmap in outs]
-    return dict(zip(ks, feats))
+    if pool not in ("avg", "token", "cls"):
+        raise ValueError(f"pool {pool!r} is not valid; expected 'avg' or 'token'")
+    return layer_features(model, images, layers, _OLD_POOL_NAMES.get(pool, pool), norm=norm)
 
 
 @torch.inference_mode()

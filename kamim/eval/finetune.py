@@ -3,7 +3,9 @@
 * Model: the loaded timm encoder with a new Linear head (``reset_classifier``; weights ~ N(0, 2e-5)
   as MAE). ``pool="avg"`` is the KAMIM reference head (final norm, prefix tokens dropped,
   patch tokens averaged); ``pool="token"`` classifies the CLS token. Stochastic depth
-  ``drop_path`` is set on the blocks, linearly increasing with depth (timm's rule).
+  ``drop_path`` is timm's ``drop_path_rate`` (passed to ``timm.create_model`` by
+  :func:`kamim.checkpoints.load_encoder`; linearly increasing with depth); an in-memory model
+  is rewired the same way (:func:`set_drop_path`).
 * Optimizer: AdamW over timm ``param_groups_layer_decay`` (``layer_decay`` 0.65 by default as for
   ViT-B: block ``i`` of ``L`` (1-based) gets ``lr * layer_decay ** (L + 1 - i)``, the embeddings
   ``layer_decay ** (L + 1)``, the head 1), no weight decay on norms, biases, position embedding and
@@ -12,11 +14,15 @@
 * Data: RandomResizedCrop + flip + RandAugment (or ``auto_augment="trivialaugment"``) + random
   erasing (timm ``create_transform``), ``timm.data.Mixup`` (mixup 0.8, cutmix 1.0, label smoothing
   0.1) with ``SoftTargetCrossEntropy``; optional EMA of the weights (``timm.utils.ModelEmaV3``).
-* bf16 autocast (fp16 with a GradScaler on CUDA), DDP via torchrun, exact sharded evaluation
-  (top-1/top-5) after every epoch, resume from ``checkpoint-last.pt`` (model, optimizer,
-  scheduler, scaler, EMA, history, every rank's RNG states, so a resumed run continues exactly as
-  an uninterrupted one); ``checkpoint-best.pt`` holds the best model (by top-1).
-  Results: ``finetune.json`` / ``finetune.csv`` (one row per epoch), all writes atomic.
+* The step (bf16 autocast, fp16 scaler on CUDA, accumulation, clipping, a non-finite loss or
+  gradient norm stopping the run) and the resumable state are the shared runtime's
+  (:mod:`kamim.runtime`). DDP via torchrun, exact sharded evaluation (top-1/top-5) after every
+  epoch. ``checkpoint-last.pt`` (model, optimizer, scheduler, scaler, EMA, history, every rank's
+  RNG states) is written after every epoch and, on SIGINT/SIGTERM, after the current optimizer
+  step with the epoch's partial sums, so a run resumed at any step ends exactly as an
+  uninterrupted one; ``checkpoint-best.pt`` holds the best model (by top-1).
+  Results: ``finetune.json`` / ``finetune.csv`` (one row per epoch), ``config.yaml`` (the resolved
+  config), all writes atomic.
 """
 from __future__ import annotations
 
@@ -37,17 +43,17 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from kamim import distributed as kdist
-from kamim.engine.pretrain import gather_rng_states, seed_all, set_rng_state
 from kamim.optim import fused_kwargs
+from kamim.runtime import (
+    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, TrainStep, amp_dtype_of,
+    epoch_scheduler, micro_batch_size, seed_all, write_run_config,
+)
 from kamim.serialization import atomic_save
 
 from .common import (
-    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, clamped_warmup, classification_data,
-    config_record,
-    ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
-    micro_batch_size, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
-    write_results, zero_loss,
+    check_output_dir, claimed_run_dir, clamped_warmup, classification_data, config_record, ddp_wrap,
+    distributed_session, evaluate_logits, load_resume_checkpoint, print_table, resolve_encoder, training_loaders,
+    write_results,
 )
 from .features import is_token_model, unpack_labelled
 
@@ -56,7 +62,6 @@ __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_
 log = logging.getLogger("kamim.finetune")
 
 CHECKPOINT_FORMAT = "kamim-finetune"
-LAST_CHECKPOINT = "checkpoint-last.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
 
 
@@ -197,7 +202,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return _Finetuner(cfg, out_dir, info).run()
 
 
-class _Finetuner:
+class _Finetuner(EpochTrainer):
+    """The finetuning task: its loss (Mixup/CutMix, smoothed cross-entropy), EMA and its epoch policy
+    (evaluate every epoch, keep the best); step, state and epoch loop are the runtime's."""
+
+    task = "finetune"
+
     def __init__(self, cfg: FinetuneConfig, out_dir: Path, info) -> None:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
@@ -209,11 +219,15 @@ class _Finetuner:
                 f"{cfg.batch_size} / world {info.world_size} / accum_steps {cfg.accum_steps})"
             )
         torch.manual_seed(cfg.seed)
-        self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=False)
+        in_memory = isinstance(cfg.checkpoint, nn.Module)
+        # drop path is a timm constructor argument; an in-memory model is rewired instead
+        options = dict(cfg.load_options) if in_memory else {**cfg.load_options, "drop_path_rate": cfg.drop_path}
+        self.enc = resolve_encoder(cfg.checkpoint, self.device, options, frozen=False)
         self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, "finetune", cfg.auto_augment,
                                         cfg.re_prob, self.enc.model)
         self.model = add_classifier(self.enc.model, self.data.num_classes, cfg.pool)
-        set_drop_path(self.model, cfg.drop_path)
+        if in_memory:
+            set_drop_path(self.model, cfg.drop_path)
         self.model.to(self.device).requires_grad_(True)
         seed_all(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
 
@@ -221,11 +235,10 @@ class _Finetuner:
             self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.optimizer = build_finetune_optimizer(
-            self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas
-        )
-        self.scheduler = epoch_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        optimizer = build_finetune_optimizer(self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas)
+        self.state = TrainState(self.model, optimizer, epoch_scheduler(optimizer, cfg, self.steps_per_epoch),
+                                LossScaler(self.device, enabled=cfg.amp == "fp16"))
+        self.stats = EpochStats(2, self.device)  # loss sum, batch count
         self.mixup = None
         if cfg.mixup_active:
             self.mixup = Mixup(
@@ -237,86 +250,48 @@ class _Finetuner:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        self.ema = None
-        if cfg.ema:
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.config = config_record(cfg)
         self.spec = _model_spec(self.enc, self.data.num_classes, cfg.pool)
-        self.epoch, self.step = 0, 0
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
         self.history: list[dict[str, Any]] = []
 
         resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "finetuning", self.config)
         if resumed is not None:
             path, ckpt = resumed
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scaler is not None and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
-            self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
             self.best, self.history = dict(ckpt["best"]), list(ckpt["history"])
-            self.scheduler.step_update(self.step)
-            states = ckpt.get("rng") or []
-            if len(states) == info.world_size:  # drop path / mixup continue exactly where they stopped
-                set_rng_state(states[info.rank])
-            else:
-                seed_all(cfg.seed + info.rank + 1_000_003 * self.step)
-            log.info("resumed finetuning from %s after epoch %d", path, self.epoch)
+            self.stats.load_state_dict(ckpt.get("partial"), info.rank)
+            # last: drop path / mixup continue exactly where they stopped (same world size)
+            self.state.load(ckpt, info.rank, info.world_size, cfg.seed)
+            log.info("resumed finetuning from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         self.train_model = ddp_wrap(self.model, info)
+        self.train_step = TrainStep(self.state, self.train_model, self.device, cfg.amp, cfg.accum_steps,
+                                    clip_grad=cfg.clip_grad, params=self.model.parameters(),
+                                    last=out_dir / LAST_CHECKPOINT, warn=False)
 
     # ---------------------------------------------------------------- epoch
-    def _train_epoch(self, epoch: int) -> float:
-        cfg, accum = self.cfg, self.cfg.accum_steps
-        self.train_model.train()
-        self.sampler.set_epoch(epoch)
-        stats = torch.zeros(2, device=self.device)
-        bar = epoch_progress(self.steps_per_epoch, f"finetune epoch {epoch + 1}/{cfg.epochs}",
-                             cfg.progress and self.info.is_main)
-        for i, batch in enumerate(self.loader):
-            last_micro = (i + 1) % accum == 0
-            with sync_context(self.train_model, last_micro):
-                if "image" in batch:
-                    images, target = unpack_labelled(batch)
-                    images, target = images.to(self.device, non_blocking=True), target.to(self.device)
-                    if self.mixup is not None and images.shape[0] % 2 == 0:
-                        images, target = self.mixup(images, target)
-                    elif self.mixup is not None:  # odd batch after unreadable images were dropped: smoothed one-hot
-                        off = cfg.label_smoothing / self.data.num_classes
-                        target = one_hot(target, self.data.num_classes, 1.0 - cfg.label_smoothing + off, off)
-                    with autocast(self.device, self.amp):
-                        loss = self.criterion(self.train_model(images).float(), target)
-                    stats += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
-                else:  # every image unreadable
-                    loss = zero_loss(self.model)
-                check_finite_loss(loss, "finetuning", epoch, self.step, self.out_dir / LAST_CHECKPOINT)
-                loss = loss / accum
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            if last_micro:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.scheduler.step_update(self.step)
-                if self.ema is not None:
-                    self.ema.update(self.model, step=self.step)
-                bar.update(1)
-        bar.close()
-        stats = kdist.all_reduce_sum(stats)
-        return float(stats[0] / stats[1].clamp_min(1))
+    def loss(self, batch: Any) -> torch.Tensor | None:
+        if "image" not in batch:  # every image unreadable
+            return None
+        cfg = self.cfg
+        images, target = unpack_labelled(batch)
+        images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            images, target = self.mixup(images, target)
+        elif self.mixup is not None:  # odd batch after unreadable images were dropped: smoothed one-hot
+            off = cfg.label_smoothing / self.data.num_classes
+            target = one_hot(target, self.data.num_classes, 1.0 - cfg.label_smoothing + off, off)
+        loss = self.criterion(self.train_model(images).float(), target)
+        self.stats.add(torch.stack([loss.detach().float(), torch.ones((), device=self.device)]))
+        return loss
 
-    def _evaluate(self) -> dict[str, dict[str, float]]:
+    def after_step(self, result: StepResult) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
         self.model.eval()
 
         def heads(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -328,35 +303,46 @@ class _Finetuner:
         return evaluate_logits(heads, self.val_loader, self.device, self.amp,
                                progress=self.cfg.progress and self.info.is_main, desc="finetune eval")
 
+    def end_epoch(self, sums: torch.Tensor, lr: float, res: dict[str, dict[str, float]]) -> None:
+        row = {"epoch": self.state.epoch, "train_loss": float(sums[0] / sums[1].clamp_min(1)), "lr": lr,
+               "top1": res["model"]["top1"], "top5": res["model"]["top5"], "val_loss": res["model"]["loss"]}
+        if "ema" in res:
+            row.update(ema_top1=res["ema"]["top1"], ema_top5=res["ema"]["top5"])
+        self.history.append(row)
+        improved = row["top1"] > self.best["top1"]
+        if improved:
+            self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": self.state.epoch}
+        self._save(improved)
+        if self.info.is_main:
+            write_results(self.out_dir, "finetune", self.history, self._summary())
+
+    def save_last(self) -> None:
+        self._save(False)
+
     # ---------------------------------------------------------------- state
     def _common_state(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": self.epoch, "step": self.step,
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": self.state.epoch, "step": self.state.step,
                 "config": self.config, "classes": self.data.classes, "model_spec": self.spec, "pool": self.cfg.pool}
 
     def _save(self, improved: bool) -> None:
-        rngs = gather_rng_states(self.info.world_size)
-        if not self.info.is_main:
-            return
-        if improved:
+        """``checkpoint-last.pt`` (every rank calls it; mid-epoch with the epoch's partial sums) and,
+        when ``improved``, ``checkpoint-best.pt`` (model only)."""
+        mid_epoch = self.state.batch_in_epoch(self.steps_per_epoch) > 0
+        partial = self.stats.state_dict() if mid_epoch else None  # a collective: every rank
+        self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main, {
+            **self._common_state(), "kind": "last", "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": self.best, "history": self.history, "partial": partial,
+        })
+        if improved and self.info.is_main:  # after the last checkpoint's non-finite check
             atomic_save({**self._common_state(), "kind": "best", "model": self.model.state_dict(),
                          "metrics": self.history[-1]}, self.out_dir / BEST_CHECKPOINT)
-        atomic_save(
-            {
-                **self._common_state(), "kind": "last", "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "best": self.best, "history": self.history, "rng": rngs,
-            },
-            self.out_dir / LAST_CHECKPOINT,
-        )
 
     def _summary(self) -> dict[str, Any]:
         return {
             "task": "finetune", "config": self.config, "model_spec": self.spec,
             "encoder": {"format": self.enc.format, "image_size": list(self.enc.image_size)},
             "classes": self.data.classes, "num_train": len(self.data.train), "num_val": len(self.data.val),
-            "epochs_done": self.epoch, "steps": self.step, "best": self.best,
+            "epochs_done": self.state.epoch, "steps": self.state.step, "best": self.best,
             "final": self.history[-1] if self.history else None, "history": self.history,
             "checkpoints": {"best": str(self.out_dir / BEST_CHECKPOINT), "last": str(self.out_dir / LAST_CHECKPOINT)},
         }
@@ -369,25 +355,9 @@ class _Finetuner:
         cfg = self.cfg
         log.info("finetuning on %d train / %d val images, %d classes, %d steps/epoch, peak lr %.3g",
                  len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch, cfg.peak_lr())
+        write_run_config(cfg, self.out_dir, self.info.is_main)
         t0 = time.perf_counter()
-        stop = stop_epoch(cfg)
-        while self.epoch < stop:
-            lr = max(g["lr"] for g in self.optimizer.param_groups)
-            train_loss = self._train_epoch(self.epoch)
-            res = self._evaluate()
-            self.epoch += 1
-            row = {"epoch": self.epoch, "train_loss": train_loss, "lr": lr, "top1": res["model"]["top1"],
-                   "top5": res["model"]["top5"], "val_loss": res["model"]["loss"]}
-            if "ema" in res:
-                row.update(ema_top1=res["ema"]["top1"], ema_top5=res["ema"]["top5"])
-            self.history.append(row)
-            improved = row["top1"] > self.best["top1"]
-            if improved:
-                self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": self.epoch}
-            self._save(improved)
-            if self.info.is_main:
-                write_results(self.out_dir, "finetune", self.history, self._summary())
-            kdist.barrier()
+        self.run_epochs()
         summary = self._summary()
         summary["time_s"] = time.perf_counter() - t0
         if self.info.is_main:

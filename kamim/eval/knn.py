@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kamim.distributed import all_reduce_sum, is_main_process
+from kamim.runtime.amp import amp_dtype_of
 
-from .common import (
-    amp_dtype_of, build_labelled_data, check_output_dir, distributed_session, eval_loader, print_table,
-    resolve_encoder, write_results,
-)
+from .common import print_table, resolve_encoder, write_results
+from .data import build_labelled_data, eval_loader
 from .features import extract_dataset_features, resolve_layers
+from .session import check_output_dir, distributed_session
 
 __all__ = ["knn_topk", "knn_scores", "knn_evaluate", "KNNConfig", "run_knn"]
 

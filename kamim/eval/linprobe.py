@@ -17,10 +17,13 @@ Recipes (explicit config values override them):
 
 The peak LR is ``lr`` if set, else ``base_lr * batch_size / 256`` (``batch_size`` global). The
 cosine schedule (linear warmup) is stepped once per optimizer step, accumulation included.
-DDP via torchrun (heads wrapped in DDP; exact sharded evaluation). Resume from the last
-completed epoch (``checkpoint-last.pt``: heads, optimizer, scheduler, history); augmentations
-are functions of (seed, epoch, index), so a resumed run sees exactly the batches of an
-uninterrupted one.
+The step (autocast over the frozen encoder and the heads, accumulation, non-finite guard, fp16
+scaler) and the resumable state are the shared runtime's (:mod:`kamim.runtime`). DDP via torchrun
+(heads wrapped in DDP; exact sharded evaluation). ``checkpoint-last.pt`` (heads, optimizer,
+scheduler, RNG, history) is written after every epoch and, on SIGINT/SIGTERM, after the current
+optimizer step, with the epoch's partial loss sums; augmentations are functions of (seed, epoch,
+index), so a run resumed at any step sees exactly the batches of an uninterrupted one and ends
+with the same heads and results. The resolved config is written as ``config.yaml``.
 Results: ``linprobe.json`` / ``linprobe.csv`` (one row per epoch and layer: top-1/top-5/loss)
 rewritten atomically after every epoch, and a printed table of the final epoch.
 """
@@ -39,15 +42,16 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from kamim import distributed as kdist
 from kamim.optim import fused_kwargs
-from kamim.serialization import atomic_save
+from kamim.runtime import (
+    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, TrainStep, amp_dtype_of, epoch_scheduler,
+    micro_batch_size, write_run_config,
+)
 
 from .common import (
-    amp_dtype_of, autocast, check_finite_loss, check_output_dir, claimed_run_dir, clamped_warmup, classification_data,
-    config_record, ddp_wrap, distributed_session, epoch_progress, epoch_scheduler, evaluate_logits, load_resume_checkpoint,
-    micro_batch_size, print_table, resolve_encoder, stop_epoch, sync_context, training_loaders,
-    write_results, zero_loss,
+    check_output_dir, claimed_run_dir, clamped_warmup, classification_data, config_record, ddp_wrap,
+    distributed_session, evaluate_logits, load_resume_checkpoint, print_table, resolve_encoder, training_loaders,
+    write_results,
 )
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
 
@@ -61,7 +65,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 OPTIMIZERS = ("adamw", "lars", "sgd")
 CHECKPOINT_FORMAT = "kamim-linprobe"
-LAST_CHECKPOINT = "checkpoint-last.pt"
 
 
 @dataclass
@@ -177,7 +180,12 @@ def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
         return _Probe(cfg, out_dir, info).run()
 
 
-class _Probe:
+class _Probe(EpochTrainer):
+    """The linear-probe task: its loss (features of the frozen encoder -> every head) and its epoch
+    policy (evaluate every epoch, history rows per layer); step, state and epoch loop are the runtime's."""
+
+    task = "linprobe"
+
     def __init__(self, cfg: LinprobeConfig, out_dir: Path, info) -> None:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
@@ -196,81 +204,71 @@ class _Probe:
             self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.optimizer = build_probe_optimizer(self.heads, cfg.opt, cfg.peak_lr(), cfg.weight_decay)
-        self.scheduler = epoch_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        optimizer = build_probe_optimizer(self.heads, cfg.opt, cfg.peak_lr(), cfg.weight_decay)
+        self.state = TrainState(self.heads, optimizer, epoch_scheduler(optimizer, cfg, self.steps_per_epoch),
+                                LossScaler(self.device, enabled=cfg.amp == "fp16"), model_key="heads")
+        self.stats = EpochStats(len(self.layers) + 1, self.device)  # per-layer loss sums, batch count
         self.config = config_record(cfg)
-        self.epoch, self.step = 0, 0
         self.history: list[dict[str, Any]] = []
         resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "linear-probe", self.config)
         if resumed is not None:
             path, ckpt = resumed
-            self.heads.load_state_dict(ckpt["heads"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.epoch, self.step, self.history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
-            self.scheduler.step_update(self.step)
-            log.info("resumed linear probe from %s after epoch %d", path, self.epoch)
+            self.state.load(ckpt, info.rank, info.world_size, cfg.seed)
+            self.history = list(ckpt["history"])
+            self.stats.load_state_dict(ckpt.get("partial"), info.rank)
+            log.info("resumed linear probe from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         self.train_heads = ddp_wrap(self.heads, info)
+        self.train_step = TrainStep(self.state, self.train_heads, self.device, cfg.amp, cfg.accum_steps,
+                                    last=out_dir / LAST_CHECKPOINT, warn=False)
 
     # ---------------------------------------------------------------- steps
     def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        with torch.no_grad(), autocast(self.device, self.amp):
+        with torch.no_grad():
             feats = extract_features(self.model, images, self.layers, pool=self.cfg.pool)
         return {k: v.float() for k, v in feats.items()}
 
-    def _train_epoch(self, epoch: int) -> dict[int, float]:
-        cfg, accum = self.cfg, self.cfg.accum_steps
-        self.heads.train()
-        self.sampler.set_epoch(epoch)
-        loss_sum = torch.zeros(len(self.layers) + 1, device=self.device)
-        bar = epoch_progress(self.steps_per_epoch, f"linprobe epoch {epoch + 1}/{cfg.epochs}",
-                             cfg.progress and self.info.is_main)
-        for i, batch in enumerate(self.loader):
-            last_micro = (i + 1) % accum == 0
-            with sync_context(self.train_heads, last_micro):
-                if "image" in batch:
-                    images, target = unpack_labelled(batch)
-                    images, target = images.to(self.device, non_blocking=True), target.to(self.device)
-                    logits = self.train_heads(self._features(images))
-                    losses = torch.stack([F.cross_entropy(logits[k], target) for k in self.layers])
-                    loss = losses.sum()
-                    loss_sum += torch.cat([losses.detach(), torch.ones(1, device=self.device)])
-                else:  # every image unreadable
-                    loss = zero_loss(self.heads)
-                check_finite_loss(loss, "probe", epoch, self.step, self.out_dir / LAST_CHECKPOINT)
-                (loss / accum).backward()
-            if last_micro:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.scheduler.step_update(self.step)
-                bar.update(1)
-        bar.close()
-        loss_sum = kdist.all_reduce_sum(loss_sum)
-        count = max(float(loss_sum[-1]), 1.0)
-        return {k: float(loss_sum[j]) / count for j, k in enumerate(self.layers)}
+    def loss(self, batch: Any) -> torch.Tensor | None:
+        """The summed cross-entropy of every head (each head gets exactly its own gradient)."""
+        if "image" not in batch:  # every image unreadable
+            return None
+        images, target = unpack_labelled(batch)
+        images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+        logits = self.train_heads(self._features(images))
+        losses = torch.stack([F.cross_entropy(logits[k].float(), target) for k in self.layers])
+        self.stats.add(torch.cat([losses.detach(), torch.ones(1, device=self.device)]))
+        return losses.sum()
 
-    def _evaluate(self) -> dict[int, dict[str, float]]:
+    def evaluate(self) -> dict[int, dict[str, float]]:
         self.heads.eval()
         return evaluate_logits(
-            lambda x: self.heads(self._features(x)), self.val_loader, self.device, None,
+            lambda x: self.heads(self._features(x)), self.val_loader, self.device, self.amp,
             progress=self.cfg.progress and self.info.is_main, desc="linprobe eval",
         )
 
-    # ---------------------------------------------------------------- state
-    def _save(self) -> None:
+    def end_epoch(self, sums: torch.Tensor, lr: float, results: dict[int, dict[str, float]]) -> None:
+        count = max(float(sums[-1]), 1.0)
+        for j, k in enumerate(self.layers):
+            r = results[k]
+            self.history.append({
+                "epoch": self.state.epoch, "layer": k, "train_loss": float(sums[j]) / count, "top1": r["top1"],
+                "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
+            })
+        self.save_last()
         if self.info.is_main:
-            atomic_save(
-                {
-                    "format": CHECKPOINT_FORMAT, "version": 1, "heads": self.heads.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "epoch": self.epoch, "step": self.step, "history": self.history, "config": self.config,
-                    "layers": self.layers, "classes": self.data.classes,
-                },
-                self.out_dir / LAST_CHECKPOINT,
-            )
+            write_results(self.out_dir, "linprobe", self.history, self._summary()[1])
+
+    # ---------------------------------------------------------------- state
+    def save_last(self) -> None:
+        """``checkpoint-last.pt`` (every rank calls it); mid-epoch it also holds the epoch's partial sums."""
+        mid_epoch = self.state.batch_in_epoch(self.steps_per_epoch) > 0
+        partial = self.stats.state_dict() if mid_epoch else None  # a collective: every rank
+        self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main, {
+            "format": CHECKPOINT_FORMAT, "version": 1, "history": self.history, "config": self.config,
+            "layers": self.layers, "classes": self.data.classes, "partial": partial,
+        })
 
     def _summary(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        final = [r for r in self.history if r["epoch"] == self.epoch]
+        final = [r for r in self.history if r["epoch"] == self.state.epoch]
         best = {}
         for r in self.history:
             if r["layer"] not in best or r["top1"] > best[r["layer"]]["top1"]:
@@ -286,7 +284,7 @@ class _Probe:
                 "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": len(self.model.feature_info),
             },
             "layers": self.layers, "classes": self.data.classes, "num_train": len(self.data.train),
-            "num_val": len(self.data.val), "epochs_done": self.epoch, "steps": self.step,
+            "num_val": len(self.data.val), "epochs_done": self.state.epoch, "steps": self.state.step,
             "final": table, "history": self.history,
         }
         return table, summary
@@ -296,29 +294,16 @@ class _Probe:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
         log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
                  self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
+        write_run_config(cfg, self.out_dir, self.info.is_main)
         t0 = time.perf_counter()
-        stop = stop_epoch(cfg)
-        while self.epoch < stop:
-            lr = self.optimizer.param_groups[0]["lr"]
-            train_loss = self._train_epoch(self.epoch)
-            results = self._evaluate()
-            self.epoch += 1
-            for k in self.layers:
-                r = results[k]
-                self.history.append({
-                    "epoch": self.epoch, "layer": k, "train_loss": train_loss[k], "top1": r["top1"],
-                    "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
-                })
-            self._save()
-            if self.info.is_main:
-                write_results(self.out_dir, "linprobe", self.history, self._summary()[1])
-            kdist.barrier()
+        self.run_epochs()
         table, summary = self._summary()
         summary["time_s"] = time.perf_counter() - t0
         if self.info.is_main:
             write_results(self.out_dir, "linprobe", self.history, summary)
-            print_table(table, title=f"linear probe ({cfg.recipe}, pool={cfg.pool}) after {self.epoch} epochs")
+            print_table(table, title=f"linear probe ({cfg.recipe}, pool={cfg.pool}) after {state.epoch} epochs")
         return summary
+

@@ -35,14 +35,15 @@ from tqdm.auto import tqdm
 from kamim import distributed as kdist
 from kamim.config import from_dict
 from kamim.data import build_dataset
-from kamim.engine.pretrain import LAST_CHECKPOINT, build_model, load_pretrain_checkpoint
 from kamim.masking import MaskGenerator
+from kamim.models import build_pretrain_model
+from kamim.runtime.amp import amp_dtype_of, autocast
+from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint
 from kamim.serialization import CheckpointError, atomic_write
 
-from .common import (
-    amp_dtype_of, autocast, check_output_dir, distributed_session, eval_loader, eval_transform, print_table,
-    write_results,
-)
+from .common import print_table, write_results
+from .data import eval_loader, eval_transform
+from .session import check_output_dir, distributed_session
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -195,7 +196,7 @@ def load_pretrain_model(source: str | Path, device: torch.device | str = "cpu") 
     """The full SimMIM/KAMIM pretraining model (encoder + decoder) of a ``kamim pretrain`` checkpoint.
 
     ``source`` is a checkpoint file or a run directory (``checkpoint-last.pt``). The model is rebuilt
-    from the checkpoint's config (``kamim.engine.pretrain.build_model``) and loaded with
+    from the checkpoint's config (:func:`kamim.models.build_pretrain_model`) and loaded with
     ``strict=True``. Returns (model in eval mode, info dict with method, arch, img_size,
     mask_patch_size, step).
     """
@@ -211,7 +212,7 @@ def load_pretrain_model(source: str | Path, device: torch.device | str = "cpu") 
             f"{path} is a '{method}' checkpoint; reconstruction needs a SimMIM/KAMIM checkpoint (it has the decoder)"
         )
     cfg = from_dict(ckpt["config"], validate=False)
-    model = build_model(cfg)
+    model = build_pretrain_model(cfg)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:

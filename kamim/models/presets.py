@@ -1,6 +1,8 @@
 """The paper's architectures (ViT-T/S/B at 192 px, Swin-T/B with window 6) and tiny CPU presets.
 
-Every encoder is a plain timm model built with ``pretrained=False, num_classes=0``; its spec
+A preset is a timm model name, its timm kwargs and, where MoCo v3's heads must shrink with the
+encoder, its MoCo head sizes (``"moco": {"dim", "mlp_dim"}``, read by
+:func:`kamim.models.factory.create_pretrain_model`). Every encoder is a plain timm model built with ``pretrained=False, num_classes=0``; its spec
 ``{"model_name", "kwargs"}`` (with ``img_size`` and ``patch_size`` always stored) recreates it exactly
 with ``timm.create_model(spec["model_name"], **spec["kwargs"])``.
 """
@@ -12,10 +14,7 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from kamim.models.moco import MoCoV3
-from kamim.models.simmim import SimMIM
-
-__all__ = ["PRESETS", "METHODS", "create_encoder", "create_pretrain_model"]
+__all__ = ["PRESETS", "METHODS", "create_encoder", "preset"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paper: 192 px, patch 16 (12x12 tokens); widths 192/384/768, heads 3/6/12, 12 layers.
@@ -55,7 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 METHODS = ("simmim", "kamim", "moco")
 
 
-def _preset(arch: str) -> dict[str, Any]:
+def preset(arch: str) -> dict[str, Any]:
+    """A deep copy of ``PRESETS[arch]``; ``ValueError`` listing the valid names if unknown."""
     if arch not in PRESETS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[arch])
@@ -67,50 +67,24 @@ def create_encoder(arch: str, img_size: int | None = None, **overrides: Any) -> 
     ``img_size`` and any timm keyword ``overrides`` (e.g. ``patch_size``, ``drop_path_rate``,
     ``reg_tokens``) replace the preset's values and are recorded in the spec.
     """
-    preset = _preset(arch)
-    kwargs = {**preset["kwargs"], "num_classes": 0, **overrides}
+    spec_preset = preset(arch)
+    kwargs = {**spec_preset["kwargs"], "num_classes": 0, **overrides}
     if img_size is not None:
         kwargs["img_size"] = img_size
     if kwargs.get("pretrained"):
         raise ValueError("pretrained weights are never downloaded; use kamim.checkpoints.load_encoder instead")
     kwargs.pop("pretrained", None)
-    model = timm.create_model(preset["model_name"], pretrained=False, **kwargs)
+    model = timm.create_model(spec_preset["model_name"], pretrained=False, **kwargs)
     # Tuples become lists in YAML/JSON configs; store lists so the spec round-trips through them unchanged.
     spec_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-    spec = {"model_name": preset["model_name"], "kwargs": spec_kwargs}
+    spec = {"model_name": spec_preset["model_name"], "kwargs": spec_kwargs}
     return model, spec
 
 
-def create_pretrain_model(
-    method: str,
-    arch: str,
-    *,
-    img_size: int | None = None,
-    temperature: float | None = None,
-    loss_normalize: str = "mask",
-    moco_kwargs: dict[str, Any] | None = None,
-    **overrides: Any,
-) -> nn.Module:
-    """Pretraining model ``method`` in {"simmim", "kamim", "moco"} on preset ``arch``.
+def __getattr__(name: str) -> Any:
+    # Old location of the factory (kamim.models.presets.create_pretrain_model); lazy to avoid a cycle.
+    if name == "create_pretrain_model":
+        from kamim.models.factory import create_pretrain_model
 
-    ``temperature`` is KAMIM's T (required for "kamim", ignored by "simmim"; MoCo's InfoNCE temperature
-    is ``moco_kwargs["temperature"]``, default 0.2). ``moco_kwargs`` (dim, mlp_dim, temperature, momentum,
-    fixed_sincos_pos_embed) update the preset's MoCo settings; ``overrides`` go to the timm encoder.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    preset = _preset(arch)  # validate before building anything
-    if method == "kamim" and temperature is None:
-        raise ValueError("method 'kamim' needs a temperature (paper: 0.25)")
-    encoder, spec = create_encoder(arch, img_size=img_size, **overrides)
-    if method == "moco":
-        if not arch.startswith("vit"):
-            raise ValueError(f"method 'moco' needs a ViT arch, got {arch!r}; valid: "
-                             f"{', '.join(a for a in PRESETS if a.startswith('vit'))}")
-        return MoCoV3(encoder, spec, **{**preset.get("moco", {}), **(moco_kwargs or {})})
-    return SimMIM(
-        encoder,
-        loss_normalize=loss_normalize,
-        temperature=temperature if method == "kamim" else None,
-        encoder_spec=spec,
-    )
+        return create_pretrain_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,52 @@
+"""The built-in analyses, declared once (torch-free: accumulators and figures are imported lazily).
+
+Each entry says what the analysis needs captured, which geometries it supports, its accumulator
+(``analysis.<module>:<factory>``, the module that implements the analysis), its figure and title,
+and the arrays it writes into :attr:`analysis.results.AnalysisResult.arrays`. Swin models have no
+``(N, N)`` attention over the image (windowed attention) and their stages have different grids,
+so only the block-output analyses that need neither (``cka``, ``tsne``) claim Swin; Fourier
+analysis needs one square token grid for all layers, i.e. a ViT with a square grid (refused with
+one line at accumulator construction otherwise).
+"""
+from __future__ import annotations
+
+from .registry import Analysis, lazy
+
+__all__ = ["BUILTIN", "FIGURE_ONLY_TITLES"]
+
+_VIT, _BOTH = frozenset({"vit"}), frozenset({"vit", "swin"})
+_FIRST = ("inputs", "labels")  # the first ``map_images`` input images and their labels
+
+BUILTIN: tuple[Analysis, ...] = (
+    Analysis("attention-distance", "Attention distance", frozenset({"attention"}), _VIT,
+             lazy("analysis.attention:distance_accumulator"), lazy("analysis.plots:plot_attention_distance")),
+    Analysis("nmi", "Normalised mutual information", frozenset({"attention"}), _VIT,
+             lazy("analysis.attention:nmi_accumulator"), lazy("analysis.plots:plot_nmi")),
+    Analysis("attention-entropy", "Attention entropy", frozenset({"attention"}), _VIT,
+             lazy("analysis.attention:entropy_accumulator"), lazy("analysis.plots:plot_attention_entropy")),
+    Analysis("attention-similarity", "Self-attention similarity across layers", frozenset({"attention"}), _VIT,
+             lazy("analysis.similarity:AttentionSimilarityAccumulator"),
+             lazy("analysis.plots:plot_attention_similarity"), arrays=("attention_similarity", "head_similarity")),
+    Analysis("cka", "CKA across layers", frozenset({"tokens"}), _BOTH,
+             lazy("analysis.similarity:LayerCKAAccumulator"), lazy("analysis.plots:plot_cka"), arrays=("cka",)),
+    Analysis("fourier", "Fourier analysis of feature maps", frozenset({"embedding", "tokens"}), _VIT,
+             lazy("analysis.fourier:LayerFourierAccumulator"), lazy("analysis.plots:plot_fourier"),
+             arrays=("fourier", "fourier_freqs")),
+    Analysis("tsne", "Token t-SNE", frozenset({"tokens"}), _BOTH,
+             lazy("analysis.tokens:TSNEAccumulator"), lazy("analysis.plots:plot_tsne"),
+             arrays=("tsne_xy", "tsne_labels", "tsne_images", "tsne_label_kind", "tsne_layer")),
+    Analysis("pre-post", "Pre- vs post-attention tokens", frozenset({"pre_attention", "post_attention"}), _VIT,
+             lazy("analysis.tokens:PrePostAccumulator"), lazy("analysis.plots:plot_pre_post"), arrays=("pre_post",)),
+    Analysis("attention-maps", "Attention maps", frozenset({"attention", "inputs"}), _VIT,
+             lazy("analysis.attention:AttentionMapsAccumulator"), lazy("analysis.plots:plot_attention_maps"),
+             arrays=("attention_maps", "attention_map_queries", *_FIRST)),
+    Analysis("rollout", "Attention rollout", frozenset({"attention", "inputs"}), _VIT,
+             lazy("analysis.rollout:RolloutAccumulator"), lazy("analysis.plots:plot_rollout"),
+             arrays=("rollout", "rollout_mean", *_FIRST)),
+    Analysis("attribution", "Attributions", frozenset({"inputs", "gradients"}), _VIT,
+             lazy("analysis.attribution:AttributionAccumulator"), lazy("analysis.plots:plot_attribution"),
+             arrays=("attribution", *_FIRST)),
+)
+
+#: Titles of figures that belong to no single-model analysis.
+FIGURE_ONLY_TITLES = {"cross-cka": "Cross-model CKA", "reconstructions": "Masked-image reconstructions"}

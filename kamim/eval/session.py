@@ -1,0 +1,74 @@
+"""The session of one evaluation run: its process group, its output directory, its resumable config.
+
+* :func:`distributed_session` sets up torch.distributed for the body and tears down only what it
+  created (a sweep under torchrun keeps its one process group across runs).
+* :func:`check_output_dir` / :func:`claimed_run_dir` apply the output-folder rule of every command
+  (:mod:`kamim.outputs`: new, empty or this command's own earlier output) and hold an exclusive lock
+  on the run directory for the run's lifetime, so two processes never write into one folder.
+* :data:`RESUME_SAFE_KEYS` / :func:`config_changes`: which config keys may change between a run and
+  its resumption, and which ones did.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from kamim import distributed as kdist
+from kamim import outputs
+from kamim.distributed import DistInfo
+from kamim.serialization import remove_stale_temp_files
+
+__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir"]
+
+# config keys that may change between a run and its resumption
+RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options",
+                              "overwrite"})
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Keys whose values differ between two flat config dicts (compared as plain JSON: tuples as lists)."""
+    from kamim.eval.common import json_safe  # TODO: top-level import once json_safe leaves eval.common
+
+    skip = set(ignore)
+    return sorted(k for k in set(old) | set(new) if k not in skip and json_safe(old.get(k)) != json_safe(new.get(k)))
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[DistInfo]:
+    """``init_distributed(device)`` for the body; the process group is destroyed afterwards only if
+    this call created it (one set up by the caller, e.g. a sweep under torchrun, is left alone)."""
+    created = not kdist.is_distributed()
+    info = kdist.init_distributed(device)
+    try:
+        yield info
+    finally:
+        if created:
+            kdist.cleanup()
+
+
+def check_output_dir(path: str | os.PathLike, task: str, overwrite: bool = False) -> Path:
+    """``path`` as a Path if ``kamim TASK`` may write into it (:func:`kamim.outputs.check_output_dir`:
+    new, empty or an earlier ``kamim TASK`` output, whose results file ``TASK.json`` also marks it)."""
+    return outputs.check_output_dir(path, f"kamim {task}", overwrite=overwrite, legacy=(f"{task}.json",))
+
+
+@contextlib.contextmanager
+def claimed_run_dir(out_dir: Path, task: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 creates, locks (:func:`kamim.outputs.lock_output`; a second process gets a one-line
+    error naming this one's pid) and marks the run directory as ``kamim TASK``'s and removes the
+    temporary files of earlier killed saves; every rank waits for it. The lock is held until exit."""
+    lock = None
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = outputs.lock_output(out_dir, f"run directory '{out_dir}'")
+        outputs.mark_output_dir(out_dir, f"kamim {task}")
+        remove_stale_temp_files(out_dir)
+    try:
+        kdist.barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,75 @@
+"""Checkpoint files: the pretraining format (read by evaluation) and the resume-path rule of every task.
+
+Every checkpoint is a plain dict written atomically (:func:`kamim.serialization.atomic_save`) and
+read with ``torch.load(weights_only=True)`` (:func:`kamim.serialization.safe_load`); a ``format``
+key names the task that wrote it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from kamim.serialization import CheckpointError, safe_load
+
+log = logging.getLogger("kamim")
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
+    "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
+]
+
+CHECKPOINT_FORMAT = "kamim-pretrain"  # the pretraining checkpoint's ``format``
+CHECKPOINT_VERSION = 1
+LAST_CHECKPOINT = "checkpoint-last.pt"  # the resumable checkpoint of every task
+ENCODER_FILE = "encoder.safetensors"  # pretraining's encoder export (timm keys)
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"  # the resolved config in every output directory
+
+
+def load_checkpoint(path: str | Path, fmt: str, what: str, version: int | None = None) -> dict[str, Any]:
+    """Load ``path`` (``weights_only``) and check its ``format`` (and ``version``); ``what`` names the
+    kind in the one-line ``CheckpointError``."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a kamim {what} checkpoint (format '{fmt}')")
+    if version is not None and ckpt.get("version") != version:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, expected {version}")
+    return ckpt
+
+
+def load_pretrain_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a ``kamim-pretrain`` checkpoint (``weights_only``)."""
+    return load_checkpoint(path, CHECKPOINT_FORMAT, "pretraining", CHECKPOINT_VERSION)
+
+
+def find_resume_checkpoint(out_dir: Path, resume: str | Path | bool | None) -> Optional[Path]:
+    """The checkpoint to resume from: ``"auto"``/True -> ``out_dir/checkpoint-last.pt`` if present;
+    None/False/``"none"`` -> none; a run directory or checkpoint file -> that one (must exist)."""
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() == "none"):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() == "auto"):
+        path = Path(out_dir) / LAST_CHECKPOINT
+        return path if path.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def write_run_config(cfg: Any, out_dir: Path, main: bool = True) -> Optional[Path]:
+    """Rank 0 writes the resolved dataclass config ``cfg`` as ``out_dir/config.yaml``
+    (:func:`kamim.config.dump_config`; rerun with ``--config``). A run on an in-memory model
+    (``cfg.checkpoint`` is a module) cannot be rerun from a file and gets none (logged)."""
+    if not main:
+        return None
+    import torch.nn as nn
+
+    from kamim.config import dump_config
+
+    if isinstance(getattr(cfg, "checkpoint", None), nn.Module):
+        log.info("no %s written: the encoder is an in-memory model", CONFIG_FILE)
+        return None
+    return dump_config(cfg, Path(out_dir) / CONFIG_FILE)

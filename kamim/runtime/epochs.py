@@ -1,0 +1,79 @@
+"""The epoch skeleton of linear probing and finetuning (pretraining counts steps instead).
+
+:class:`EpochTrainer` trains the rest of the current epoch with the task's :class:`TrainStep`
+(resuming mid-epoch where the state says), evaluates, lets the task record the epoch and write
+its checkpoint and results, and repeats until the stop epoch. SIGINT/SIGTERM during training
+writes ``checkpoint-last.pt`` after the current optimizer step and raises ``Interrupted``
+(:meth:`TrainStep.epoch`). A task implements only its loss and its epoch/evaluation policy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kamim import distributed as kdist
+from kamim.interrupt import StopRequest, graceful_stop
+
+from .schedule import stop_epoch
+from .step import StepResult
+
+__all__ = ["EpochTrainer"]
+
+
+class EpochTrainer:
+    """Base of an epoch-based task. The subclass sets ``cfg`` (epochs, stop_epoch, progress),
+    ``info``, ``state``, ``stats`` (:class:`kamim.runtime.EpochStats`), ``train_step``, ``loader``,
+    ``sampler`` and ``steps_per_epoch``, and implements :meth:`loss`, :meth:`evaluate`,
+    :meth:`end_epoch` and :meth:`save_last`."""
+
+    task = "train"  # name in the progress bar
+
+    def loss(self, batch: Any) -> torch.Tensor | None:
+        """The loss of one micro-batch (None: every image unreadable); adds to ``self.stats``."""
+        raise NotImplementedError
+
+    def evaluate(self) -> Any:
+        raise NotImplementedError
+
+    def end_epoch(self, sums: torch.Tensor, lr: float, results: Any) -> None:
+        """Record the epoch (``state.epoch`` already counts it), checkpoint, write results."""
+        raise NotImplementedError
+
+    def save_last(self) -> None:
+        """Write ``checkpoint-last.pt`` (every rank calls it), also mid-epoch."""
+        raise NotImplementedError
+
+    def after_step(self, result: StepResult) -> None:
+        """Called after each optimizer step (e.g. an EMA update)."""
+
+    def train_epoch(self, stop: StopRequest) -> tuple[torch.Tensor, float]:
+        """The rest of epoch ``state.epoch``: (its statistics summed over ranks, its first LR)."""
+        state, spe = self.state, self.steps_per_epoch
+        done = state.batch_in_epoch(spe)
+        if done == 0:
+            self.stats.reset(max(g["lr"] for g in state.optimizer.param_groups))
+        self.train_step.module.train()
+        bar = tqdm(total=spe, initial=done, desc=f"{self.task} epoch {state.epoch + 1}/{self.cfg.epochs}",
+                   disable=not (self.cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
+
+        def after(result: StepResult) -> None:
+            self.after_step(result)
+            bar.update(1)
+
+        try:
+            self.train_step.epoch(self.loader, self.sampler, self.loss, stop, self.save_last, spe, after_step=after)
+        finally:
+            bar.close()
+        return self.stats.reduced(), float(self.stats.lr)
+
+    def run_epochs(self) -> None:
+        """Train, evaluate and record epochs until ``stop_epoch(cfg)``."""
+        with graceful_stop() as stop:
+            while self.state.epoch < stop_epoch(self.cfg):
+                sums, lr = self.train_epoch(stop)
+                results = self.evaluate()
+                self.state.epoch += 1
+                self.end_epoch(sums, lr, results)
+                kdist.barrier()

@@ -1,0 +1,67 @@
+"""Learning-rate schedules over OPTIMIZER steps and the batch/epoch arithmetic of a training run.
+
+Every task (pretraining, probing, finetuning) uses timm's ``CosineLRScheduler`` with
+``t_in_epochs=False``: linear warmup from ``warmup_lr`` then cosine to ``min_lr``, ``step_update(n)``
+called after optimizer step n (:class:`kamim.runtime.step.TrainStep` does it), so gradient
+accumulation does not change the schedule. Per-group ``lr_scale`` (layer decay) is honoured.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from timm.scheduler import CosineLRScheduler
+
+from kamim.config import clamped_warmup  # noqa: F401  (re-exported: the warmup rule lives with the configs)
+
+__all__ = ["cosine_scheduler", "EpochRunConfig", "epoch_scheduler", "stop_epoch", "micro_batch_size",
+           "clamped_warmup"]
+
+
+def cosine_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float
+) -> CosineLRScheduler:
+    """timm ``CosineLRScheduler`` over ``total_steps`` optimizer steps (warmup included, clamped to
+    ``total_steps - 1``): linear warmup ``warmup_lr -> peak`` then cosine ``peak -> min_lr``.
+
+    Call ``step_update(n)`` after optimizer step n; the LR of update n+1 is then set.
+    """
+    warmup_steps = max(0, min(int(warmup_steps), int(total_steps) - 1))
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, int(total_steps) - warmup_steps), lr_min=min_lr, warmup_t=warmup_steps,
+        warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
+    )
+
+
+class EpochRunConfig(Protocol):
+    """The fields of an epoch-based training config (``LinprobeConfig``, ``FinetuneConfig``) used here."""
+
+    checkpoint: Any
+    epochs: int
+    warmup_epochs: int
+    warmup_lr: float
+    min_lr: float
+    stop_epoch: int | None
+
+
+def epoch_scheduler(optimizer: torch.optim.Optimizer, cfg: EpochRunConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """:func:`cosine_scheduler` over ``cfg.epochs`` epochs with ``cfg.warmup_epochs`` of warmup."""
+    return cosine_scheduler(
+        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.warmup_lr, cfg.min_lr
+    )
+
+
+def stop_epoch(cfg: EpochRunConfig) -> int:
+    """The epoch after which this invocation stops: ``cfg.stop_epoch`` (capped at ``cfg.epochs``) or ``cfg.epochs``."""
+    return cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
+
+
+def micro_batch_size(batch_size: int, accum_steps: int, info: Any) -> int:
+    """Per-rank micro-batch of a GLOBAL ``batch_size`` (``info``: a ``kamim.distributed.DistInfo``);
+    one-line error unless it divides evenly."""
+    world_micro = info.world_size * accum_steps
+    if batch_size % world_micro:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by world size {info.world_size} x accum_steps={accum_steps}"
+        )
+    return batch_size // world_micro
