@@ -108,7 +108,7 @@ def build_variants(
 
     ``amp_dtype=None`` leaves out the autocast variants.
     """
-    ours: SimMIM = create_pretrain_model("kamim", arch, temperature=0.25).to(device).train()
+    ours: SimMIM = create_pretrain_model("kamim", arch, kamim={"temperature": 0.25}).to(device).train()
     vit = ours.encoder
     ref = hf_reference(vit).to(device).train()
     patch = int(vit.patch_embed.patch_size[0])

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     amp = torch.bfloat16
     torch.manual_seed(0)
 
-    ours = create_pretrain_model("kamim", args.model, temperature=0.25).to(device).train()
+    ours = create_pretrain_model("kamim", args.model, kamim={"temperature": 0.25}).to(device).train()
     vit = ours.encoder
     ref = hf_reference(vit).to(device).train()
     patch = int(vit.patch_embed.patch_size[0])

@@ -150,8 +150,8 @@ class MoCoConfig:
 
     temperature: float = 0.2
     momentum: float = 0.99  # start value, cosine-increased to 1 over training
-    dim: Optional[int] = None  # output dim of projector/predictor; None: the arch preset's size (256 for ViTs)
-    mlp_dim: Optional[int] = None  # hidden dim of the MLPs; None: the arch preset's size (4096 for ViTs)
+    dim: Optional[int] = None  # output dim of projector/predictor; None: MoCo v3's 256
+    mlp_dim: Optional[int] = None  # hidden dim of the MLPs; None: MoCo v3's 4096
 
 
 @dataclass

@@ -117,3 +117,21 @@ def test_pretrain_command_prints_outputs_and_resumes(tmp_path, demo, capsys):
     assert safe_load(out / "checkpoint-last.pt")["step"] == 3
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
+
+
+def test_moco_heads_of_a_cli_run_are_the_sizes_its_config_states(tmp_path, demo):
+    """``kamim pretrain --config tiny_moco``: the saved model's projector/predictor have the sizes the
+    config file states; the architecture presets state none."""
+    from kamim.config import load_config
+    from kamim.models import PRESETS
+
+    moco = load_config("tiny_moco").moco
+    out = tmp_path / "moco"
+    assert main(["-q", "pretrain", "--config", "tiny_moco", "--data", str(demo), "--out", str(out),
+                 "--set", *SMALL, "run.max_steps=1"]) == 0
+    state = safe_load(out / "checkpoint-last.pt")["model"]
+    assert tuple(state["projector.0.weight"].shape)[0] == moco.mlp_dim
+    assert tuple(state["predictor.0.weight"].shape) == (moco.mlp_dim, moco.dim)
+    assert tuple(state["predictor.3.weight"].shape)[0] == moco.dim
+    assert (moco.dim, moco.mlp_dim) == (64, 256)
+    assert all(set(p) == {"model_name", "kwargs"} for p in PRESETS.values())

@@ -216,7 +216,7 @@ def test_bad_construction():
 
 @pytest.mark.parametrize("method,arch", [("kamim", "vit_pico"), ("simmim", "swin_pico"), ("moco", "vit_pico")])
 def test_encoder_export_round_trip(method, arch):
-    model = create_pretrain_model(method, arch, temperature=0.25).eval()
+    model = create_pretrain_model(method, arch, kamim={"temperature": 0.25}).eval()
     spec = json.loads(json.dumps(model.encoder_spec))  # survives JSON/YAML
     assert spec["kwargs"]["img_size"] == 96 and spec["kwargs"]["num_classes"] == 0
     assert "patch_size" in spec["kwargs"]
@@ -259,14 +259,21 @@ def test_preset_errors():
     with pytest.raises(ValueError, match="ViT arch"):
         create_pretrain_model("moco", "swin_pico")
     assert set(PRESETS) >= {"vit_t", "vit_s", "vit_b", "swin_t", "swin_b", "vit_pico", "swin_pico"}
-    assert create_pretrain_model("simmim", "vit_pico", temperature=0.25).temperature is None
+    assert create_pretrain_model("simmim", "vit_pico", kamim={"temperature": 0.25}).temperature is None
+    with pytest.raises(ValueError, match="unknown kamim setting"):
+        create_pretrain_model("kamim", "vit_pico", kamim={"temperature": 0.25, "T": 1})
+    with pytest.raises(ValueError, match="needs kamim="):  # method settings are not timm kwargs
+        create_pretrain_model("kamim", "vit_pico", temperature=0.25)
+    with pytest.raises(TypeError, match="temperature"):
+        create_pretrain_model("simmim", "vit_pico", temperature=0.25)
 
 
-def test_moco_preset_heads():
-    model = create_pretrain_model("moco", "vit_pico", moco_kwargs={"temperature": 0.1, "dim": 32})
+def test_moco_heads_come_from_the_settings_alone():
+    model = create_pretrain_model("moco", "vit_pico", moco={"temperature": 0.1, "dim": 32})
     assert model.temperature == 0.1
     assert model.projector[-2].out_features == 32 and model.projector[0].in_features == 96
-    assert model.predictor[0].out_features == 1024  # the preset's mlp_dim, kept
+    assert model.predictor[0].out_features == 4096  # MoCo v3's mlp_dim: presets hold no method settings
+    assert all("moco" not in p for p in PRESETS.values())
     assert isinstance(model.projector[-1], nn.BatchNorm1d) and not model.projector[-1].affine
 
 

@@ -3,8 +3,8 @@
 ``create_pretrain_model(method, arch, *, img_size, kamim, moco, **timm_kwargs)`` keeps three kinds of
 settings apart: the method's own settings (``kamim``: temperature, loss normalisation; ``moco``: head
 sizes, InfoNCE temperature, momentum, sin-cos position embedding), and ``timm_kwargs``, which go to
-``timm.create_model`` and nothing else. A ``None`` method setting means "the default": the preset's
-MoCo head sizes (e.g. the scaled-down heads of ``vit_pico``), else :class:`MoCoV3`'s defaults.
+``timm.create_model`` and nothing else. A ``None`` method setting means :class:`MoCoV3`'s default
+(read from its signature); presets hold no method settings, so each setting has one source: the config.
 
 ``build_pretrain_model(cfg)`` maps a :class:`kamim.config.Config` onto it (``cfg.model.overrides`` are
 the timm kwargs) and turns a rejected setting into a one-line ``ConfigError`` naming the config key.
@@ -13,7 +13,6 @@ Every other part of kamim (the training engine, the sweep, benches) builds pretr
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +32,6 @@ MOCO_SETTINGS = ("dim", "mlp_dim", "temperature", "momentum", "fixed_sincos_pos_
 _MOCO_DEFAULTS = {  # MoCoV3's own keyword defaults, read from its signature (one source)
     name: p.default for name, p in inspect.signature(MoCoV3).parameters.items() if name in MOCO_SETTINGS
 }
-# Keywords of the previous signature, still accepted (with a DeprecationWarning) until callers move.
-_LEGACY = {"temperature": ("kamim", "temperature"), "loss_normalize": ("kamim", "normalize")}
 
 
 def _settings(group: str, given: Mapping[str, Any] | None, valid: tuple[str, ...]) -> dict[str, Any]:
@@ -44,21 +41,6 @@ def _settings(group: str, given: Mapping[str, Any] | None, valid: tuple[str, ...
     if unknown:
         raise ValueError(f"unknown {group} setting(s) {unknown}; valid: {', '.join(valid)}")
     return {k: v for k, v in given.items() if v is not None}
-
-
-def _pop_legacy(timm_kwargs: dict[str, Any], kamim: dict[str, Any], moco: dict[str, Any]) -> None:
-    for old, (group, key) in _LEGACY.items():
-        if old in timm_kwargs:
-            warnings.warn(f"create_pretrain_model({old}=...) is deprecated; pass {group}={{'{key}': ...}}",
-                          DeprecationWarning, stacklevel=3)
-            value = timm_kwargs.pop(old)
-            if value is not None:
-                kamim.setdefault(key, value)
-    if "moco_kwargs" in timm_kwargs:
-        warnings.warn("create_pretrain_model(moco_kwargs=...) is deprecated; pass moco={...}",
-                      DeprecationWarning, stacklevel=3)
-        for key, value in _settings("moco", timm_kwargs.pop("moco_kwargs"), MOCO_SETTINGS).items():
-            moco.setdefault(key, value)
 
 
 def create_pretrain_model(
@@ -78,19 +60,17 @@ def create_pretrain_model(
         img_size: input size; the preset's when None.
         kamim: KAMIM settings ``temperature`` (T > 0, required for "kamim"; paper: 0.25) and
             ``normalize`` ("mask" = reference, or "weight"); used by "kamim" only.
-        moco: MoCo v3 settings ``dim``, ``mlp_dim`` (head sizes; the preset's when None),
-            ``temperature``, ``momentum``, ``fixed_sincos_pos_embed`` (:class:`MoCoV3`'s defaults when
-            None); used by "moco" only.
+        moco: MoCo v3 settings ``dim``, ``mlp_dim`` (head sizes), ``temperature``, ``momentum``,
+            ``fixed_sincos_pos_embed`` (:class:`MoCoV3`'s defaults when None); used by "moco" only.
         **timm_kwargs: keyword arguments of ``timm.create_model`` (``patch_size``, ``drop_path_rate``,
             ``reg_tokens``, ...), recorded in the encoder spec. timm raises ``TypeError`` for a
             keyword the model does not take.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    arch_preset = preset(arch)  # validate before building anything
+    preset(arch)  # validate before building anything
     kamim_set = _settings("kamim", kamim, KAMIM_SETTINGS)
     moco_set = _settings("moco", moco, MOCO_SETTINGS)
-    _pop_legacy(timm_kwargs, kamim_set, moco_set)
     if method == "kamim" and "temperature" not in kamim_set:
         raise ValueError("method 'kamim' needs kamim={'temperature': T} (paper: 0.25)")
     if method == "moco" and not arch.startswith("vit"):
@@ -98,7 +78,7 @@ def create_pretrain_model(
                          f"{', '.join(a for a in PRESETS if a.startswith('vit'))}")
     encoder, spec = create_encoder(arch, img_size=img_size, **timm_kwargs)
     if method == "moco":
-        return MoCoV3(encoder, spec, **{**_MOCO_DEFAULTS, **arch_preset.get("moco", {}), **moco_set})
+        return MoCoV3(encoder, spec, **{**_MOCO_DEFAULTS, **moco_set})
     if method == "kamim":
         return SimMIM(encoder, encoder_spec=spec, temperature=kamim_set["temperature"],
                       loss_normalize=kamim_set.get("normalize", "mask"))
@@ -110,7 +90,7 @@ def build_pretrain_model(cfg: Config) -> nn.Module:
 
     ``cfg.method`` and ``cfg.model.arch`` / ``img_size`` choose the model, ``cfg.model.overrides`` are
     the timm kwargs, ``cfg.kamim.temperature`` / ``normalize`` and ``cfg.moco`` the method settings
-    (``moco.dim`` / ``mlp_dim`` left null take the preset's head sizes). A timm kwarg the model rejects,
+    (``moco.dim`` / ``mlp_dim`` left null take MoCo v3's 256 / 4096). A timm kwarg the model rejects,
     or a setting the method refuses, raises a one-line :class:`kamim.config.ConfigError`.
     """
     from kamim.config import ConfigError

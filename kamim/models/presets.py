@@ -1,8 +1,8 @@
 """The paper's architectures (ViT-T/S/B at 192 px, Swin-T/B with window 6) and tiny CPU presets.
 
-A preset is a timm model name, its timm kwargs and, where MoCo v3's heads must shrink with the
-encoder, its MoCo head sizes (``"moco": {"dim", "mlp_dim"}``, read by
-:func:`kamim.models.factory.create_pretrain_model`). Every encoder is a plain timm model built with ``pretrained=False, num_classes=0``; its spec
+A preset is a timm model name and its timm kwargs, nothing else: method settings (MoCo v3's head
+sizes included) come from the config (:class:`kamim.config.MoCoConfig`, e.g. ``configs/tiny_moco.yaml``).
+Every encoder is a plain timm model built with ``pretrained=False, num_classes=0``; its spec
 ``{"model_name", "kwargs"}`` (with ``img_size`` and ``patch_size`` always stored) recreates it exactly
 with ``timm.create_model(spec["model_name"], **spec["kwargs"])``.
 """
@@ -30,12 +30,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_name": "swin_base_patch4_window7_224",
         "kwargs": {"img_size": 192, "patch_size": 4, "window_size": 6},
     },
-    # CPU presets. vit_pico keeps the paper's 12x12 token grid (96 px / patch 8); its MoCo heads are
-    # scaled down with it (MoCo v3's 4096-wide MLPs would be 25x the size of the encoder).
+    # CPU presets. vit_pico keeps the paper's 12x12 token grid (96 px / patch 8); MoCo on it wants
+    # smaller heads than MoCo v3's 4096-wide MLPs (25x the encoder): configs/tiny_moco.yaml sets them.
     "vit_pico": {
         "model_name": "vit_tiny_patch16_224",
         "kwargs": {"img_size": 96, "patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3},
-        "moco": {"dim": 128, "mlp_dim": 1024},
     },
     # swin_pico: 96 px, patch 4 -> grids 24/12/6/3, window 3, stride 32 like Swin-T/B.
     "swin_pico": {
