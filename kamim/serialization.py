@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from typing import IO, Any, Iterator, Mapping, Optional
 import torch
 
 __all__ = [
+    "json_safe",
     "CheckpointError", "UnsafeCheckpointError", "atomic_write", "atomic_save",
     "atomic_write_text", "atomic_write_json", "safe_load", "save_safetensors",
     "load_safetensors", "read_safetensors_metadata", "make_temp_dir", "umask_mode", "remove_stale_temp_files",
@@ -209,3 +211,19 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
 
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON data: tuples -> lists, Paths -> str, tensors -> numbers/lists, non-finite floats -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return json_safe(obj.item())
+    return obj

@@ -14,7 +14,7 @@ from kamim.config import list_presets, load_config
 from kamim.data import transforms as ktf
 from kamim.data.demo import demo_photographs
 from kamim.engine.pretrain import build_model, build_pretrain_transform
-from kamim.eval.common import classification_train_transform
+from kamim.eval.data import classification_train_transform
 from kamim.eval.finetune import FinetuneConfig
 from kamim.eval.linprobe import RECIPES, LinprobeConfig
 

@@ -46,7 +46,7 @@ def test_layer_decay_scales_per_block():
     assert wd["blocks.0.attn.qkv.weight"] == 0.05 and wd["pos_embed"] == 0.0 and wd["cls_token"] == 0.0
     assert wd["blocks.0.norm1.weight"] == 0.0 and wd["head.bias"] == 0.0
     # the scheduler applies the scale: after warmup, each group's lr = peak * lr_scale
-    from kamim.eval.common import cosine_scheduler
+    from kamim.runtime import cosine_scheduler
 
     sched = cosine_scheduler(opt, total_steps=10, warmup_steps=2, warmup_lr=0.0, min_lr=0.0)
     sched.step_update(2)
@@ -170,8 +170,8 @@ def test_non_finite_gradient_norm_stops_before_the_update(crops, tmp_path):
 
 
 def test_drop_path_of_a_checkpoint_is_a_timm_constructor_argument(crops, tmp_path, monkeypatch):
-    import kamim.eval.common as common
-    from kamim.engine.pretrain import export_encoder
+    import kamim.checkpoints as checkpoints
+    from kamim.runtime import export_encoder
 
     class Run(torch.nn.Module):  # what a pretraining run exports
         def __init__(self) -> None:
@@ -181,8 +181,8 @@ def test_drop_path_of_a_checkpoint_is_a_timm_constructor_argument(crops, tmp_pat
                 img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0)}
 
     path = export_encoder(Run(), tmp_path / "encoder.safetensors", method="simmim", step=0)
-    real, loaded = common.load_encoder, []
-    monkeypatch.setattr(common, "load_encoder", lambda *a, **kw: loaded.append((kw, real(*a, **kw))) or loaded[-1][1])
+    real, loaded = checkpoints.load_encoder, []
+    monkeypatch.setattr(checkpoints, "load_encoder", lambda *a, **kw: loaded.append((kw, real(*a, **kw))) or loaded[-1][1])
     finetune(_cfg(str(path), crops, tmp_path / "ft", drop_path=0.3, stop_epoch=1, epochs=2))
     kwargs, enc = loaded[0]
     assert kwargs["drop_path_rate"] == 0.3

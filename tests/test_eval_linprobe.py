@@ -141,7 +141,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(small_crops, tmp_path):
 
 def test_config_yaml_reruns_the_same_probe(small_crops, tmp_path):
     from kamim.config import load_command_config
-    from kamim.engine.pretrain import export_encoder
+    from kamim.runtime import export_encoder
 
     class Run(torch.nn.Module):  # what a pretraining run exports
         def __init__(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kamim.precision as precision
-from kamim.eval.common import amp_dtype_of
+from kamim.precision import amp_dtype_of
 
 X86_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
 X86_AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -28,7 +28,6 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -53,10 +52,10 @@ from kamim.precision import warn_if_slow_bf16
 from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
     NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
-    find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint, nonfinite_state, rng_state, seed_all,
+    encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint, nonfinite_state, rng_state, seed_all,
     set_rng_state,
 )
-from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files, save_safetensors
+from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files
 
 __all__ = [
     "pretrain", "NonFiniteLossError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT",
@@ -173,27 +172,7 @@ def build_pretrain_transform(cfg: Config, model: nn.Module):
     return transform
 
 
-# --------------------------------------------------------------------------- RNG / checkpoints
-
-def encoder_prefix(model: nn.Module) -> Optional[str]:
-    """Prefix of ``model.encoder``'s keys in ``model.state_dict()`` (e.g. ``"backbone.encoder."``)."""
-    target = getattr(model, "encoder", None)
-    return next((f"{name}." for name, module in model.named_modules() if name and module is target), None)
-
-
-def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int, checkpoint_id: str = "") -> Path:
-    """Write ``model.encoder.state_dict()`` (timm keys) + ``encoder_spec`` metadata as safetensors;
-    ``checkpoint_id`` is the ``save_id`` of the checkpoint it was exported with (see
-    :func:`kamim.checkpoints.check_run_export`)."""
-    spec = getattr(model, "encoder_spec", None) or {}
-    meta = {
-        "format": "kamim-encoder", "model_name": str(spec.get("model_name", "")),
-        "kwargs": json.dumps(spec.get("kwargs", {})), "method": method, "step": str(step),
-    }
-    if checkpoint_id:
-        meta["checkpoint_id"] = checkpoint_id
-    return save_safetensors(model.encoder.state_dict(), path, metadata=meta)
-
+# --------------------------------------------------------------------------- batches
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

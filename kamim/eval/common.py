@@ -1,8 +1,12 @@
-"""Shared plumbing of the evaluation engines: encoders, labelled data, loaders, schedules, results.
+"""Shared plumbing of the evaluation engines: run records, resume checks, DDP wrapping, results.
+
+Data and loaders live in :mod:`kamim.eval.data`, output folders and sessions in
+:mod:`kamim.eval.session`, scoring in :mod:`kamim.eval.scoring`, the training step and state in
+:mod:`kamim.runtime`, encoders in :mod:`kamim.checkpoints`.
 
 Conventions shared by ``linprobe``, ``finetune``, ``knn`` and ``reconstruct``:
 
-* Training data order is a function of ``(seed, epoch, index)`` (``kamim.engine.sampler``), the
+* Training data order is a function of ``(seed, epoch, index)`` (``kamim.runtime.sampler``), the
   batch size is GLOBAL (all ranks and accumulation steps) and the cosine schedule is stepped once
   per optimizer step, like the pretraining engine.
 * Evaluation splits the dataset into disjoint per-rank shards (``range(rank, N, world)``, no
@@ -13,158 +17,28 @@ Conventions shared by ``linprobe``, ``finetune``, ``knn`` and ``reconstruct``:
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
 import dataclasses
 import io
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms as T
-from tqdm.auto import tqdm
 
-from kamim import distributed as kdist
 from kamim import outputs
-from kamim.checkpoints import load_encoder
-from kamim.data import EvalTransform, build_labelled_splits, collate_skip_bad
-from kamim.data.transforms import harden_auto_augment
-from kamim.distributed import DistInfo, all_reduce_sum
-from kamim.runtime import NonFiniteLossError, ResumableBatchSampler, SeededDataset, find_resume_checkpoint
-# the training region moved to kamim.runtime; re-exported here for old imports
-from kamim.runtime import (  # noqa: F401
-    AMP_MODES, EpochRunConfig, amp_dtype_of, autocast, clamped_warmup, cosine_scheduler, epoch_scheduler,
-    micro_batch_size, stop_epoch,
-)
-from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, safe_load
+from kamim.distributed import DistInfo
+from kamim.runtime import EpochRunConfig, find_resume_checkpoint
+from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, json_safe, safe_load
 
-from .features import check_input_size, num_layers, unpack_labelled
+from .session import RESUME_SAFE_KEYS, config_changes
 
-__all__ = [
-    "AMP_MODES",
-    "amp_dtype_of",
-    "autocast",
-    "Encoder",
-    "encoder_from_module",
-    "resolve_encoder",
-    "image_size_2d",
-    "classification_train_transform",
-    "config_changes",
-    "LabelledData",
-    "build_labelled_data",
-    "eval_transform",
-    "eval_loader",
-    "train_loader",
-    "cosine_scheduler",
-    "distributed_session",
-    "check_output_dir",
-    "micro_batch_size",
-    "classification_data",
-    "training_loaders",
-    "epoch_scheduler",
-    "config_record",
-    "load_resume_checkpoint",
-    "ddp_wrap",
-    "sync_context",
-    "zero_loss",
-    "check_finite_loss",
-    "epoch_progress",
-    "stop_epoch",
-    "clamped_warmup",
-    "EpochRunConfig",
-    "RESUME_SAFE_KEYS",
-    "claimed_run_dir",
-    "topk_correct",
-    "evaluate_logits",
-    "json_safe",
-    "write_results",
-    "format_table",
-    "print_table",
-]
-
-@dataclass
-class Encoder:
-    """An in-memory encoder with the geometry fields of ``kamim.checkpoints.LoadedEncoder``."""
-
-    model: nn.Module
-    image_size: tuple[int, int]
-    patch_size: int | tuple[int, int] | None
-    num_prefix_tokens: int
-    format: str = "module"
-    report: Any = None
-
-
-def encoder_from_module(model: nn.Module) -> Encoder:
-    """Wrap an in-memory timm ViT/Swin (``num_classes=0``) with its geometry read from the model."""
-    num_layers(model)  # one-line error for a non-timm model
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size is None:
-        raise ValueError(f"cannot tell the input size of {type(model).__name__} (no patch_embed.img_size)")
-    patch = tuple(int(p) for p in pe.patch_size)
-    return Encoder(model, (int(size[0]), int(size[1])), patch[0] if patch[0] == patch[1] else patch,
-                   int(getattr(model, "num_prefix_tokens", 0)))
-
-
-def image_size_2d(size: int | Sequence[int]) -> tuple[int, int]:
-    """``img_size`` as (H, W); one-line error for anything else."""
-    vals = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        raise ValueError(f"image size must be a positive int or an (H, W) pair, got {size!r}")
-    return int(vals[0]), int(vals[1])
-
-
-def resolve_encoder(
-    source: str | os.PathLike | nn.Module, device: torch.device, options: Mapping[str, Any] | None = None,
-    frozen: bool = True,
-):
-    """``kamim.checkpoints.load_encoder(source, **options)`` (or an in-memory model) on ``device``.
-
-    ``frozen=True``: eval mode and ``requires_grad=False`` (probing, k-NN; an in-memory model is used
-    as is). ``frozen=False`` (finetuning): an in-memory model is deep-copied, never modified.
-    """
-    if isinstance(source, nn.Module):
-        enc = encoder_from_module(source if frozen else copy.deepcopy(source))
-    else:
-        enc = load_encoder(source, **dict(options or {}))
-    enc.model.to(device)
-    if frozen:
-        enc.model.eval().requires_grad_(False)
-    return enc
-
-
-# --------------------------------------------------------------------------- data
-
-
-# moved to kamim.eval.data; re-exported here for old imports
-from .data import (  # noqa: E402,F401
-    AUGMENTATIONS, LabelledData, build_labelled_data, classification_data, classification_train_transform,
-    eval_loader, eval_transform, train_loader, training_loaders,
-)
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-# moved to kamim.eval.scoring; re-exported here for old imports
-from .scoring import evaluate_logits, topk_correct  # noqa: E402,F401
+__all__ = ["config_record", "load_resume_checkpoint", "ddp_wrap", "write_results", "format_table", "print_table"]
 
 
 # --------------------------------------------------------------------------- training runs
-
-# moved to kamim.eval.session; re-exported here for old imports
-from .session import (  # noqa: E402,F401
-    RESUME_SAFE_KEYS, check_output_dir, claimed_run_dir, config_changes, distributed_session,
-)
-
 
 def config_record(cfg: EpochRunConfig) -> dict[str, Any]:
     """A dataclass config as plain JSON for checkpoints and results (an in-memory model is named, not stored)."""
@@ -182,7 +56,7 @@ def load_resume_checkpoint(
     config: Mapping[str, Any],
     ignore: Iterable[str] = RESUME_SAFE_KEYS,
 ) -> tuple[Path, dict[str, Any]] | None:
-    """(path, checkpoint) to resume from (``kamim.engine.pretrain.find_resume_checkpoint`` rules), or None.
+    """(path, checkpoint) to resume from (``kamim.runtime.find_resume_checkpoint`` rules), or None.
 
     One-line errors for a checkpoint of another ``fmt`` (``what`` names the kind in the message) and
     for one whose stored config differs from ``config`` outside ``ignore``.
@@ -210,52 +84,7 @@ def ddp_wrap(module: nn.Module, info: DistInfo) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def sync_context(module: nn.Module, sync: bool):
-    """``module.no_sync()`` for a DDP module on a micro-batch that must not all-reduce (gradient
-    accumulation), else a no-op context."""
-    if not sync and isinstance(module, nn.parallel.DistributedDataParallel):
-        return module.no_sync()
-    return contextlib.nullcontext()
-
-
-def zero_loss(module: nn.Module) -> torch.Tensor:
-    """A zero loss touching every parameter: a micro-batch whose images were all unreadable still
-    backpropagates (zero gradients), which keeps DDP ranks in step."""
-    return sum(p.sum() for p in module.parameters()) * 0.0
-
-
-def check_finite_loss(loss: torch.Tensor, what: str, epoch: int, step: int, checkpoint: Path) -> None:
-    """``NonFiniteLossError`` naming 1-based ``epoch``/``step`` if ``loss`` is NaN/inf."""
-    if not math.isfinite(float(loss.detach())):
-        raise NonFiniteLossError(
-            f"non-finite {what} loss at epoch {epoch + 1}, step {step + 1}; stopped, last checkpoint left intact "
-            f"({checkpoint})"
-        )
-
-
-def epoch_progress(total: int, desc: str, enabled: bool) -> tqdm:
-    """Progress bar over the optimizer steps of one epoch."""
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 # --------------------------------------------------------------------------- results
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON data: tuples -> lists, Paths -> str, tensors -> numbers/lists, non-finite floats -> None."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return json_safe(obj.tolist())
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return json_safe(obj.item())
-    return obj
 
 
 def write_results(

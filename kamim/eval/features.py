@@ -27,6 +27,7 @@ from kamim.backbone import (
     LayerSpec, check_input_size, default_layer, expected_input_size, feature_dims, is_token_model, layer_features,
     num_layers, resolve_layers, unwrap,
 )
+from kamim.precision import autocast
 
 Pool = Literal["avg", "token", "cls"]
 _OLD_POOL_NAMES = {"cls": "token"}  # accepted by the evaluations until their callers use timm's names
@@ -143,7 +144,7 @@ def extract_dataset_features(
             continue  # every image of this batch was unreadable (kamim.data.collate_skip_bad)
         images, labels = unpack_labelled(batch)
         images = images.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(dev, amp_dtype):
             feats = _pooled_features(model, images, ks, pool, norm=False)
         _check_finite(feats, source, where=f" in batch {b} of {desc}", why=why)
         if distributed:

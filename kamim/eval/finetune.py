@@ -43,6 +43,8 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from kamim.checkpoints import resolve_encoder
+from kamim.config import clamped_warmup
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, TrainStep, amp_dtype_of,
@@ -50,11 +52,10 @@ from kamim.runtime import (
 )
 from kamim.serialization import atomic_save
 
-from .common import (
-    check_output_dir, claimed_run_dir, clamped_warmup, classification_data, config_record, ddp_wrap,
-    distributed_session, evaluate_logits, load_resume_checkpoint, print_table, resolve_encoder, training_loaders,
-    write_results,
-)
+from .common import config_record, ddp_wrap, load_resume_checkpoint, print_table, write_results
+from .data import classification_data, training_loaders
+from .scoring import evaluate_logits
+from .session import check_output_dir, claimed_run_dir, distributed_session
 from .features import is_token_model, unpack_labelled
 
 __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kamim.distributed import all_reduce_sum, is_main_process
-from kamim.runtime.amp import amp_dtype_of
+from kamim.checkpoints import resolve_encoder
+from kamim.precision import amp_dtype_of
 
-from .common import print_table, resolve_encoder, write_results
+from .common import print_table, write_results
 from .data import build_labelled_data, eval_loader
 from .features import extract_dataset_features, resolve_layers
 from .session import check_output_dir, distributed_session

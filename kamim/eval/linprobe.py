@@ -42,17 +42,18 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from kamim.checkpoints import resolve_encoder
+from kamim.config import clamped_warmup
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, TrainStep, amp_dtype_of, epoch_scheduler,
     micro_batch_size, write_run_config,
 )
 
-from .common import (
-    check_output_dir, claimed_run_dir, clamped_warmup, classification_data, config_record, ddp_wrap,
-    distributed_session, evaluate_logits, load_resume_checkpoint, print_table, resolve_encoder, training_loaders,
-    write_results,
-)
+from .common import config_record, ddp_wrap, load_resume_checkpoint, print_table, write_results
+from .data import classification_data, training_loaders
+from .scoring import evaluate_logits
+from .session import check_output_dir, claimed_run_dir, distributed_session
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
 
 __all__ = ["RECIPES", "LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]

@@ -37,7 +37,7 @@ from kamim.config import from_dict
 from kamim.data import build_dataset
 from kamim.masking import MaskGenerator
 from kamim.models import build_pretrain_model
-from kamim.runtime.amp import amp_dtype_of, autocast
+from kamim.precision import amp_dtype_of, autocast
 from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint
 from kamim.serialization import CheckpointError, atomic_write
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kamim.distributed import all_reduce_sum
-from kamim.runtime.amp import autocast
+from kamim.precision import autocast
 
 from .features import unpack_labelled
 

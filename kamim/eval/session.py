@@ -19,7 +19,7 @@ from typing import Any
 from kamim import distributed as kdist
 from kamim import outputs
 from kamim.distributed import DistInfo
-from kamim.serialization import remove_stale_temp_files
+from kamim.serialization import json_safe, remove_stale_temp_files
 
 __all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir"]
 
@@ -30,8 +30,6 @@ RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "st
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
     """Keys whose values differ between two flat config dicts (compared as plain JSON: tuples as lists)."""
-    from kamim.eval.common import json_safe  # TODO: top-level import once json_safe leaves eval.common
-
     skip = set(ignore)
     return sorted(k for k in set(old) | set(new) if k not in skip and json_safe(old.get(k)) != json_safe(new.get(k)))
 

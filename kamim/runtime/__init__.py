@@ -11,7 +11,7 @@ finetuning (:mod:`kamim.eval`): each task keeps only its loss and its epoch/eval
 * :mod:`~kamim.runtime.rng` — RNG capture/restore over ranks;
 * :mod:`~kamim.runtime.schedule` — cosine schedules over optimizer steps, epoch arithmetic;
 * :mod:`~kamim.runtime.sampler` — resumable, rank-invariant data order (mid-epoch resume);
-* :mod:`~kamim.runtime.checkpoint` — checkpoint formats and the resume-path rule.
+* :mod:`~kamim.runtime.checkpoint` — checkpoint formats, the resume-path rule and the encoder export.
 
 Dependency rule: ``runtime`` imports the method, models, data, config, serialization and
 distributed layers only, never ``kamim.engine`` or ``kamim.eval``.
@@ -19,7 +19,8 @@ distributed layers only, never ``kamim.engine`` or ``kamim.eval``.
 from .amp import AMP_MODES, LossScaler, NonFiniteGradient, amp_dtype_of, autocast
 from .checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE,
-    find_resume_checkpoint, load_checkpoint, load_pretrain_checkpoint, write_run_config,
+    encoder_prefix, export_encoder, find_resume_checkpoint, load_checkpoint, load_pretrain_checkpoint,
+    write_run_config,
 )
 from .epochs import EpochTrainer
 from .rng import gather_rng_states, restore_rng, rng_state, seed_all, set_rng_state
@@ -36,4 +37,5 @@ __all__ = [
     "ResumableBatchSampler", "SeededDataset", "sample_seed",
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
     "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
+    "encoder_prefix", "export_encoder",
 ]

@@ -1,4 +1,5 @@
-"""Checkpoint files: the pretraining format (read by evaluation) and the resume-path rule of every task.
+"""Checkpoint files: the pretraining format (read by evaluation), the resume-path rule of every task and
+the encoder export (timm keys + spec as safetensors).
 
 Every checkpoint is a plain dict written atomically (:func:`kamim.serialization.atomic_save`) and
 read with ``torch.load(weights_only=True)`` (:func:`kamim.serialization.safe_load`); a ``format``
@@ -6,17 +7,21 @@ key names the task that wrote it.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from kamim.serialization import CheckpointError, safe_load
+from torch import nn
+
+from kamim.serialization import CheckpointError, safe_load, save_safetensors
 
 log = logging.getLogger("kamim")
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
     "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
+    "encoder_prefix", "export_encoder",
 ]
 
 CHECKPOINT_FORMAT = "kamim-pretrain"  # the pretraining checkpoint's ``format``
@@ -73,3 +78,23 @@ def write_run_config(cfg: Any, out_dir: Path, main: bool = True) -> Optional[Pat
         log.info("no %s written: the encoder is an in-memory model", CONFIG_FILE)
         return None
     return dump_config(cfg, Path(out_dir) / CONFIG_FILE)
+
+
+def encoder_prefix(model: nn.Module) -> Optional[str]:
+    """Prefix of ``model.encoder``'s keys in ``model.state_dict()`` (e.g. ``"backbone.encoder."``)."""
+    target = getattr(model, "encoder", None)
+    return next((f"{name}." for name, module in model.named_modules() if name and module is target), None)
+
+
+def export_encoder(model: nn.Module, path: str | Path, *, method: str, step: int, checkpoint_id: str = "") -> Path:
+    """Write ``model.encoder.state_dict()`` (timm keys) + ``encoder_spec`` metadata as safetensors;
+    ``checkpoint_id`` is the ``save_id`` of the checkpoint it was exported with (see
+    :func:`kamim.checkpoints.check_run_export`)."""
+    spec = getattr(model, "encoder_spec", None) or {}
+    meta = {
+        "format": "kamim-encoder", "model_name": str(spec.get("model_name", "")),
+        "kwargs": json.dumps(spec.get("kwargs", {})), "method": method, "step": str(step),
+    }
+    if checkpoint_id:
+        meta["checkpoint_id"] = checkpoint_id
+    return save_safetensors(model.encoder.state_dict(), path, metadata=meta)

@@ -3,7 +3,7 @@
 A task gives :class:`TrainStep` its micro-batches and a ``loss_fn(batch) -> loss | None``; the step
 does the rest, MAE-style (``engine_pretrain.train_one_epoch``):
 
-* ``loss_fn`` runs under :func:`kamim.runtime.amp.autocast` (bf16 / fp16 / none);
+* ``loss_fn`` runs under :func:`kamim.precision.autocast` (bf16 / fp16 / none);
 * a micro-batch whose images were all unreadable (``loss_fn`` returns None) contributes a zero loss
   touching every trainable parameter, so DDP ranks stay in step;
 * the mean loss over ranks is checked every micro-batch (all ranks stop together with a one-line
@@ -35,8 +35,9 @@ from torch import nn
 
 from kamim import distributed as kdist
 from kamim.interrupt import Interrupted, StopRequest
+from kamim.precision import amp_dtype_of, autocast
 
-from .amp import NonFiniteGradient, amp_dtype_of, autocast
+from .amp import NonFiniteGradient
 from .state import NonFiniteLossError, TrainState
 
 __all__ = ["TrainStep", "StepResult", "agreed_signal"]
