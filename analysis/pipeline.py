@@ -170,12 +170,10 @@ def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
             kind = "" if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: "
             raise UsageError(f"model {spec.name}: cannot load '{spec.source}': "
                              f"{kind}{one_line(err)}") from None
-        if enc.patch_size is None:
-            raise UsageError(f"model {spec.name}: '{spec.source}' has no patch embedding; "
-                             f"only ViT-style models can be analysed")
-        ph, pw = (enc.patch_size, enc.patch_size) if isinstance(enc.patch_size, int) \
-            else enc.patch_size
-        h, w = enc.image_size
+        if enc.geometry is None:
+            raise UsageError(f"model {spec.name}: '{spec.source}' is not a timm ViT or Swin with a fixed "
+                             f"image size; only those can be analysed")
+        (h, w), (ph, pw) = enc.geometry.img_size, enc.geometry.patch_size
         if h % ph or w % pw:
             raise UsageError(f"model {spec.name}: image size {h}x{w} is not a multiple of its "
                              f"patch size {ph}x{pw}; pick an --image-size divisible by {ph}")
@@ -475,13 +473,11 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
 
 
 def _geometry(name: str, enc: Any, analyses: Sequence[str]) -> Any:
-    """The token geometry of a loaded encoder, checked against ``analyses``."""
-    from analysis.capture import model_geometry
-
-    try:
-        geometry = model_geometry(enc.model, enc.num_prefix_tokens)
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"model {name}: cannot read its geometry: {one_line(err)}") from None
+    """The token geometry of a loaded encoder (read once by ``load_encoder``), checked against ``analyses``."""
+    geometry = enc.geometry
+    if geometry is None:
+        raise UsageError(f"model {name}: cannot read its geometry: {type(enc.model).__name__} is not a timm "
+                         f"ViT or Swin with a fixed image size")
     check_geometry(name, geometry, analyses)
     return geometry
 

@@ -36,6 +36,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from kamim.backbone import to_hw
+
 __all__ = [
     "ModelStyle", "ModelPalette", "save_figure", "model_label", "resolution_label",
     "plot_layer_metric", "plot_attention_distance", "plot_nmi", "plot_attention_entropy",
@@ -145,18 +147,11 @@ def _finish(fig: Figure, out: Optional[PathLike]) -> Figure:
     return fig
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    a, b = tuple(v)[:2]
-    return int(a), int(b)
-
-
 def resolution_label(geometry: Any) -> str:
     """``'192 px, 12×12 × 16 px'`` (image side(s), token grid and patch size) for a geometry."""
-    h, w = _pair(geometry.img_size)
-    gh, gw = _pair(geometry.grid)
-    ph, pw = _pair(geometry.patch_size)
+    h, w = to_hw(geometry.img_size)
+    gh, gw = to_hw(geometry.grid)
+    ph, pw = to_hw(geometry.patch_size)
     img = f"{h} px" if h == w else f"{h}×{w} px"
     patch = f"{ph} px" if ph == pw else f"{ph}×{pw} px"
     return f"{img}, {gh}×{gw} × {patch}"
@@ -557,7 +552,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 def query_pixel_box(query: Sequence[int], patch_size: Any) -> tuple[float, float, float, float]:
     """Pixel rectangle ``(x0, y0, width, height)`` of the query patch at grid ``(row, col)``."""
-    ph, pw = _pair(patch_size)
+    ph, pw = to_hw(patch_size)
     r, c = int(query[0]), int(query[1])
     return float(c * pw), float(r * ph), float(pw), float(ph)
 

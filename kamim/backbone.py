@@ -77,8 +77,9 @@ class NotABackboneError(TypeError, ValueError):
     """A model that is neither a timm ViT nor a timm Swin (one-line message; a user error in the CLIs)."""
 
 
-def to_hw(size: Any) -> tuple[int, int]:
-    """``size`` (an int or an (H, W) pair of positive ints) as ``(H, W)``; one-line ValueError otherwise."""
+def to_hw(size: Any, name: str = "size") -> tuple[int, int]:
+    """``size`` (an int or an (H, W) pair of positive ints) as ``(H, W)``; one-line ValueError naming
+    ``name`` otherwise. The one to-(H, W) helper of kamim and analysis."""
     try:
         pair = to_2tuple(size)
         if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
@@ -87,7 +88,7 @@ def to_hw(size: Any) -> tuple[int, int]:
     except TypeError:
         hw = None
     if hw is None or min(hw) <= 0:
-        raise ValueError(f"expected a positive int or an (H, W) pair of positive ints, got {size!r}")
+        raise ValueError(f"{name} must be a positive int or an (H, W) pair of positive ints, got {size!r}")
     return hw
 
 

@@ -96,10 +96,6 @@ class LoadedEncoder:
 
     Attributes:
         model: the timm model, ``eval()`` mode, ``num_classes=0``, on the requested device.
-        image_size: (H, W) the model is built for (the checkpoint's, or ``img_size`` when given).
-        patch_size: patch size in pixels (an int for square patches, else (h, w)); None for models without
-            a patch embedding.
-        num_prefix_tokens: class/register tokens before the patch tokens (0 for Swin).
         format: detected format (a key of :data:`FORMATS`, or ``"module"`` for an in-memory model).
         source: the file loaded (or the timm model name, or the in-memory model's class name).
         sha256: hex digest of the file (None for a timm model name or an in-memory model).
@@ -110,13 +106,11 @@ class LoadedEncoder:
             (kwargs may hold a ``norm_layer`` callable, e.g. for Hugging Face eps 1e-12).
         method: pretraining method recorded in the checkpoint (this project's formats), else None.
         geometry: :func:`kamim.backbone.model_geometry` of the model, read once at load (None for
-            architectures other than ViT and Swin).
+            architectures other than ViT and Swin). ``image_size``, ``patch_size`` and
+            ``num_prefix_tokens`` are read from it, not stored a second time.
     """
 
     model: nn.Module
-    image_size: tuple[int, int]
-    patch_size: int | tuple[int, int] | None
-    num_prefix_tokens: int
     format: str
     source: str
     sha256: str | None
@@ -125,19 +119,39 @@ class LoadedEncoder:
     method: str | None = None
     geometry: Geometry | None = None
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) the model is built for (the checkpoint's, or ``img_size`` when given at load); for an
+        architecture without a geometry, the input size timm records for it."""
+        if self.geometry is not None:
+            return self.geometry.img_size
+        size = getattr(self.model, "pretrained_cfg", {}).get("input_size", (3, 0, 0))
+        return int(size[1]), int(size[2])
+
+    @property
+    def patch_size(self) -> int | tuple[int, int] | None:
+        """Patch size in pixels (an int for square patches, else (h, w)); None without a geometry."""
+        if self.geometry is None:
+            return None
+        ph, pw = self.geometry.patch_size
+        return ph if ph == pw else (ph, pw)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class/register tokens before the patch tokens (0 for Swin)."""
+        if self.geometry is not None:
+            return self.geometry.num_prefix_tokens
+        return int(getattr(self.model, "num_prefix_tokens", 0))
+
     @classmethod
     def of(cls, model: nn.Module, format: str, source: str, sha256: str | None, report: dict[str, Any],
            spec: dict[str, Any] | None = None, method: str | None = None) -> LoadedEncoder:
-        """Build the record of ``model``, its geometry fields read from the model."""
+        """The record of ``model``, its geometry read from the model (None: not a fixed-size ViT/Swin)."""
         try:
             geometry = model_geometry(model)
-        except ValueError:  # not a fixed-size ViT/Swin: the input size timm records for the architecture
-            size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 0, 0))
-            return cls(model, (int(size[1]), int(size[2])), None, int(getattr(model, "num_prefix_tokens", 0)),
-                       format, source, sha256, report, spec or {}, method)
-        ph, pw = geometry.patch_size
-        return cls(model, geometry.img_size, ph if ph == pw else (ph, pw), geometry.num_prefix_tokens, format,
-                   source, sha256, report, spec or {}, method, geometry)
+        except ValueError:
+            geometry = None
+        return cls(model, format, source, sha256, report, spec or {}, method, geometry)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from kamim.backbone import to_hw
+
 __all__ = ["MaskGenerator"]
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(vals) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in vals):
-        raise ValueError(f"{name} must be a positive int or an (H, W) pair of positive ints, got {value!r}")
-    return int(vals[0]), int(vals[1])
 
 
 class MaskGenerator:
@@ -38,9 +33,9 @@ class MaskGenerator:
         mask_ratio: float = 0.6,
         seed: int | None = None,
     ) -> None:
-        self.input_size = _pair(input_size, "input_size")
-        self.mask_patch_size = _pair(mask_patch_size, "mask_patch_size")[0]
-        self.model_patch_size = _pair(model_patch_size, "model_patch_size")[0]
+        self.input_size = to_hw(input_size, "input_size")
+        self.mask_patch_size = to_hw(mask_patch_size, "mask_patch_size")[0]
+        self.model_patch_size = to_hw(model_patch_size, "model_patch_size")[0]
         if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio!r}")
         if self.mask_patch_size % self.model_patch_size:

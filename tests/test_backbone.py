@@ -96,7 +96,7 @@ def test_to_hw(size, hw):
 
 @pytest.mark.parametrize("bad", [0, -3, (4, 0), (1, 2, 3), 2.5, "8", None, True, (True, 2)])
 def test_to_hw_refuses(bad):
-    with pytest.raises(ValueError, match="positive int or an \\(H, W\\) pair"):
+    with pytest.raises(ValueError, match="size must be a positive int or an \\(H, W\\) pair"):
         to_hw(bad)
 
 

@@ -3,8 +3,8 @@ including those inside functions and ``TYPE_CHECKING`` blocks).
 
     rank  layer        modules (prefix match)
     ----  -----------  ------------------------------------------------------------------
-     0    method       kamim.keypoints, kamim.weights, kamim.loss, kamim.masking
-     1    backbone     kamim.backbone
+     0    backbone     kamim.backbone          (geometry, layers, features, to_hw: torch and timm only)
+     1    method       kamim.keypoints, kamim.weights, kamim.loss, kamim.masking
      2    models       kamim.models, kamim.checkpoints, kamim.convert
      3    data         kamim.data
      4    runtime      kamim.runtime
@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # prefix -> (rank, layer)
-    "kamim.keypoints": (0, "method"), "kamim.weights": (0, "method"), "kamim.loss": (0, "method"),
-    "kamim.masking": (0, "method"), "kamim.backbone": (1, "backbone"), "kamim.models": (2, "models"),
+    "kamim.backbone": (0, "backbone"), "kamim.keypoints": (1, "method"), "kamim.weights": (1, "method"),
+    "kamim.loss": (1, "method"), "kamim.masking": (1, "method"), "kamim.models": (2, "models"),
     "kamim.checkpoints": (2, "models"), "kamim.convert": (2, "models"), "kamim.data": (3, "data"),
     "kamim.runtime": (4, "runtime"), "kamim.engine": (5, "engine"), "kamim.eval": (5, "eval"),
     "kamim.experiments": (6, "experiments"), "kamim.cli": (8, "cli"),

@@ -27,6 +27,8 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
+from kamim.backbone import to_hw
+
 __all__ = ["EvalTransform", "MIMTransform", "TwoViewTransform", "harden_auto_augment", "posterize", "to_pil_rgb"]
 
 
@@ -36,13 +38,6 @@ class _DensityFn(Protocol):
 
 class _MaskFn(Protocol):
     def __call__(self, rng: np.random.Generator | None = None) -> np.ndarray: ...
-
-
-def _size2(size: int | Sequence[int], name: str = "img_size") -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in pair):
-        raise ValueError(f"{name} must be a positive int or (height, width), got {size!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def _range(value: Sequence[float], name: str, lo: float, hi: float) -> tuple[float, float]:
@@ -149,7 +144,7 @@ class MIMTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         interpolation: str = "bilinear",
     ) -> None:
-        self.img_size = _size2(img_size)
+        self.img_size = to_hw(img_size, "img_size")
         self.crop_scale = _range(crop_scale, "crop_scale", 1e-6, 1.0)
         self.crop_ratio = _range(crop_ratio, "crop_ratio", 1e-6, math.inf)
         self.hflip = _prob(hflip, "hflip")
@@ -164,7 +159,7 @@ class MIMTransform:
                                  f"got {weight_patch_size!r}")
         if mask_generator is not None:
             gen_size = getattr(mask_generator, "input_size", None)
-            if gen_size is not None and _size2(gen_size, "mask_generator.input_size") != self.img_size:
+            if gen_size is not None and to_hw(gen_size, "mask_generator.input_size") != self.img_size:
                 raise ValueError(f"mask_generator.input_size {gen_size} does not match img_size {self.img_size}")
         self.mask_generator = mask_generator
         self.keypoints = keypoints
@@ -226,7 +221,7 @@ class TwoViewTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         interpolation: str = "bilinear",
     ) -> None:
-        self.img_size = _size2(img_size)
+        self.img_size = to_hw(img_size, "img_size")
         crop_scale = _range(crop_scale, "crop_scale", 1e-6, 1.0)
         crop_ratio = _range(crop_ratio, "crop_ratio", 1e-6, math.inf)
         blur_sigma = _range(blur_sigma, "blur_sigma", 1e-6, math.inf)
@@ -269,7 +264,7 @@ class EvalTransform:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        self.img_size = _size2(img_size)
+        self.img_size = to_hw(img_size, "img_size")
         if not 0.0 < float(resize_ratio) <= 1.0:
             raise ValueError(f"resize_ratio must be in (0, 1], got {resize_ratio!r}")
         self.resize_ratio = float(resize_ratio)
