@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from kamim.backbone import check_pool, layer_features
+
 from .capture import _frozen_state, ViTGeometry, is_vit, unwrap_backbone
 
 __all__ = [
@@ -30,11 +32,12 @@ ATTRIBUTION_METHODS = ("integrated-gradients", "occlusion")
 class ProbeClassifier(nn.Module):
     """A ViT backbone with a (linear-probe) head on the pooled tokens of one layer.
 
-    ``layer`` in ``1..L`` (default: last block); ``pool`` ``"mean"`` (patch tokens, as the KAMIM
-    reference probe) or ``"cls"``; ``norm`` applies the backbone's final norm to that layer.
+    ``layer`` in ``1..L`` (default: last block); ``pool`` ``"avg"`` (patch tokens, as the KAMIM
+    reference probe) or ``"cls"``; ``norm`` applies the backbone's final norm to that layer. The
+    features are :func:`kamim.backbone.layer_features`, the ones the linear probe trains on.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, layer: int | None = None, pool: str = "mean",
+    def __init__(self, backbone: nn.Module, head: nn.Module, layer: int | None = None, pool: str = "avg",
                  norm: bool = False) -> None:
         super().__init__()
         self.backbone = unwrap_backbone(backbone)
@@ -42,18 +45,11 @@ class ProbeClassifier(nn.Module):
             raise TypeError(f"ProbeClassifier needs a timm VisionTransformer, got {type(self.backbone).__name__}")
         geometry = ViTGeometry.from_model(self.backbone)
         self.layer = geometry.depth if layer is None else geometry.check_layer(layer)
-        if pool not in ("mean", "cls"):
-            raise ValueError(f"unknown pool {pool!r}; expected 'mean' or 'cls'")
-        if pool == "cls" and not geometry.has_class_token:
-            raise ValueError("pool='cls' needs a model with a class token")
+        check_pool(pool, has_class_token=geometry.has_class_token, name=type(self.backbone).__name__)
         self.head, self.pool, self.norm = head, pool, norm
 
     def forward(self, images: Tensor) -> Tensor:
-        (item,) = self.backbone.forward_intermediates(
-            images, indices=[self.layer - 1], return_prefix_tokens=self.pool == "cls", norm=self.norm,
-            stop_early=True, output_fmt="NLC", intermediates_only=True,
-        )
-        features = item[1][:, 0] if self.pool == "cls" else item.mean(1)
+        features = layer_features(self.backbone, images, self.layer, self.pool, norm=self.norm)[self.layer]
         return self.head(features)
 
 

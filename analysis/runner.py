@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kamim.backbone import model_geometry, unwrap_backbone
+from kamim.backbone import check_pool, model_geometry, unwrap_backbone
 from kamim.precision import autocast
 
 from . import registry
@@ -105,7 +105,7 @@ class RunOptions:
 
     batch_size: int = 32
     similarity_kind: str = "jsd"
-    cka_pool: str = "mean"
+    cka_pool: str = "avg"
     cka_estimator: str = "minibatch"
     cka_chunk: int = 256
     tsne_layer: int | None = None
@@ -141,7 +141,8 @@ class RunOptions:
         if opts.tsne_threads is not None and (isinstance(opts.tsne_threads, bool) or not isinstance(opts.tsne_threads, int)
                                               or opts.tsne_threads < 1):
             raise ValueError(f"option tsne_threads must be None or a positive int, got {opts.tsne_threads!r}")
-        choices = {"similarity_kind": ATTENTION_SIMILARITY_KINDS, "cka_pool": CKA_POOLS,
+        check_pool(opts.cka_pool, CKA_POOLS, key="option cka_pool")
+        choices = {"similarity_kind": ATTENTION_SIMILARITY_KINDS,
                    "cka_estimator": CKA_ESTIMATORS, "tsne_color": ("class", "image"), "head_fusion": HEAD_FUSIONS,
                    "attribution_target": ("prediction", "label")}
         for name, allowed in choices.items():
@@ -304,7 +305,7 @@ def cross_model_cka(
     model_names: tuple[str, str] = ("a", "b"),
     max_images: int | None = None,
     device: str | torch.device = "cpu",
-    pool: str = "mean",
+    pool: str = "avg",
     estimator: str = "minibatch",
     chunk_size: int = 256,
     batch_size: int = 32,
@@ -321,9 +322,9 @@ def cross_model_cka(
     ga, gb = model_geometry(a, num_prefix_tokens[0]), model_geometry(b, num_prefix_tokens[1])
     device = torch.device(device)
     acc = CKAAccumulator(estimator=estimator, chunk_size=chunk_size, cross=True)
-    for g in (ga, gb):
-        if pool == "cls" and not getattr(g, "has_class_token", False):
-            raise ValueError("pool='cls' needs models with a class token")
+    for g, model in ((ga, a), (gb, b)):
+        check_pool(pool, CKA_POOLS, has_class_token=bool(getattr(g, "has_class_token", False)),
+                   name=type(model).__name__)
     seen = 0
     caps = []
     for m, g, p in ((a, ga, num_prefix_tokens[0]), (b, gb, num_prefix_tokens[1])):

@@ -33,6 +33,8 @@ import math
 import torch
 from torch import Tensor
 
+from kamim.backbone import check_pool, pool_tokens
+
 from .attention import PatchAttention, entropy_sum, prepare_attention
 
 __all__ = [
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 ATTENTION_SIMILARITY_KINDS = ("jsd", "cosine")
-CKA_POOLS = ("mean", "cls", "tokens")
+CKA_POOLS = ("avg", "cls", "tokens")  # the backbone's pooling names, plus every patch token as a sample
 CKA_ESTIMATORS = ("minibatch", "exact")
 _LN2 = math.log(2.0)
 
@@ -255,22 +257,18 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> float:
     return float(_cka_from_hsic(xy.reshape(1, 1), (xx**2).reshape(1), (yy**2).reshape(1))[0, 0])
 
 
-def pool_features(tokens: Tensor, num_prefix_tokens: int, pool: str = "mean", has_class_token: bool = True) -> Tensor:
+def pool_features(tokens: Tensor, num_prefix_tokens: int, pool: str = "avg", has_class_token: bool = True) -> Tensor:
     """Samples for CKA from ``(B, N, C)`` tokens.
 
-    ``"mean"``: mean of the patch tokens (one sample per image); ``"cls"``: the class token (token 0);
-    ``"tokens"``: every patch token is a sample (``B * (N - prefix)`` samples).
+    ``"avg"`` / ``"cls"``: :func:`kamim.backbone.pool_tokens` (one sample per image: the mean of the patch
+    tokens, or the class token), the very features the evaluations use at that layer; ``"tokens"``:
+    every patch token is a sample (``B * (N - prefix)`` samples).
     """
-    if pool == "mean":
-        return tokens[:, num_prefix_tokens:].mean(1)
-    if pool == "cls":
-        if not has_class_token or num_prefix_tokens < 1:
-            raise ValueError("pool='cls' needs a model with a class token")
-        return tokens[:, 0]
+    check_pool(pool, CKA_POOLS, has_class_token=has_class_token and num_prefix_tokens >= 1)
     if pool == "tokens":
         patches = tokens[:, num_prefix_tokens:]
         return patches.reshape(-1, patches.shape[-1])
-    raise ValueError(f"unknown pool {pool!r}; expected one of {CKA_POOLS}")
+    return pool_tokens(tokens, num_prefix_tokens, pool)
 
 
 class CKAAccumulator:
@@ -518,8 +516,7 @@ class LayerCKAAccumulator:
     def __init__(self, context) -> None:
         opts, g = context.options, context.geometry
         self.has_cls = bool(getattr(g, "has_class_token", False))
-        if opts.cka_pool == "cls" and not self.has_cls:
-            raise ValueError("cka_pool='cls' needs a model with a class token")
+        check_pool(opts.cka_pool, CKA_POOLS, has_class_token=self.has_cls, key="cka_pool")
         self.context = context
         self.cka = CKAAccumulator(estimator=opts.cka_estimator, chunk_size=opts.cka_chunk)
 

@@ -21,10 +21,11 @@ The KAMIM reference probe (``hidden_states[8]`` of a 12-block ViT, patch tokens 
 ``layer_features(model, x, 8, pool="avg")``; :func:`default_layer` scales it to the depth (2/3;
 last block for Swin).
 
-Pooling names are timm's (``global_pool``): ``"avg"`` averages the patch tokens (prefix tokens
-dropped) of a ViT block or the spatial map of a Swin block, ``"token"`` takes the class token
-(ViT with a class token), ``None`` returns the unpooled token sequence ``(B, N, C)`` (prefix tokens
-first; a Swin block's ``h*w`` tokens in row-major order).
+Pooling has one set of names in every command and function (:data:`POOLS`): ``"avg"`` averages the
+patch tokens (prefix tokens dropped) of a ViT block or the spatial map of a Swin block, ``"cls"`` takes
+the class token (ViT with a class token); ``None`` returns the unpooled token sequence ``(B, N, C)``
+(prefix tokens first; a Swin block's ``h*w`` tokens in row-major order). The older names ``"mean"``
+and ``"token"`` are refused with a one-line error naming the new ones (:func:`check_pool`).
 
 Geometry (:data:`Geometry`: :class:`ViTGeometry` or :class:`SwinGeometry`) is read from the model,
 never assumed: image size, patch size, token grid, depth (blocks), heads, widths, prefix tokens and,
@@ -49,6 +50,8 @@ __all__ = [
     "LayerSpec",
     "Pool",
     "POOLS",
+    "check_pool",
+    "pool_tokens",
     "to_hw",
     "is_vit",
     "is_swin",
@@ -64,12 +67,13 @@ __all__ = [
     "expected_input_size",
     "check_input_size",
     "layer_features",
+    "layer_columns",
 ]
 
-Pool = Literal["avg", "token"] | None
-#: Pooling names of :func:`layer_features` (timm's ``global_pool`` names; None = unpooled tokens).
-POOLS: tuple[str | None, ...] = ("avg", "token", None)
-_RENAMED_POOLS = {"mean": "avg", "cls": "token"}
+Pool = Literal["avg", "cls"] | None
+#: The pooling names of every command and function (:func:`layer_features` also takes None: unpooled).
+POOLS: tuple[str, ...] = ("avg", "cls")
+_RENAMED_POOLS = {"mean": "avg", "token": "cls"}  # names used before; refused, naming the new one
 LayerSpec = Union[int, str, Sequence[Union[int, str]], None]
 
 
@@ -462,13 +466,30 @@ def check_input_size(model: nn.Module, shape: Sequence[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- features
-def _check_pool(pool: Any, has_class_token: bool, name: str) -> None:
-    if pool in _RENAMED_POOLS:
-        raise ValueError(f"pool {pool!r} is called {_RENAMED_POOLS[pool]!r} here (timm's pooling names)")
-    if pool not in POOLS:
-        raise ValueError(f"pool {pool!r} is not valid; expected 'avg', 'token' or None")
-    if pool == "token" and not has_class_token:
-        raise ValueError(f"pool='token' needs a class token but {name} has none; use pool='avg'")
+def check_pool(pool: Any, choices: Sequence[str] = POOLS, *, has_class_token: bool | None = None,
+               name: str = "the model", key: str = "pool") -> str:
+    """``pool`` if it is one of ``choices`` (and, for ``"cls"``, the model has a class token); else a
+    one-line ValueError naming ``key``, the valid names and, for an old name, the one that replaced it."""
+    if pool in _RENAMED_POOLS and _RENAMED_POOLS[pool] in choices:
+        raise ValueError(f"{key} {pool!r} is now called {_RENAMED_POOLS[pool]!r} (pooling names: "
+                         f"{', '.join(choices)})")
+    if pool not in choices:
+        raise ValueError(f"{key} {pool!r} is not valid; expected one of: {', '.join(map(str, choices))}")
+    if pool == "cls" and has_class_token is False:
+        raise ValueError(f"{key}='cls' needs a class token but {name} has none; use {key}='avg'")
+    return pool
+
+
+def pool_tokens(tokens: Tensor, num_prefix_tokens: int, pool: str) -> Tensor:
+    """``(B, N, C)`` tokens (prefix tokens first) pooled to ``(B, C)``: ``"avg"`` over the patch tokens,
+    ``"cls"`` the class token (token 0)."""
+    if pool == "avg":
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    if pool == "cls":
+        if num_prefix_tokens < 1:
+            raise ValueError("pool='cls' needs a class token but these tokens have no prefix token")
+        return tokens[:, 0]
+    raise ValueError(f"pool {pool!r} is not valid; expected one of: {', '.join(POOLS)}")
 
 
 def _vit_features(model: nn.Module, images: Tensor, ks: list[int], pool: Pool, norm: bool) -> list[Tensor]:
@@ -478,7 +499,7 @@ def _vit_features(model: nn.Module, images: Tensor, ks: list[int], pool: Pool, n
     )
     if pool == "avg":
         return [tokens.mean(dim=1) for tokens in outs]
-    if pool == "token":
+    if pool == "cls":
         return [prefix[:, 0] for _, prefix in outs]
     return [torch.cat([prefix, tokens], dim=1) for tokens, prefix in outs]
 
@@ -514,13 +535,14 @@ def layer_features(
 ) -> dict[int, Tensor]:
     """Features of every requested layer (module docstring) from one forward pass, keyed by layer.
 
-    ``pool``: ``"avg"`` (B, C), ``"token"`` (B, C) or ``None`` (B, N, C). ``norm=True`` applies the
+    ``pool``: ``"avg"`` (B, C), ``"cls"`` (B, C) or ``None`` (B, N, C). ``norm=True`` applies the
     model's final norm (ViT: to every layer, as timm's ``forward_intermediates``; Swin: to the last
     block, the only one of the norm's width). Gradients flow unless called under ``torch.no_grad``.
     """
     backbone = unwrap(model)
     g = model_geometry(backbone)
-    _check_pool(pool, g.has_class_token, type(backbone).__name__)
+    if pool is not None:
+        check_pool(pool, has_class_token=g.has_class_token, name=type(backbone).__name__)
     ks = resolve_layers(backbone, layers)
     if images.ndim != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
@@ -530,3 +552,12 @@ def layer_features(
     else:
         feats = _swin_features(backbone, g, images, ks, pool, norm)
     return dict(zip(ks, feats))
+
+
+def layer_columns(model_or_geometry: nn.Module | Geometry, layer: int) -> dict[str, int]:
+    """The columns naming ``layer`` in a results row: ``{"layer": k}`` (block ``k``), and for a Swin
+    also ``"stage"``, the stage holding that block (layer numbers mean blocks for ViT and Swin alike)."""
+    g = model_or_geometry if isinstance(model_or_geometry, (ViTGeometry, SwinGeometry)) else model_geometry(
+        unwrap(model_or_geometry))
+    g.check_layer(layer, allow_embedding=True)
+    return {"layer": int(layer), "stage": g.stage_of(layer)} if isinstance(g, SwinGeometry) else {"layer": int(layer)}

@@ -30,6 +30,12 @@ PROG = "kamim"
 
 # --------------------------------------------------------------------------- shared helpers
 
+# The layer numbering of kamim.backbone, for the --help of every command that takes layers.
+LAYERS_HELP = ("layers are transformer blocks numbered 1..depth (a Swin's blocks counted across its stages: "
+               "1..24 for Swin-B); 'stage:K' = the last block of Swin stage K; negative counts from the end; "
+               "'default' = block 8 of 12 scaled to the depth (last block for Swin), 'all', 'last'")
+
+
 def _csv_list(kind: type) -> Callable[[str], list]:
     def parse(text: str) -> list:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -158,7 +164,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help=f"evaluations, some of {','.join(EVAL_METHODS)}; the first sorts the table "
                         "(default: knn)")
     g.add_argument("--eval-layer", default="default", metavar="LAYER",
-                   help="one layer: 'default' (block 8 of 12, scaled to depth), 'last' or a block index")
+                   help="one layer: " + LAYERS_HELP)
     g.add_argument("--eval-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=128, help="default: %(default)s")
     g.add_argument("--linprobe-epochs", type=int, default=10, help="linear probe epochs (default: %(default)s)")
@@ -294,7 +300,7 @@ def _add_linprobe(sub: argparse._SubParsersAction) -> None:
     _add_eval_arguments(p, batch_size=256)
     _add_training_arguments(p, epochs=90, warmup=10, min_lr=0.0)
     p.add_argument("--layers", default="default", metavar="SPEC",
-                   help="'default' (block 8 of 12, scaled to depth), 'all', 'last', or e.g. 8 or 1,4,8")
+                   help=LAYERS_HELP + "; e.g. 8 or 1,4,8 or stage:3 (default: %(default)s)")
     p.add_argument("--pool", default="avg", choices=("avg", "cls"), help="patch-token average or CLS token")
     p.add_argument("--recipe", default="reference", choices=("reference", "mae"),
                    help="reference: AdamW, finetune augmentation, no BN; mae: BN + LARS, light augmentation")
@@ -322,7 +328,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     _add_eval_arguments(p, batch_size=1024)
     _add_training_arguments(p, epochs=100, warmup=5, min_lr=1e-6)
-    p.add_argument("--pool", default="avg", choices=("avg", "token"), help="avg: reference head; token: CLS")
+    p.add_argument("--pool", default="avg", choices=("avg", "cls"), help="avg: patch-token average (reference head); cls: class token")
     p.add_argument("--base-lr", type=float, default=5e-4, help="peak lr = base-lr x batch / 256 (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="default: %(default)s")
     p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay, 1 = off (default: %(default)s)")
@@ -356,7 +362,8 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
                     "writes RUN_DIR/knn.json + knn.csv. k larger than the train set is clamped.",
     )
     _add_eval_arguments(p, batch_size=128)
-    p.add_argument("--layers", default="default", metavar="SPEC", help="as for linprobe (default: %(default)s)")
+    p.add_argument("--layers", default="default", metavar="SPEC",
+                   help=LAYERS_HELP + "; e.g. 8 or 1,4,8 (default: %(default)s)")
     p.add_argument("--pool", default="avg", choices=("avg", "cls"))
     p.add_argument("--k", dest="ks", type=_csv_list(int), default=[20, 200], metavar="K1,K2",
                    help="neighbour counts (default: 20,200)")

@@ -939,7 +939,7 @@ class FinetuneConfig:
     checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
     data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
     output_dir: str
-    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | token (CLS)
+    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | cls (class token)
     epochs: int = 100
     warmup_epochs: int = 5
     batch_size: int = 1024  # global: all ranks x accumulation steps
@@ -976,8 +976,8 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         """Check every value (one-line ``ConfigError``); ``auto_augment: none`` becomes None and a too long
         warmup is clamped (with a warning)."""
-        if self.pool not in ("avg", "token"):
-            raise ConfigError(f"pool {self.pool!r} is not valid; expected avg or token")
+        if self.pool not in ("avg", "cls"):
+            raise ConfigError(f"pool {self.pool!r} is not valid; expected avg or cls")
         if self.auto_augment == "none":
             self.auto_augment = None
         _check_epoch_run(self)

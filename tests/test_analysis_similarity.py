@@ -186,13 +186,15 @@ def test_cross_model_block_equals_within_model_matrix(estimator):
 
 def test_pool_features():
     tokens = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)
-    torch.testing.assert_close(pool_features(tokens, 3, "mean"), tokens[:, 3:].mean(1))
+    torch.testing.assert_close(pool_features(tokens, 3, "avg"), tokens[:, 3:].mean(1))
     torch.testing.assert_close(pool_features(tokens, 3, "cls"), tokens[:, 0])
     assert pool_features(tokens, 3, "tokens").shape == (8, 3)
     with pytest.raises(ValueError, match="class token"):
         pool_features(tokens, 3, "cls", has_class_token=False)
-    with pytest.raises(ValueError, match="unknown pool"):
+    with pytest.raises(ValueError, match="'max' is not valid; expected one of: avg, cls, tokens"):
         pool_features(tokens, 3, "max")
+    with pytest.raises(ValueError, match="'mean' is now called 'avg'"):
+        pool_features(tokens, 3, "mean")
 
 
 # ---- attention similarity --------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ import timm
 import torch
 
 from analysis.capture import capture
+from analysis.similarity import pool_features
 from kamim.backbone import (
-    SwinGeometry, ViTGeometry, default_layer, layer_features, model_geometry, num_layers, resolve_layers, to_hw,
-    unwrap,
+    SwinGeometry, ViTGeometry, default_layer, layer_columns, layer_features, model_geometry, num_layers,
+    resolve_layers, to_hw, unwrap,
 )
 from kamim.checkpoints import encoder_from_module, load_encoder, resolve_encoder
 from kamim.eval.features import extract_features
@@ -38,16 +39,28 @@ def _images(photos, model):
 
 @torch.no_grad()
 def test_same_layer_same_tensor_in_eval_and_analysis(model, photos):
-    """Layer k of ``kamim linprobe`` (avg pool) is layer k of ``kamim-analyze`` (mean of patch tokens)."""
+    """For every layer k, the feature ``kamim linprobe`` trains on (``extract_features``) is exactly the
+    pooled tensor ``kamim-analyze`` captures at layer k (its CKA samples), for every pooling the model has."""
     x = _images(photos, model)
     g = model_geometry(model)
     got = capture(model, x, block_output=True)
     assert num_layers(model) == g.depth == len(got.block_output) == (6 if isinstance(g, ViTGeometry) else 5)
-    feats = extract_features(model, x, "all", pool="avg")
-    assert sorted(feats) == sorted(got.block_output) == list(range(1, g.depth + 1))
-    for k, f in feats.items():
-        torch.testing.assert_close(f, got.tokens(k)[:, g.num_prefix_tokens:].mean(1), rtol=0, atol=0)
-        torch.testing.assert_close(layer_features(model, x, k, pool=None)[k], got.tokens(k), rtol=0, atol=0)
+    for pool in ("avg", "cls") if g.has_class_token else ("avg",):
+        feats = extract_features(model, x, "all", pool=pool)
+        assert sorted(feats) == sorted(got.block_output) == list(range(1, g.depth + 1))
+        for k, f in feats.items():
+            analysed = pool_features(got.tokens(k), g.num_prefix_tokens, pool, g.has_class_token)
+            assert torch.equal(f, analysed), (pool, k)
+    for k in range(1, g.depth + 1):
+        assert torch.equal(layer_features(model, x, k, pool=None)[k], got.tokens(k))
+
+
+def test_layer_columns_name_the_block_and_the_swin_stage(vit, swin):
+    assert [layer_columns(vit, k) for k in (1, 6)] == [{"layer": 1}, {"layer": 6}]
+    assert [layer_columns(swin, k)["stage"] for k in range(1, 6)] == [1, 2, 3, 3, 4]
+    assert layer_columns(model_geometry(swin), 4) == {"layer": 4, "stage": 3}
+    with pytest.raises(ValueError, match="out of range"):
+        layer_columns(swin, 6)
 
 
 @torch.no_grad()
@@ -80,13 +93,13 @@ def test_layer_spec_errors(vit, swin):
 def test_pool_names(vit, swin, photos):
     x = _images(photos, vit)
     with torch.no_grad():
-        token = layer_features(vit, x, 2, pool="token")[2]
-        torch.testing.assert_close(token, capture(vit, x, block_output=[2]).block_output[2][:, 0])
-    for old, new in (("mean", "avg"), ("cls", "token")):
-        with pytest.raises(ValueError, match=f"pool '{old}' is called '{new}'"):
+        cls = layer_features(vit, x, 2, pool="cls")[2]
+        torch.testing.assert_close(cls, capture(vit, x, block_output=[2]).block_output[2][:, 0], rtol=0, atol=0)
+    for old, new in (("mean", "avg"), ("token", "cls")):
+        with pytest.raises(ValueError, match=f"pool '{old}' is now called '{new}' \\(pooling names: avg, cls\\)"):
             layer_features(vit, x, 1, pool=old)
-    with pytest.raises(ValueError, match="class token"):
-        layer_features(swin, _images(photos, swin), 1, pool="token")
+    with pytest.raises(ValueError, match="needs a class token but SwinTransformer has none"):
+        layer_features(swin, _images(photos, swin), 1, pool="cls")
 
 
 @pytest.mark.parametrize("size, hw", [(8, (8, 8)), ((3, 5), (3, 5)), ([4, 2], (4, 2)), (torch.Size([2, 6]), (2, 6))])

@@ -107,7 +107,7 @@ def test_bad_inputs(crops, tmp_path):
     with pytest.raises(ValueError, match="even per-rank micro-batch"):
         finetune(_cfg(_vit(), crops, tmp_path / "x", batch_size=15))
     with pytest.raises(ValueError, match="class token"):
-        finetune(_cfg(_vit(class_token=False, global_pool="avg"), crops, tmp_path / "x", pool="token"))
+        finetune(_cfg(_vit(class_token=False, global_pool="avg"), crops, tmp_path / "x", pool="cls"))
     with pytest.raises(ValueError, match="layer_decay"):
         finetune(_cfg(_vit(), crops, tmp_path / "x", layer_decay=0))
     with pytest.raises(FileNotFoundError, match="labelled data folder not found"):

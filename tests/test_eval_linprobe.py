@@ -55,6 +55,22 @@ def test_all_layers_beat_chance_and_write_one_row_per_block(photo_crops, tmp_pat
     assert "best_top1" in capsys.readouterr().out
 
 
+def test_swin_rows_name_block_and_stage(small_crops, tmp_path):
+    """Swin layers are blocks counted across stages; every result row also names the stage."""
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=2, embed_dim=16,
+                             depths=(1, 2), num_heads=(1, 2), num_classes=0)
+    res = linear_probe(_cfg(swin, small_crops, tmp_path / "swin", layers="all", epochs=1))
+    assert [(r["layer"], r["stage"]) for r in res["final"]] == [(1, 1), (2, 2), (3, 2)]
+    summary = json.loads((tmp_path / "swin" / "linprobe.json").read_text())
+    assert summary["encoder"]["num_layers"] == 3
+    rows = list(csv.DictReader((tmp_path / "swin" / "linprobe.csv").open()))
+    assert [(r["layer"], r["stage"]) for r in rows] == [("1", "1"), ("2", "2"), ("3", "2")]
+    assert res["layers"] == [1, 2, 3] and linear_probe(_cfg(swin, small_crops, tmp_path / "s3", layers="stage:1",
+                                                           epochs=1))["layers"] == [1]
+
+
 def test_heads_are_independent_and_lars_adapts_weights():
     heads = ProbeHeads({1: 8, 2: 8}, num_classes=3, batchnorm=True)
     feats = {1: torch.randn(6, 8), 2: torch.randn(6, 8)}

@@ -5,8 +5,8 @@ Layers, pooling and geometry are those of :mod:`kamim.backbone` (re-exported her
 across its stages; ``"stage:K"`` selects the output of Swin stage ``K``; negative layers count from
 the end. The KAMIM reference linear probe uses ``hidden_states[8]`` of a 12-block ViT (= layer 8),
 drops the CLS token and average-pools the patch tokens: ``extract_features(model, x, 8, pool="avg")``.
-Pooling names are timm's: ``"avg"`` (patch tokens / spatial map averaged) and ``"token"`` (class
-token); ``"cls"`` is still accepted here as the old name of ``"token"``.
+Pooling names are the backbone's: ``"avg"`` (patch tokens / spatial map averaged) and ``"cls"`` (class
+token).
 
 Non-finite features (NaN/inf, a diverged encoder) are refused where they are made: every batch of
 :func:`extract_features` is checked (one ``isfinite().all()`` per layer) and raises
@@ -16,7 +16,6 @@ computed from them. A float16 feature bank is checked again after the cast (over
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,13 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kamim.backbone import (
-    LayerSpec, check_input_size, default_layer, expected_input_size, feature_dims, is_token_model, layer_features,
+    LayerSpec, Pool, check_input_size, default_layer, expected_input_size, feature_dims, is_token_model, layer_features,
     num_layers, resolve_layers, unwrap,
 )
 from kamim.precision import autocast
 
-Pool = Literal["avg", "token", "cls"]
-_OLD_POOL_NAMES = {"cls": "token"}  # accepted by the evaluations until their callers use timm's names
 
 __all__ = [
     "NonFiniteFeaturesError",
@@ -81,7 +78,7 @@ def extract_features(
     """Pooled (B, C_k) features of every requested layer from a single forward pass.
 
     ``pool="avg"`` averages the patch tokens (prefix tokens dropped) of a ViT block, or the spatial
-    map of a Swin block; ``pool="token"`` (old name ``"cls"``) takes the class token (ViT with a class
+    map of a Swin block; ``pool="cls"`` takes the class token (ViT with a class
     token only). ``norm=True`` applies the model's final norm (:func:`kamim.backbone.layer_features`).
     Call under ``torch.no_grad()``/``inference_mode`` for frozen use; gradients flow otherwise.
     NaN/inf features raise ``NonFiniteFeaturesError`` naming the layer and ``source`` (the checkpoint).
@@ -95,9 +92,9 @@ def _pooled_features(
     model: nn.Module, images: torch.Tensor, layers: LayerSpec, pool: Pool, norm: bool
 ) -> dict[int, torch.Tensor]:
     """``extract_features`` without the finiteness check (its callers check, with their own context)."""
-    if pool not in ("avg", "token", "cls"):
-        raise ValueError(f"pool {pool!r} is not valid; expected 'avg' or 'token'")
-    return layer_features(model, images, layers, _OLD_POOL_NAMES.get(pool, pool), norm=norm)
+    if pool is None:
+        raise ValueError("pool None is not valid for pooled features; expected one of: avg, cls")
+    return layer_features(model, images, layers, pool, norm=norm)
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
 * Model: the loaded timm encoder with a new Linear head (``reset_classifier``; weights ~ N(0, 2e-5)
   as MAE). ``pool="avg"`` is the KAMIM reference head (final norm, prefix tokens dropped,
-  patch tokens averaged); ``pool="token"`` classifies the CLS token. Stochastic depth
+  patch tokens averaged); ``pool="cls"`` classifies the CLS token. Stochastic depth
   ``drop_path`` is timm's ``drop_path_rate`` (passed to ``timm.create_model`` by
   :func:`kamim.checkpoints.load_encoder`; linearly increasing with depth); an in-memory model
   is rewired the same way (:func:`set_drop_path`).
@@ -43,6 +43,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from kamim.backbone import check_pool
 from kamim.checkpoints import resolve_encoder
 from kamim.config import clamped_warmup
 from kamim.optim import fused_kwargs
@@ -60,6 +61,8 @@ from .features import is_token_model, unpack_labelled
 
 __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]
 
+_TIMM_POOL = {"avg": "avg", "cls": "token"}  # our pooling names -> timm's global_pool
+
 log = logging.getLogger("kamim.finetune")
 
 CHECKPOINT_FORMAT = "kamim-finetune"
@@ -73,7 +76,7 @@ class FinetuneConfig:
     checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
     data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
     output_dir: str
-    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | token (CLS)
+    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | cls (class token)
     epochs: int = 100
     warmup_epochs: int = 5
     batch_size: int = 1024  # global: all ranks x accumulation steps
@@ -109,8 +112,7 @@ class FinetuneConfig:
 
     def validate(self) -> "FinetuneConfig":
         """Check every value (one-line ValueErrors)."""
-        if self.pool not in ("avg", "token"):
-            raise ValueError(f"pool {self.pool!r} is not valid; expected avg or token")
+        check_pool(self.pool)
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,11 +158,11 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
 
 
 def add_classifier(model: nn.Module, num_classes: int, pool: str = "avg") -> nn.Module:
-    """A new ``num_classes`` Linear head via timm ``reset_classifier`` (MAE init: N(0, 2e-5), zero bias)."""
+    """A new ``num_classes`` Linear head on ``pool`` (``avg``/``cls``) via timm ``reset_classifier``
+    (MAE init: N(0, 2e-5), zero bias)."""
     if is_token_model(model):
-        if pool == "token" and getattr(model, "cls_token", None) is None:
-            raise ValueError(f"pool='token' needs a class token but {type(model).__name__} has none; use pool='avg'")
-        model.reset_classifier(num_classes, global_pool=pool)
+        check_pool(pool, has_class_token=getattr(model, "cls_token", None) is not None, name=type(model).__name__)
+        model.reset_classifier(num_classes, global_pool=_TIMM_POOL[pool])
     else:
         if pool != "avg":
             raise ValueError(f"{type(model).__name__} has no class token; only pool='avg' is possible")
@@ -188,7 +190,7 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
     if not spec:
         return None
     out = {"model_name": spec["model_name"], "kwargs": dict(spec["kwargs"]), "num_classes": num_classes,
-           "global_pool": pool}
+           "global_pool": _TIMM_POOL[pool]}
     try:
         return json.loads(json.dumps(out))
     except TypeError:  # e.g. a norm_layer callable (Hugging Face eps): not storable without pickle

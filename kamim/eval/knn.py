@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kamim.distributed import all_reduce_sum, is_main_process
+from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
 from kamim.precision import amp_dtype_of
 
@@ -230,7 +231,8 @@ def _run_knn(cfg: KNNConfig, info) -> dict:
             hits = torch.tensor([round(r["top1"] * n_local / 100), round(r["top5"] * n_local / 100)],
                                 dtype=torch.float64, device=info.device)
             hits = all_reduce_sum(hits)
-            rows.append({"layer": layer, "k": k, "k_used": r["k_used"], "top1": 100.0 * float(hits[0]) / n_val,
+            rows.append({**layer_columns(enc.model, layer), "k": k, "k_used": r["k_used"],
+                         "top1": 100.0 * float(hits[0]) / n_val,
                          "top5": 100.0 * float(hits[1]) / n_val})
     summary = {
         "checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "pool": cfg.pool, "temperature": cfg.temperature,

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from kamim.backbone import check_pool, layer_columns, model_geometry
 from kamim.checkpoints import resolve_encoder
 from kamim.config import clamped_warmup
 from kamim.optim import fused_kwargs
@@ -113,8 +114,7 @@ class LinprobeConfig:
                 setattr(out, key, value)
         if out.opt not in OPTIMIZERS:
             raise ValueError(f"opt {out.opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
-        if out.pool not in ("avg", "cls"):
-            raise ValueError(f"pool {out.pool!r} is not valid; expected avg or cls")
+        check_pool(out.pool)
         for name in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(out, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
@@ -195,6 +195,7 @@ class _Probe(EpochTrainer):
         self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=True)
         self.model = self.enc.model
         self.layers = resolve_layers(self.model, cfg.layers)
+        self.geometry = model_geometry(self.model)
         self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, cfg.aug, cfg.auto_augment,
                                         cfg.re_prob, self.model)
 
@@ -251,7 +252,8 @@ class _Probe(EpochTrainer):
         for j, k in enumerate(self.layers):
             r = results[k]
             self.history.append({
-                "epoch": self.state.epoch, "layer": k, "train_loss": float(sums[j]) / count, "top1": r["top1"],
+                "epoch": self.state.epoch, **layer_columns(self.geometry, k), "train_loss": float(sums[j]) / count,
+                "top1": r["top1"],
                 "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
             })
         self.save_last()
@@ -275,14 +277,14 @@ class _Probe(EpochTrainer):
             if r["layer"] not in best or r["top1"] > best[r["layer"]]["top1"]:
                 best[r["layer"]] = r
         table = [
-            {"layer": r["layer"], "top1": r["top1"], "top5": r["top5"], "loss": r["val_loss"],
+            {**layer_columns(self.geometry, r["layer"]), "top1": r["top1"], "top5": r["top5"], "loss": r["val_loss"],
              "best_top1": best[r["layer"]]["top1"], "best_epoch": best[r["layer"]]["epoch"]}
             for r in final
         ]
         summary = {
             "task": "linprobe", "config": self.config, "encoder": {
                 "format": self.enc.format, "image_size": self.enc.image_size, "patch_size": self.enc.patch_size,
-                "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": len(self.model.feature_info),
+                "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": self.geometry.depth,
             },
             "layers": self.layers, "classes": self.data.classes, "num_train": len(self.data.train),
             "num_val": len(self.data.val), "epochs_done": self.state.epoch, "steps": self.state.step,
