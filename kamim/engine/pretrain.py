@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from kamim import distributed as kdist
+from kamim.backbone import model_geometry
 from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_config, to_dict
 from kamim.interrupt import Interrupted, StopRequest, graceful_stop
 from kamim.metrics_log import MetricsLogger
@@ -122,11 +123,11 @@ build_model = build_pretrain_model
 
 
 def model_patch_size(model: nn.Module) -> int:
-    """Pixel stride of the grid the SimMIM mask is applied on (the patch-embedding stride)."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and hasattr(backbone, "patch_size"):
-        return int(backbone.patch_size)
-    return int(model.encoder.patch_embed.feat_ratio())
+    """Pixel stride of the grid the SimMIM mask is applied on: the encoder's (square) patch size."""
+    ph, pw = model_geometry(model.encoder).patch_size
+    if ph != pw:
+        raise ConfigError(f"pretraining needs square patches; {type(model.encoder).__name__} has {ph}x{pw}")
+    return ph
 
 
 def build_pretrain_dataset(cfg: Config, model: nn.Module):
