@@ -69,7 +69,7 @@ def test_non_finite_loss_and_gradient_stop_before_the_update():
     x, y = _data()
     state, step = _setup()
     before = [p.detach().clone() for p in state.model.parameters()]
-    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss nan at step 1; stopped, last checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss nan at step 1; stopped, no checkpoint written$"):
         step([(x, y)], lambda b: _mse(state)(b) * float("nan"))
     hook = state.model.weight.register_hook(lambda g: g * float("inf"))
     with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient norm (inf|nan) at step 1"):
@@ -77,6 +77,19 @@ def test_non_finite_loss_and_gradient_stop_before_the_update():
     hook.remove()
     assert state.step == 0 and all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
     assert all(p.grad is None for p in state.model.parameters())  # nothing left to leak into the next step
+
+
+def test_stop_message_says_what_is_on_disk(tmp_path):
+    x, y = _data()
+    state, _ = _setup()
+    last = tmp_path / "checkpoint-last.pt"
+    step = TrainStep(state, state.model, torch.device("cpu"), "none", last=last)
+    with pytest.raises(NonFiniteLossError, match=r"stopped, no checkpoint written$"):
+        step([(x, y)], lambda b: _mse(state)(b) * float("inf"))
+    last.write_bytes(b"a checkpoint")
+    with pytest.raises(NonFiniteLossError, match=rf"stopped, last checkpoint left intact \({last}\)$"):
+        step([(x, y)], lambda b: _mse(state)(b) * float("inf"))
+    assert last.read_bytes() == b"a checkpoint"
 
 
 def test_clipping_reports_the_norm_before_clipping(monkeypatch):

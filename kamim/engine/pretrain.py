@@ -53,8 +53,8 @@ from kamim.precision import warn_if_slow_bf16
 from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
     NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
-    encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint, nonfinite_state, rng_state, seed_all,
-    set_rng_state,
+    encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint,
+    nonfinite_state, on_disk, rng_state, seed_all, set_rng_state,
 )
 from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files
 
@@ -365,7 +365,7 @@ class _Trainer:
             except Exception:
                 if stop.signum:  # the signal also reached (and stopped) the loader workers
                     raise Interrupted(stop.signum, f"stopped by {stop.name} during step {self.step + 1}; "
-                                      f"last checkpoint left intact ({self.out_dir / LAST_CHECKPOINT})") from None
+                                      f"{on_disk(self.out_dir / LAST_CHECKPOINT)}") from None
                 raise
             yield batch
 

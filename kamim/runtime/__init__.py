@@ -19,7 +19,7 @@ distributed layers only, never ``kamim.engine`` or ``kamim.eval``.
 from .amp import AMP_MODES, LossScaler, NonFiniteGradient, amp_dtype_of, autocast
 from .checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE,
-    encoder_prefix, export_encoder, find_resume_checkpoint, load_checkpoint, load_pretrain_checkpoint,
+    encoder_prefix, export_encoder, find_resume_checkpoint, load_checkpoint, load_pretrain_checkpoint, on_disk,
     write_run_config,
 )
 from .epochs import EpochTrainer
@@ -37,5 +37,5 @@ __all__ = [
     "ResumableBatchSampler", "SeededDataset", "sample_seed",
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
     "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
-    "encoder_prefix", "export_encoder",
+    "encoder_prefix", "export_encoder", "on_disk",
 ]

@@ -21,7 +21,7 @@ log = logging.getLogger("kamim")
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
     "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
-    "encoder_prefix", "export_encoder",
+    "encoder_prefix", "export_encoder", "on_disk",
 ]
 
 CHECKPOINT_FORMAT = "kamim-pretrain"  # the pretraining checkpoint's ``format``
@@ -30,6 +30,12 @@ LAST_CHECKPOINT = "checkpoint-last.pt"  # the resumable checkpoint of every task
 ENCODER_FILE = "encoder.safetensors"  # pretraining's encoder export (timm keys)
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"  # the resolved config in every output directory
+
+
+def on_disk(last: str | Path) -> str:
+    """What a stopped run leaves, in words that are true: ``last checkpoint left intact (PATH)`` when
+    ``last`` exists, else ``no checkpoint written``. The one wording of every stop message."""
+    return f"last checkpoint left intact ({last})" if Path(last).is_file() else "no checkpoint written"
 
 
 def load_checkpoint(path: str | Path, fmt: str, what: str, version: int | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from kamim import distributed as kdist
 from kamim.serialization import atomic_save
 
 from .amp import LossScaler
+from .checkpoint import on_disk
 from .rng import gather_rng_states, restore_rng
 
 __all__ = ["NonFiniteLossError", "nonfinite_state", "TrainState", "EpochStats"]
@@ -85,7 +86,7 @@ class TrainState:
             raise NonFiniteLossError(
                 f"non-finite values in {len(bad)} parameter/optimizer tensors after step {self.step} "
                 f"(e.g. {bad[0]}); stopped without saving, "
-                + (f"last checkpoint left intact ({last})" if Path(last).is_file() else "no checkpoint written"))
+                + on_disk(last))
         return {
             **dict(extra), self.model_key: model_state, "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,

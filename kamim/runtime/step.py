@@ -38,6 +38,7 @@ from kamim.interrupt import Interrupted, StopRequest
 from kamim.precision import amp_dtype_of, autocast
 
 from .amp import NonFiniteGradient
+from .checkpoint import on_disk
 from .state import NonFiniteLossError, TrainState
 
 __all__ = ["TrainStep", "StepResult", "agreed_signal"]
@@ -98,8 +99,7 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def _stop(self, what: str) -> NonFiniteLossError:
-        return NonFiniteLossError(f"{what} at step {self.state.step + 1}; stopped, last checkpoint left intact "
-                                  f"({self.last})")
+        return NonFiniteLossError(f"{what} at step {self.state.step + 1}; stopped, {on_disk(self.last)}")
 
     def __call__(self, micro_batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor | None]) -> StepResult:
         state, n = self.state, self.accum_steps
