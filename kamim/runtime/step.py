@@ -13,6 +13,12 @@ does the rest, MAE-style (``engine_pretrain.train_one_epoch``):
 * the gradient is clipped to ``clip_grad`` (global norm; None: measured only), a non-finite norm
   stops the run (without fp16 scaling, which skips such steps instead), the optimizer steps, and
   the scheduler is stepped once per optimizer step (timm ``step_update``);
+* **the non-finite rule, the same for every task:** a NaN/inf loss or gradient norm never reaches
+  the weights; the run stops at once with a one-line ``NonFiniteLossError`` naming the step and
+  what is on disk (``last checkpoint left intact (PATH)`` or ``no checkpoint written``), and the
+  last good checkpoint is never overwritten (:meth:`kamim.runtime.state.TrainState.checkpoint`
+  also refuses to write NaN/inf state). Only fp16 loss scaling skips inf-gradient steps, as its
+  scale search requires;
 * :meth:`TrainStep.epoch` runs the rest of an epoch from ``state.batch_in_epoch`` (mid-epoch
   resume with :class:`kamim.runtime.sampler.ResumableBatchSampler`) and, after the optimizer step
   during which SIGINT/SIGTERM arrived (:func:`kamim.interrupt.graceful_stop`), lets the task save
