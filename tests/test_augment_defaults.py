@@ -16,7 +16,7 @@ from kamim.data.demo import demo_photographs
 from kamim.engine.pretrain import build_model, build_pretrain_transform
 from kamim.eval.data import classification_train_transform
 from kamim.eval.finetune import FinetuneConfig
-from kamim.eval.linprobe import RECIPES, LinprobeConfig
+from kamim.config import LinprobeConfig, linprobe_recipes
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_harden_refuses_an_unknown_posterize_op():
 
 def _eval_recipes() -> dict[str, tuple]:
     recipes = {}
-    for recipe in RECIPES:
+    for recipe in linprobe_recipes():
         cfg = LinprobeConfig(checkpoint=None, data="", output_dir="", recipe=recipe).resolved()
         recipes[f"linprobe-{recipe}"] = (cfg.aug, cfg.auto_augment, cfg.re_prob)
     ft = FinetuneConfig(checkpoint=None, data="", output_dir="")

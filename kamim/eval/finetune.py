@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from torch import nn
 
 from kamim.backbone import check_pool
 from kamim.checkpoints import resolve_encoder
-from kamim.config import clamped_warmup
+from kamim.config import FinetuneConfig
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, TrainStep, amp_dtype_of,
@@ -67,77 +66,6 @@ log = logging.getLogger("kamim.finetune")
 
 CHECKPOINT_FORMAT = "kamim-finetune"
 BEST_CHECKPOINT = "checkpoint-best.pt"
-
-
-@dataclass
-class FinetuneConfig:
-    """A finetuning run (defaults: MAE's ViT-B recipe, scaled by the global batch)."""
-
-    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
-    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
-    output_dir: str
-    pool: str = "avg"  # avg (reference: final norm, patch tokens averaged) | cls (class token)
-    epochs: int = 100
-    warmup_epochs: int = 5
-    batch_size: int = 1024  # global: all ranks x accumulation steps
-    accum_steps: int = 1
-    base_lr: float = 5e-4
-    lr: float | None = None  # absolute peak LR (overrides base_lr)
-    min_lr: float = 1e-6
-    warmup_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.65  # 1.0 disables layer-wise decay
-    drop_path: float = 0.1
-    clip_grad: float | None = None
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm string, "trivialaugment" or None
-    re_prob: float = 0.25
-    ema: bool = False
-    ema_decay: float = 0.9999
-    img_size: int | None = None  # default: the encoder's
-    num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "bf16"
-    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
-    stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
-    progress: bool = True
-    overwrite: bool = False  # write into an output_dir holding files of something else
-    load_options: dict = field(default_factory=dict)
-
-    def validate(self) -> "FinetuneConfig":
-        """Check every value (one-line ValueErrors)."""
-        check_pool(self.pool)
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.warmup_epochs = clamped_warmup(self.warmup_epochs, self.epochs, 5 / 100, "finetune")  # recipe: 5 of 100
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        for name in ("drop_path", "mixup_prob", "mixup_switch_prob", "label_smoothing", "re_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.mixup < 0 or self.cutmix < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"mixup, cutmix and weight_decay must be >= 0, got {self.mixup}, {self.cutmix}, {self.weight_decay}"
-            )
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ValueError(f"the learning rate must be > 0, got lr={self.lr} base_lr={self.base_lr}")
-        if not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        return self
-
-    def peak_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
-
-    @property
-    def mixup_active(self) -> bool:
-        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
 def set_drop_path(model: nn.Module, rate: float) -> int:
@@ -199,7 +127,7 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
-    cfg = dataclasses.replace(cfg).validate()
+    cfg = dataclasses.replace(cfg).validate()  # a copy: validate() may clamp the warmup
     out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         return _Finetuner(cfg, out_dir, info).run()

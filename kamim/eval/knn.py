@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from kamim.distributed import all_reduce_sum, is_main_process
 from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
+from kamim.config import KNNConfig
 from kamim.precision import amp_dtype_of
 
 from .common import print_table, write_results
@@ -165,34 +165,9 @@ def knn_evaluate(
     }
 
 
-@dataclass
-class KNNConfig:
-    """A k-NN evaluation run: encoder, labelled data, layers, k values."""
-
-    checkpoint: str
-    data: str  # folder with train/ and val/ class folders, or "NAME:ROOT" torchvision dataset
-    output_dir: str
-    layers: str = "default"
-    pool: str = "avg"
-    ks: tuple[int, ...] = (20, 200)
-    temperature: float = 0.07
-    batch_size: int = 128
-    num_workers: int = 4
-    train_chunk_size: int = 65536
-    query_chunk_size: int = 1024
-    bank_dtype: str = "float16"  # float16 | float32
-    device: str = "auto"
-    amp: str = "bf16"
-    img_size: int | None = None  # default: the encoder's
-    progress: bool = True
-    load_options: dict = field(default_factory=dict)
-    overwrite: bool = False  # write into an output_dir holding files of something else
-
-
 def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
-    if cfg.bank_dtype not in ("float16", "float32"):
-        raise ValueError(f"bank_dtype {cfg.bank_dtype!r} is not valid; expected float16 or float32")
+    cfg.validate()
     check_output_dir(cfg.output_dir, "knn", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         return _run_knn(cfg, info)

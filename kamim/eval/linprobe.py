@@ -29,11 +29,9 @@ rewritten atomically after every epoch, and a printed table of the final epoch.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +40,9 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from kamim.backbone import check_pool, layer_columns, model_geometry
+from kamim.backbone import layer_columns, model_geometry
 from kamim.checkpoints import resolve_encoder
-from kamim.config import clamped_warmup
+from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, TrainStep, amp_dtype_of, epoch_scheduler,
@@ -57,75 +55,11 @@ from .scoring import evaluate_logits
 from .session import check_output_dir, claimed_run_dir, distributed_session
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
 
-__all__ = ["RECIPES", "LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
+__all__ = ["LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
 
 log = logging.getLogger("kamim.linprobe")
 
-RECIPES: dict[str, dict[str, Any]] = {
-    "reference": {"opt": "adamw", "base_lr": 1e-3, "weight_decay": 0.05, "batchnorm": False, "aug": "finetune"},
-    "mae": {"opt": "lars", "base_lr": 0.1, "weight_decay": 0.0, "batchnorm": True, "aug": "light"},
-}
-OPTIMIZERS = ("adamw", "lars", "sgd")
 CHECKPOINT_FORMAT = "kamim-linprobe"
-
-
-@dataclass
-class LinprobeConfig:
-    """A linear-probing run. ``None`` values take the recipe's default (see module docstring)."""
-
-    checkpoint: Any  # anything kamim.checkpoints.load_encoder accepts, or an in-memory timm model
-    data: str  # train/ + val/ class folders, "NAME:ROOT" torchvision data, "demo-photos", "demo-digits"
-    output_dir: str
-    layers: Any = "default"  # "default" (block 8 of 12 scaled to depth), "all", "last", 8, "1,4,8"
-    pool: str = "avg"  # avg (patch tokens) | cls
-    recipe: str = "reference"
-    epochs: int = 90
-    warmup_epochs: int = 10
-    batch_size: int = 256  # global: all ranks x accumulation steps
-    accum_steps: int = 1
-    opt: str | None = None  # adamw | lars | sgd
-    base_lr: float | None = None
-    lr: float | None = None  # absolute peak LR (overrides base_lr)
-    min_lr: float = 0.0
-    warmup_lr: float = 0.0
-    weight_decay: float | None = None
-    batchnorm: bool | None = None
-    aug: str | None = None  # finetune | light | none
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25  # random erasing (finetune augmentation only)
-    img_size: int | None = None  # default: the encoder's
-    num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "bf16"
-    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
-    stop_epoch: int | None = None  # stop after this many epochs (schedule still spans `epochs`); resume later
-    progress: bool = True
-    overwrite: bool = False  # write into an output_dir holding files of something else
-    load_options: dict = field(default_factory=dict)
-
-    def resolved(self) -> "LinprobeConfig":
-        """A copy with the recipe defaults filled in and every value checked (one-line errors)."""
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe {self.recipe!r} is not valid; expected one of {', '.join(RECIPES)}")
-        out = dataclasses.replace(self)
-        for key, value in RECIPES[self.recipe].items():
-            if getattr(out, key) is None:
-                setattr(out, key, value)
-        if out.opt not in OPTIMIZERS:
-            raise ValueError(f"opt {out.opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
-        check_pool(out.pool)
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if int(getattr(out, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
-        out.warmup_epochs = clamped_warmup(out.warmup_epochs, out.epochs, 10 / 90, "linprobe")  # recipe: 10 of 90
-        if out.weight_decay < 0 or out.base_lr <= 0 or (out.lr is not None and out.lr <= 0):
-            raise ValueError(f"need lr/base_lr > 0 and weight_decay >= 0, got lr={out.lr} base_lr={out.base_lr} "
-                             f"weight_decay={out.weight_decay}")
-        return out
-
-    def peak_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else float(self.base_lr) * self.batch_size / 256.0
 
 
 class ProbeHeads(nn.Module):
@@ -170,7 +104,7 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
              {"params": vecs, "weight_decay": 0.0, "always_adapt": False}],
             lr=lr, momentum=0.9,
         )
-    raise ValueError(f"opt {opt!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"opt {opt!r} is not valid; expected one of {', '.join(LINPROBE_OPTIMIZERS)}")
 
 
 def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
-from kamim.config import from_dict
+from kamim.config import ReconstructConfig, from_dict
 from kamim.data import build_dataset
 from kamim.masking import MaskGenerator
 from kamim.models import build_pretrain_model
@@ -356,26 +355,6 @@ def plot_reconstructions(
 # --------------------------------------------------------------------------- run
 
 
-@dataclass
-class ReconstructConfig:
-    """Reconstruction quality of one or more SimMIM/KAMIM training checkpoints on the same images and masks."""
-
-    checkpoints: Any  # list of paths / run dirs, or {name: path}; names default to the run directory names
-    data: str  # image folder (flat or class folders), "NAME:ROOT" torchvision data or "demo"
-    output_dir: str
-    mask_ratio: float = 0.4
-    mask_patch_size: int | None = None  # default: the (first) checkpoint's
-    seed: int = 0
-    batch_size: int = 32
-    num_workers: int = 4
-    max_images: int | None = None  # evaluate the first N images only
-    figure_images: int = 4  # rows of the figure grid (0: no figure)
-    device: str = "auto"
-    amp: str = "none"
-    progress: bool = True
-    overwrite: bool = False  # write into an output_dir holding files of something else
-
-
 def _named_checkpoints(checkpoints: Any) -> dict[str, str]:
     if isinstance(checkpoints, (str, Path)):
         checkpoints = [checkpoints]
@@ -399,8 +378,7 @@ def _named_checkpoints(checkpoints: Any) -> dict[str, str]:
 
 def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
-    if not 0 < cfg.mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+    cfg.validate()
     check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite)
     with distributed_session(cfg.device) as info:
         amp = amp_dtype_of(cfg.amp, info.device)

@@ -90,10 +90,11 @@ class SweepEval:
                 raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
         if not self.knn_temperature > 0:
             raise ValueError(f"eval knn_temperature must be > 0, got {self.knn_temperature}")
-        from kamim.eval.linprobe import RECIPES
+        from kamim.config import linprobe_recipes
 
-        if self.linprobe_recipe not in RECIPES:
-            raise ValueError(f"linprobe recipe {self.linprobe_recipe!r} is not valid; expected one of {', '.join(RECIPES)}")
+        recipes = linprobe_recipes()
+        if self.linprobe_recipe not in recipes:
+            raise ValueError(f"linprobe recipe {self.linprobe_recipe!r} is not valid; expected one of {', '.join(recipes)}")
         return self
 
     def metric(self, method: str) -> str:
