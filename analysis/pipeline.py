@@ -236,7 +236,7 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from kamim import EvalTransform, ImageFolderDataset, collate_skip_bad
+    from kamim import EvalTransform, ImageFolderDataset, collate_skip_bad, loader_workers
 
     try:
         dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="auto")
@@ -246,7 +246,7 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     if images is not None and images < len(dataset):
         idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:images])
         subset = Subset(dataset, idx.tolist())
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(workers),
                         collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed),
                         persistent_workers=False)
     return _NonEmptyBatches(loader), dataset

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from kamim.errors import ArgumentParser, run_command
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_config_arguments", "load_config_from_args"]
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 PROG = "kamim"
 
@@ -49,21 +49,6 @@ def _csv_list(kind: type) -> Callable[[str], list]:
             ) from None
 
     return parse
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """``--config PRESET|FILE.yaml`` and ``--set key=value ...`` (shared by training commands)."""
-    p.add_argument("--config", required=True, metavar="PRESET|FILE",
-                   help="preset name (see `kamim presets`) or a YAML config file")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. --set optim.epochs=10 kamim.temperature=0.5")
-
-
-def load_config_from_args(args: argparse.Namespace):
-    """The validated ``Config`` of ``--config`` + ``--set``."""
-    from kamim.config import load_config
-
-    return load_config(args.config, args.overrides)
 
 
 def _pixels(text: str) -> int:
@@ -101,21 +86,28 @@ def _add_resume_argument(p: argparse.ArgumentParser) -> None:
                         "'none': start from scratch; or a run directory / checkpoint file")
 
 
-def _config_from_args(cls: type, args: argparse.Namespace, **explicit):
-    """``cls(...)`` from every field of the dataclass ``cls`` that is also an argument of the same
-    name, plus ``explicit`` values (renamed or converted arguments), which take precedence."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **explicit})
-
-
 # --------------------------------------------------------------------------- pretrain
+
+def _add_pretrain_config(p: argparse.ArgumentParser) -> None:
+    """``--config PRESET|FILE`` (required: a pretraining preset or file) and ``--set KEY=VALUE ...``."""
+    from kamim.config import Config, add_config_arguments
+
+    add_config_arguments(p, Config, required=True)
+
+
+def _pretrain_config(args: argparse.Namespace):
+    """The validated pretraining ``Config`` of ``--config`` + ``--set`` (checked before torch is imported)."""
+    from kamim.config import load_config
+
+    return load_config(args.config, args.overrides)
+
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain", help="pretrain a model (SimMIM, KAMIM or MoCo v3)",
         description="Pretrain with a preset or YAML config. Resumes automatically from RUN_DIR/checkpoint-last.pt.",
     )
-    add_config_arguments(p)
+    _add_pretrain_config(p)
     p.add_argument("--data", default=None, metavar="PATH",
                    help="image folder, NAME:ROOT torchvision dataset or 'demo' (default: the config's data.path)")
     _add_out_argument(p, "run directory")
@@ -126,7 +118,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from kamim.engine.pretrain import ENCODER_FILE, pretrain
 
-    cfg = load_config_from_args(args)
+    cfg = _pretrain_config(args)
     ckpt = pretrain(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     if _is_main():
         print(f"checkpoint: {ckpt}")
@@ -147,7 +139,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                     "to add an evaluation column (top-1 as a fraction in [0, 1]; the table is printed best "
                     "first). Recorded evaluations of unchanged encoders are reused on rerun.",
     )
-    add_config_arguments(p)
+    _add_pretrain_config(p)
     p.add_argument("--data", default=None, metavar="PATH", help="training data (default: the config's data.path)")
     _add_out_argument(p, "sweep directory", metavar="OUT")
     p.add_argument("--detectors", type=_csv_list(str), default=None, metavar="D1,D2",
@@ -174,7 +166,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from kamim.engine.sweep import SweepEval, result_fields, sort_by_metric, sweep
 
-    cfg = load_config_from_args(args)
+    cfg = _pretrain_config(args)
     evaluation = None
     if args.eval_data is not None:
         evaluation = SweepEval(
@@ -201,18 +193,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- presets
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list the bundled config presets",
-                       description="List preset names usable with --config, with their description.")
+    p = sub.add_parser("presets", help="list the bundled config presets and recipes, by command",
+                       description="List the names usable with --config, by command, with their description.")
     p.set_defaults(func=_cmd_presets)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from kamim.config import list_presets, preset_path
+    from kamim.config import COMMAND_CONFIGS, list_presets, preset_path
 
-    for name in list_presets():
-        first = next((ln.lstrip("# ").strip() for ln in preset_path(name).read_text().splitlines()
-                      if ln.startswith("#")), "")
-        print(f"{name:<16} {first}")
+    for command, cls in COMMAND_CONFIGS.items():
+        names = list_presets(cls)
+        if not names:
+            continue
+        print(f"{command}:")
+        for name in names:
+            first = next((ln.lstrip("# ").strip() for ln in preset_path(name, cls).read_text().splitlines()
+                          if ln.startswith("#")), "")
+            print(f"  {name:<16} {first}")
     return 0
 
 
@@ -227,183 +224,210 @@ def _labelled_data(text: str) -> str:
     return text
 
 
-def _clamp_workers(args: argparse.Namespace) -> None:
-    """Lower ``--num-workers`` to the CPUs available (more only oversubscribe them), with a warning."""
-    from kamim.doctor import available_cpus
+class _ConfigFlags:
+    """The flags of a command's config dataclass ``cls``. Each flag is a shorthand of ``--set KEY=VALUE``:
+    its argparse default is None ("not given"), so the dataclass is the only place a default is
+    written (shown in the help from there). Precedence: defaults < ``--config`` < flags < ``--set``."""
 
-    cpus = available_cpus()
-    if getattr(args, "num_workers", None) is not None and args.num_workers > cpus:
-        logging.getLogger("kamim").warning("--num-workers %d is more than the %d CPUs available; using %d",
-                                           args.num_workers, cpus, cpus)
-        args.num_workers = cpus
+    def __init__(self, p: argparse.ArgumentParser, cls: type) -> None:
+        from kamim.config import add_config_arguments
+
+        self.p, self.cls, self.keys = p, cls, {}
+        add_config_arguments(p, cls)
+        p.set_defaults(config_cls=cls, config_flags=self.keys)
+
+    def add(self, *names: str, key: str | None = None, help: str = "", group=None, **kw) -> None:
+        from kamim.config import field_help
+
+        key = key or names[0].lstrip("-").replace("-", "_")
+        dest = key.replace(".", "__")
+        switch = kw.get("action") in ("store_const", argparse.BooleanOptionalAction)
+        if not switch and "choices" not in kw:
+            kw.setdefault("metavar", names[0].lstrip("-").replace("-", "_").upper())
+        text = help if kw.get("action") == "store_const" else field_help(self.cls, key, help)
+        (group or self.p).add_argument(*names, dest=dest, default=None, help=text, **kw)
+        self.keys[dest] = key
 
 
-def _add_eval_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str = "bf16") -> None:
+def _command_config(args: argparse.Namespace, **values):
+    """The validated config of the command: dataclass defaults < ``--config`` < the flags given (and
+    ``values``: dotted key -> value) < ``--set``. One-line ``ConfigError`` for a bad key or value."""
+    from kamim.config import config_from_args
+
+    return config_from_args(args.config_cls, args, args.config_flags, values)
+
+
+def _add_eval_arguments(f: _ConfigFlags) -> None:
     """Arguments shared by linprobe / finetune / knn: encoder, data, run directory, execution."""
-    p.add_argument("--checkpoint", required=True, metavar="SOURCE",
-                   help="encoder: checkpoint file in any supported format (e.g. a kamim pretrain run's "
-                        "encoder.safetensors or checkpoint-last.pt), Hugging Face directory, manifest name or "
-                        "timm model name (random init)")
-    p.add_argument("--data", required=True, metavar="PATH", type=_labelled_data,
-                   help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, "
-                        "demo-photos or demo-digits")
-    _add_out_argument(p, "run directory (results, checkpoints)")
-    p.add_argument("--model-name", default=None, help="timm model to build for a plain state dict")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads when the checkpoint cannot tell")
-    p.add_argument("--encoder-img-size", type=_pixels, default=None, metavar="PX",
-                   help="build the encoder at this size (position embeddings resampled)")
-    p.add_argument("--img-size", type=_pixels, default=None, metavar="PX", help="data image size (default: the encoder's)")
-    _add_execution_arguments(p, batch_size, amp, "global batch size")
+    f.add("--checkpoint", metavar="SOURCE",
+          help="encoder: checkpoint file in any supported format (e.g. a kamim pretrain run's "
+               "encoder.safetensors or checkpoint-last.pt, or the run directory), Hugging Face directory, "
+               "manifest name or timm model name (random init)")
+    f.add("--data", metavar="PATH", type=_labelled_data,
+          help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, demo-photos or demo-digits")
+    _add_out_argument(f.p, "run directory (results, checkpoints, config.yaml)")
+    f.add("--model-name", key="load_options.model_name", help="timm model to build for a plain state dict")
+    f.add("--num-heads", key="load_options.num_heads", type=int,
+          help="attention heads when the checkpoint cannot tell")
+    f.add("--encoder-img-size", key="load_options.img_size", type=_pixels, metavar="PX",
+          help="build the encoder at this size (position embeddings resampled)")
+    f.add("--img-size", type=_pixels, metavar="PX", help="data image size (default: the encoder's)")
+    _add_execution_arguments(f, "global batch size")
 
 
-def _add_execution_arguments(p: argparse.ArgumentParser, batch_size: int, amp: str, batch_help: str) -> None:
+def _add_execution_arguments(f: _ConfigFlags, batch_help: str) -> None:
     """Batch size, loader workers, device, autocast and progress bars (every evaluation command)."""
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: %(default)s)")
-    from kamim.doctor import default_num_workers
-
-    p.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="data loader workers per process, at most the CPUs available (default: %(default)s "
-                        "= min(4, CPUs available))")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--amp", default=amp, choices=("bf16", "fp16", "none"), help="autocast (default: %(default)s)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    f.add("--batch-size", type=int, help=batch_help)
+    f.add("--num-workers", type=int,
+          help="data loader workers per process (default: min(4, CPUs available)); more than the CPUs are clamped")
+    f.add("--device", help="auto, cpu, cuda or cuda:N")
+    f.add("--amp", choices=("bf16", "fp16", "none"), help="autocast")
+    f.add("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
 
 
-def _add_training_arguments(p: argparse.ArgumentParser, epochs: int, warmup: int, min_lr: float) -> None:
-    p.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
-    p.add_argument("--warmup-epochs", type=int, default=warmup, help="default: %(default)s")
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
-    p.add_argument("--min-lr", type=float, default=min_lr, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=0)
-    _add_resume_argument(p)
-    p.add_argument("--stop-epoch", type=int, default=None, metavar="N",
-                   help="stop after N epochs without shortening the schedule (resume later)")
+def _add_training_arguments(f: _ConfigFlags) -> None:
+    f.add("--epochs", type=int)
+    f.add("--warmup-epochs", type=int)
+    f.add("--accum-steps", type=int, help="gradient accumulation steps")
+    f.add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
+    f.add("--min-lr", type=float)
+    f.add("--seed", type=int)
+    f.add("--resume", metavar="RUN_DIR|CKPT|auto|none",
+          help="'auto': resume from RUN_DIR/checkpoint-last.pt if it exists; 'none': start from scratch; "
+               "or a run directory / checkpoint file")
+    f.add("--stop-epoch", type=int, metavar="N", help="stop after N epochs without shortening the schedule (resume later)")
 
 
-def _load_options(args: argparse.Namespace) -> dict:
-    opts = {"model_name": args.model_name, "num_heads": args.num_heads, "img_size": args.encoder_img_size}
-    return {k: v for k, v in opts.items() if v is not None}
-
-
-def _eval_config(cls: type, args: argparse.Namespace, **explicit):
-    """An evaluation config from the arguments (``--out`` and the encoder-building options renamed)."""
-    return _config_from_args(cls, args, output_dir=str(args.out), load_options=_load_options(args), **explicit)
+def _eval_config(args: argparse.Namespace):
+    """An evaluation config: ``--out`` is its ``output_dir``, ``--overwrite`` its ``overwrite``."""
+    return _command_config(args, output_dir=str(args.out), **({"overwrite": True} if args.overwrite else {}))
 
 
 def _add_linprobe(sub: argparse._SubParsersAction) -> None:
+    from kamim.config import LinprobeConfig, linprobe_recipes
+
     p = sub.add_parser(
         "linprobe", help="linear probing of a frozen encoder at one or every layer",
         description="Train one linear head per layer on frozen features in a single pass over the data; "
-                    "writes RUN_DIR/linprobe.json + linprobe.csv (accuracy per layer per epoch).",
+                    "writes RUN_DIR/linprobe.json + linprobe.csv (accuracy per layer per epoch) and config.yaml "
+                    "(rerun with --config RUN_DIR/config.yaml). Recipes: --config reference or --config mae.",
     )
-    _add_eval_arguments(p, batch_size=256)
-    _add_training_arguments(p, epochs=90, warmup=10, min_lr=0.0)
-    p.add_argument("--layers", default="default", metavar="SPEC",
-                   help=LAYERS_HELP + "; e.g. 8 or 1,4,8 or stage:3 (default: %(default)s)")
-    p.add_argument("--pool", default="avg", choices=("avg", "cls"), help="patch-token average or CLS token")
-    p.add_argument("--recipe", default="reference", choices=("reference", "mae"),
-                   help="reference: AdamW, finetune augmentation, no BN; mae: BN + LARS, light augmentation")
-    p.add_argument("--opt", default=None, choices=("adamw", "lars", "sgd"), help="default: the recipe's")
-    p.add_argument("--base-lr", type=float, default=None, help="peak lr = base-lr x batch / 256 (default: the recipe's)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's")
-    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                   help="BatchNorm1d(affine=False) before each head (default: the recipe's)")
-    p.add_argument("--aug", default=None, choices=("finetune", "light", "none"), help="default: the recipe's")
+    f = _ConfigFlags(p, LinprobeConfig)
+    _add_eval_arguments(f)
+    _add_training_arguments(f)
+    f.add("--layers", metavar="SPEC", help=LAYERS_HELP + "; e.g. 8 or 1,4,8 or stage:3")
+    f.add("--pool", choices=("avg", "cls"), help="avg: patch-token average; cls: the class token")
+    f.add("--recipe", choices=tuple(linprobe_recipes()),
+          help="fills opt, base-lr, weight-decay, batchnorm and aug where not given: reference = AdamW, "
+               "finetune augmentation, no BN; mae = BN + LARS, light augmentation")
+    f.add("--opt", choices=("adamw", "lars", "sgd"), help="default: the recipe's")
+    f.add("--base-lr", type=float, help="peak lr = base-lr x batch / 256 (default: the recipe's)")
+    f.add("--weight-decay", type=float, help="default: the recipe's")
+    f.add("--batchnorm", action=argparse.BooleanOptionalAction,
+          help="BatchNorm1d(affine=False) before each head (default: the recipe's)")
+    f.add("--aug", choices=("finetune", "light", "none"), help="default: the recipe's")
     p.set_defaults(func=_cmd_linprobe)
 
 
 def _cmd_linprobe(args: argparse.Namespace) -> int:
-    from kamim.eval.linprobe import LinprobeConfig, linear_probe
+    cfg = _eval_config(args)  # validated before torch is imported
+    from kamim.eval.linprobe import linear_probe
 
-    linear_probe(_eval_config(LinprobeConfig, args))
+    linear_probe(cfg)
     return 0
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from kamim.config import FinetuneConfig
+
     p = sub.add_parser(
         "finetune", help="finetune an encoder for classification (layer decay, mixup/cutmix, EMA)",
-        description="MAE-style finetuning; writes RUN_DIR/checkpoint-best.pt, checkpoint-last.pt and "
-                    "finetune.json + finetune.csv (top-1/top-5 per epoch).",
+        description="MAE-style finetuning (the defaults are MAE's ViT-B recipe, also --config mae); writes "
+                    "RUN_DIR/checkpoint-best.pt, checkpoint-last.pt, finetune.json + finetune.csv (top-1/top-5 "
+                    "per epoch) and config.yaml.",
     )
-    _add_eval_arguments(p, batch_size=1024)
-    _add_training_arguments(p, epochs=100, warmup=5, min_lr=1e-6)
-    p.add_argument("--pool", default="avg", choices=("avg", "cls"), help="avg: patch-token average (reference head); cls: class token")
-    p.add_argument("--base-lr", type=float, default=5e-4, help="peak lr = base-lr x batch / 256 (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="default: %(default)s")
-    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay, 1 = off (default: %(default)s)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="default: %(default)s")
-    p.add_argument("--clip-grad", type=float, default=None, help="max grad norm (default: no clipping)")
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 = off (default: %(default)s)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, 0 = off (default: %(default)s)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
-    p.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", metavar="POLICY",
-                   help="timm RandAugment string, 'trivialaugment' or 'none' (default: %(default)s)")
-    p.add_argument("--re-prob", type=float, default=0.25, help="random erasing probability (default: %(default)s)")
-    p.add_argument("--ema", action="store_true", help="also evaluate an EMA of the weights")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="default: %(default)s")
+    f = _ConfigFlags(p, FinetuneConfig)
+    _add_eval_arguments(f)
+    _add_training_arguments(f)
+    f.add("--pool", choices=("avg", "cls"), help="avg: patch-token average (reference head); cls: class token")
+    f.add("--base-lr", type=float, help="peak lr = base-lr x batch / 256")
+    f.add("--weight-decay", type=float)
+    f.add("--layer-decay", type=float, help="layer-wise lr decay, 1 = off")
+    f.add("--drop-path", type=float)
+    f.add("--clip-grad", type=float, help="max grad norm (default: no clipping)")
+    f.add("--mixup", type=float, help="mixup alpha, 0 = off")
+    f.add("--cutmix", type=float, help="cutmix alpha, 0 = off")
+    f.add("--smoothing", key="label_smoothing", type=float, help="label smoothing")
+    f.add("--auto-augment", metavar="POLICY", help="timm RandAugment string, 'trivialaugment' or 'none'")
+    f.add("--re-prob", type=float, help="random erasing probability")
+    f.add("--ema", action="store_const", const=True, help="also evaluate an EMA of the weights")
+    f.add("--ema-decay", type=float)
     p.set_defaults(func=_cmd_finetune)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from kamim.eval.finetune import FinetuneConfig, finetune
+    cfg = _eval_config(args)
+    from kamim.eval.finetune import finetune
 
-    finetune(_eval_config(
-        FinetuneConfig, args, label_smoothing=args.smoothing,
-        auto_augment=None if args.auto_augment == "none" else args.auto_augment,
-    ))
+    finetune(cfg)
     return 0
 
 
 def _add_knn(sub: argparse._SubParsersAction) -> None:
+    from kamim.config import KNNConfig
+
     p = sub.add_parser(
         "knn", help="weighted k-NN classification of frozen features (DINO protocol)",
         description="Extract train/val features of the chosen layers once and classify val by weighted k-NN; "
-                    "writes RUN_DIR/knn.json + knn.csv. k larger than the train set is clamped.",
+                    "writes RUN_DIR/knn.json + knn.csv and config.yaml. k larger than the train set is clamped.",
     )
-    _add_eval_arguments(p, batch_size=128)
-    p.add_argument("--layers", default="default", metavar="SPEC",
-                   help=LAYERS_HELP + "; e.g. 8 or 1,4,8 (default: %(default)s)")
-    p.add_argument("--pool", default="avg", choices=("avg", "cls"))
-    p.add_argument("--k", dest="ks", type=_csv_list(int), default=[20, 200], metavar="K1,K2",
-                   help="neighbour counts (default: 20,200)")
-    p.add_argument("--temperature", type=float, default=0.07, help="default: %(default)s")
-    p.add_argument("--train-chunk-size", type=int, default=65536, help="train rows per similarity block")
-    p.add_argument("--query-chunk-size", type=int, default=1024, help="queries per similarity block")
-    p.add_argument("--bank-dtype", default="float16", choices=("float16", "float32"), help="feature bank storage")
+    f = _ConfigFlags(p, KNNConfig)
+    _add_eval_arguments(f)
+    f.add("--layers", metavar="SPEC", help=LAYERS_HELP + "; e.g. 8 or 1,4,8")
+    f.add("--pool", choices=("avg", "cls"), help="avg: patch-token average; cls: the class token")
+    f.add("--k", key="ks", type=_csv_list(int), metavar="K1,K2", help="neighbour counts")
+    f.add("--temperature", type=float)
+    f.add("--train-chunk-size", type=int, help="train rows per similarity block")
+    f.add("--query-chunk-size", type=int, help="queries per similarity block")
+    f.add("--bank-dtype", choices=("float16", "float32"), help="feature bank storage")
     p.set_defaults(func=_cmd_knn)
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
-    from kamim.eval.knn import KNNConfig, run_knn
+    cfg = _eval_config(args)
+    from kamim.eval.knn import run_knn
 
-    run_knn(_eval_config(KNNConfig, args, ks=tuple(args.ks)))
+    run_knn(cfg)
     return 0
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    from kamim.config import ReconstructConfig
+
     p = sub.add_parser(
         "reconstruct", help="PSNR/SSIM of SimMIM/KAMIM reconstructions and a comparison figure",
         description="Score one or more pretraining checkpoints on the same images and masks; writes "
-                    "RUN_DIR/reconstruct.json + reconstruct.csv and reconstructions.png.",
+                    "RUN_DIR/reconstruct.json + reconstruct.csv, reconstructions.png and config.yaml.",
     )
-    p.add_argument("--checkpoints", required=True, nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
-                   help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
-    p.add_argument("--data", required=True, metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")
+    f = _ConfigFlags(p, ReconstructConfig)
+    f.add("--checkpoints", nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
+          help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
+    f.add("--data", metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")
     _add_out_argument(p, "output directory", action="whose results are replaced")
-    p.add_argument("--mask-ratio", type=float, default=0.4, help="default: %(default)s (the paper's)")
-    p.add_argument("--mask-patch-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0, help="mask seed (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
-    p.add_argument("--figure-images", type=int, default=4, help="rows of the figure, 0 = none (default: %(default)s)")
-    _add_execution_arguments(p, batch_size=32, amp="none", batch_help="images per batch and process")
+    f.add("--mask-ratio", type=float, help="the paper's")
+    f.add("--mask-patch-size", type=int, help="default: the checkpoint's")
+    f.add("--seed", type=int, help="mask seed")
+    f.add("--max-images", type=int, help="only the first N images")
+    f.add("--figure-images", type=int, help="rows of the figure, 0 = none")
+    _add_execution_arguments(f, "images per batch and process")
     p.set_defaults(func=_cmd_reconstruct)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from kamim.eval.reconstruct import ReconstructConfig, run_reconstruct
+    cfg = _eval_config(args)
+    from kamim.eval.reconstruct import run_reconstruct
 
-    run_reconstruct(_config_from_args(ReconstructConfig, args, output_dir=str(args.out)))
+    run_reconstruct(cfg)
     return 0
 
 
@@ -457,7 +481,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if (args.quiet or not _is_main()) else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    _clamp_workers(args)
     return run_command(PROG, args.func, args)
 
 

@@ -42,7 +42,7 @@ __all__ = [
     "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
     "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
     "field_help", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
-    "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS",
+    "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS", "COMMAND_CONFIGS",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -591,6 +591,8 @@ def field_default(cls: type, key: str) -> Any:
     node: Any = cls
     value: Any = dataclasses.MISSING
     for part in key.split("."):
+        if node is dict or typing.get_origin(node) is dict:  # a free-form mapping's sub-key: no default
+            return dataclasses.MISSING
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             raise ConfigError(f"unknown config key '{key}' of {getattr(cls, '__name__', cls)}")
@@ -642,13 +644,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type | None = Non
     )
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace, flags: Mapping[str, str]) -> T:
+def config_from_args(cls: type[T], args: argparse.Namespace, flags: Mapping[str, str],
+                     extra: Mapping[str, Any] | None = None) -> T:
     """:func:`load_command_config` of ``--config``, the flags the user passed and ``--set``.
 
     ``flags`` maps argparse dest -> dotted config key; a flag whose value is ``None`` (its argparse
-    default) was not given and leaves the file's or the dataclass's value in place.
+    default) was not given and leaves the file's or the dataclass's value in place. ``extra``
+    (dotted key -> value) are values the command sets itself (e.g. ``output_dir`` from ``--out``).
     """
     values = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    values.update(extra or {})
     try:
         return load_command_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (), values)
     except MissingConfigKey as e:
@@ -811,8 +816,8 @@ def _check_execution(cfg: Any) -> None:
     _check_choice("amp", cfg.amp, EVAL_AMP_MODES)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0 (or null: min(4, CPUs)), got {cfg.num_workers}")
     if getattr(cfg, "img_size", None) is not None and cfg.img_size < 1:
         raise ConfigError(f"img_size must be >= 1, got {cfg.img_size}")
 
@@ -887,7 +892,7 @@ class LinprobeConfig:
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25  # random erasing (finetune augmentation only)
     img_size: Optional[int] = None  # default: the encoder's
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     seed: int = 0
     device: str = "auto"
     amp: str = "bf16"
@@ -963,7 +968,7 @@ class FinetuneConfig:
     ema: bool = False  # also evaluate an EMA of the weights
     ema_decay: float = 0.9999
     img_size: Optional[int] = None  # default: the encoder's
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     seed: int = 0
     device: str = "auto"
     amp: str = "bf16"
@@ -1019,7 +1024,7 @@ class KNNConfig:
     ks: tuple[int, ...] = (20, 200)  # neighbour counts
     temperature: float = 0.07
     batch_size: int = 128
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     train_chunk_size: int = 65536  # train rows per similarity block
     query_chunk_size: int = 1024  # queries per similarity block
     bank_dtype: str = "float16"  # float16 | float32: feature bank storage
@@ -1058,7 +1063,7 @@ class ReconstructConfig:
     mask_patch_size: Optional[int] = None  # default: the (first) checkpoint's
     seed: int = 0  # mask seed
     batch_size: int = 32  # images per batch and process
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     max_images: Optional[int] = None  # evaluate the first N images only
     figure_images: int = 4  # rows of the figure grid (0: no figure)
     device: str = "auto"
@@ -1077,3 +1082,10 @@ class ReconstructConfig:
             raise ConfigError(f"figure_images must be >= 0, got {self.figure_images}")
         _check_execution(self)
         return self
+
+
+#: The config dataclass of each command that reads one (``--config`` / ``--set``; ``kamim presets``).
+COMMAND_CONFIGS: dict[str, type] = {
+    "pretrain": Config, "linprobe": LinprobeConfig, "finetune": FinetuneConfig, "knn": KNNConfig,
+    "reconstruct": ReconstructConfig,
+}

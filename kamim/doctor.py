@@ -2,7 +2,7 @@
 
 :func:`environment_report` returns the facts as ``{name: text}``, one entry per line that
 ``kamim doctor`` prints, so that a results file can store the same dict. :func:`available_cpus`
-and :func:`default_num_workers` are the CPU count the command-line defaults use; this module
+is the CPU count loader workers are clamped to (:func:`kamim.data.loader_workers`); this module
 imports torch only inside :func:`environment_report`.
 """
 from __future__ import annotations
@@ -14,29 +14,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["MAX_DEFAULT_WORKERS", "PACKAGES", "available_cpus", "cpu_model", "default_num_workers",
-           "environment_report", "package_version"]
+__all__ = ["PACKAGES", "available_cpus", "cpu_model", "environment_report", "package_version"]
 
 #: report key -> module whose ``__version__`` is reported
 PACKAGES = {
     "torch": "torch", "torchvision": "torchvision", "timm": "timm", "opencv": "cv2", "pillow": "PIL",
     "numpy": "numpy", "safetensors": "safetensors", "transformers": "transformers",
 }
-#: data loader workers per process that the evaluation commands use at most by default
-MAX_DEFAULT_WORKERS = 4
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a Slurm or container allocation)."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
         return os.cpu_count() or 1
-
-
-def default_num_workers() -> int:
-    """``min(4, available CPUs)``: as many loader workers as torch's DataLoader accepts unwarned."""
-    return min(MAX_DEFAULT_WORKERS, available_cpus())
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -16,7 +16,9 @@ import pytest
 
 from analysis import cli as analyze_cli
 from kamim import cli as kamim_cli
-from kamim.doctor import available_cpus, default_num_workers
+from kamim.config import COMMAND_CONFIGS, field_default
+from kamim.data import loader_workers
+from kamim.doctor import available_cpus
 from kamim.errors import exit_code, format_error, run_command
 
 KAMIM_COMMANDS = ["pretrain", "sweep", "presets", "linprobe", "finetune", "knn", "reconstruct", "doctor"]
@@ -216,31 +218,34 @@ def _default(parser, command, dest):
 
 def test_device_defaults_to_auto_in_both_tools():
     for command in ("linprobe", "finetune", "knn", "reconstruct"):
-        assert _default(kamim_cli.build_parser(), command, "device") == "auto"
+        assert _default(kamim_cli.build_parser(), command, "device") is None  # not given: the config's
+        assert field_default(COMMAND_CONFIGS[command], "device") == "auto"
     for command in ("run", "paper-figures"):
         assert _default(analyze_cli.build_parser(), command, "device") == "auto"
     assert analyze_cli.resolve_device("auto") in ("cpu", "cuda")
     assert analyze_cli.resolve_device("cuda:1") == "cuda:1"
 
 
-def test_num_workers_default_to_the_cpus_available(capsys):
-    assert default_num_workers() == min(4, available_cpus())
+def test_num_workers_default_is_written_once_and_clamped_where_loaders_are_built(capsys, caplog):
     for command in ("linprobe", "finetune", "knn", "reconstruct"):
-        assert _default(kamim_cli.build_parser(), command, "num_workers") == default_num_workers()
+        assert _default(kamim_cli.build_parser(), command, "num_workers") is None
+        assert field_default(COMMAND_CONFIGS[command], "num_workers") is None
     with pytest.raises(SystemExit):
         kamim_cli.main(["knn", "--help"])
-    assert f"(default: {default_num_workers()} = min(4, CPUs available))" in " ".join(capsys.readouterr().out.split())
-
-
-def test_too_many_workers_are_clamped_with_a_warning(monkeypatch, caplog):
-    seen = {}
-    monkeypatch.setattr(kamim_cli, "_cmd_knn", lambda args: seen.setdefault("workers", args.num_workers) and 0)
+    assert "--num-workers NUM_WORKERS data loader workers per process (default: min(4, CPUs available))" in \
+        " ".join(capsys.readouterr().out.split())
     with caplog.at_level(logging.WARNING, logger="kamim"):
-        assert kamim_cli.main(["knn", "--checkpoint", "c", "--data", "d", "--out", "o", "--num-workers", "1000"]) == 0
-    assert seen["workers"] == available_cpus()
+        assert loader_workers(None) == min(4, available_cpus())  # the default: no warning
+        assert loader_workers(available_cpus()) == available_cpus()
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="kamim"):
+        assert loader_workers(1000) == available_cpus()
+        assert loader_workers(1000) == available_cpus()  # warned once
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"--num-workers 1000 is more than the {available_cpus()} CPUs available; "
+    assert warnings == [f"1000 loader workers asked for, but only {available_cpus()} CPUs are available: "
                         f"using {available_cpus()}"]
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        loader_workers(-1)
 
 
 def test_evaluations_point_demo_to_the_labelled_demo_sets(capsys):

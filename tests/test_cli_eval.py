@@ -119,7 +119,7 @@ def test_outputs_follow_the_umask(setup, tmp_path):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "knn").iterdir()}
-    assert modes == {"knn.json": 0o644, "knn.csv": 0o644, ".kamim-output.json": 0o644}
+    assert modes == {"knn.json": 0o644, "knn.csv": 0o644, "config.yaml": 0o644, ".kamim-output.json": 0o644}
     assert stat.S_IMODE(setup["encoder"].stat().st_mode) & 0o044 == 0o044  # pretraining outputs too
 
 

@@ -50,10 +50,22 @@ def test_parser_is_extensible():
     assert set(sub.choices) >= {"pretrain", "sweep", "presets", "doctor"}
 
 
-def test_presets_lists_every_preset(capsys):
+def test_presets_lists_every_preset_by_command(capsys):
+    from kamim.config import COMMAND_CONFIGS
+
     assert main(["presets"]) == 0
-    names = [ln.split()[0] for ln in capsys.readouterr().out.strip().splitlines()]
-    assert names == list_presets() and "tiny_kamim" in names
+    listed: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.strip().splitlines():
+        if not line.startswith(" "):
+            command = line.rstrip(":")
+            listed[command] = []
+        else:
+            name, description = line.split(maxsplit=1)
+            listed[command].append(name)
+            assert description
+    assert listed == {c: list_presets(cls) for c, cls in COMMAND_CONFIGS.items() if list_presets(cls)}
+    assert "tiny_kamim" in listed["pretrain"] and listed["linprobe"] == ["mae", "reference"]
+    assert listed["finetune"] == ["mae"]
 
 
 def test_bad_inputs_print_one_line_and_exit_2(tmp_path, demo, capsys):

@@ -8,6 +8,7 @@ from .datasets import (
     build_dataset,
     build_labelled_splits,
     collate_skip_bad,
+    loader_workers,
 )
 from .demo import demo_photographs, kamim_data_dir, write_demo_folder, write_labelled_demo
 from .images import IMG_EXTENSIONS, ImageLoadError, ensure_rgb, find_images, load_rgb
@@ -32,6 +33,7 @@ __all__ = [
     "find_images",
     "kamim_data_dir",
     "load_rgb",
+    "loader_workers",
     "to_pil_rgb",
     "write_demo_folder",
     "write_labelled_demo",

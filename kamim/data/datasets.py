@@ -8,6 +8,7 @@ it in ``batch["num_skipped"]`` so the training loop can report skips across work
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,9 +32,39 @@ __all__ = [
     "build_dataset",
     "build_labelled_splits",
     "collate_skip_bad",
+    "loader_workers",
 ]
 
 Transform = Callable[[Image.Image], Any]
+
+
+_warned_workers: set[tuple[int, int]] = set()
+
+
+#: loader workers per process when none are asked for (fewer where fewer CPUs are available)
+DEFAULT_LOADER_WORKERS = 4
+
+
+def loader_workers(requested: int | None) -> int:
+    """DataLoader workers for a request of ``requested``: at most the CPUs this process may run on
+    (more only oversubscribe them, and torch warns), with one logged warning per distinct clamp;
+    None: ``min(4, CPUs)``, silently. Every loader kamim builds (pretraining, evaluation, analysis)
+    takes its worker count from here."""
+    from kamim.doctor import available_cpus
+
+    if requested is None:
+        return min(DEFAULT_LOADER_WORKERS, available_cpus())
+    requested = int(requested)
+    if requested < 0:
+        raise ValueError(f"num_workers must be >= 0, got {requested}")
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _warned_workers:
+        _warned_workers.add((requested, cpus))
+        logging.getLogger("kamim").warning("%d loader workers asked for, but only %d CPUs are available: using %d",
+                                           requested, cpus, cpus)
+    return cpus
 
 
 class CorruptImageWarning(UserWarning):

@@ -247,9 +247,9 @@ class _Trainer:
             for path in remove_stale_temp_files(out_dir):
                 log.info("removed %s, left by an interrupted save", path.name)
         kdist.barrier()
-        workers = cfg.data.num_workers
-        from kamim.data import collate_skip_bad
+        from kamim.data import collate_skip_bad, loader_workers
 
+        workers = loader_workers(cfg.data.num_workers)
         self.loader = DataLoader(
             SeededDataset(self.dataset, cfg.run.seed), batch_sampler=self.sampler, num_workers=workers,
             collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",

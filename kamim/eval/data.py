@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from kamim.backbone import check_input_size, to_hw
-from kamim.data import build_labelled_splits, collate_skip_bad
+from kamim.data import build_labelled_splits, collate_skip_bad, loader_workers
 from kamim.data.transforms import harden_auto_augment
 from kamim.distributed import DistInfo
 from kamim.runtime.sampler import ResumableBatchSampler, SeededDataset
@@ -155,7 +155,7 @@ def classification_data(
 
 
 def eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, info: DistInfo
+    dataset: Dataset, batch_size: int, num_workers: int | None, info: DistInfo
 ) -> tuple[DataLoader, Callable[[int, int], list[int]] | None]:
     """Loader over this rank's disjoint shard ``range(rank, N, world)`` in order.
 
@@ -166,8 +166,8 @@ def eval_loader(
     n, world, rank = len(dataset), info.world_size, info.rank
     shard = dataset if world == 1 else Subset(dataset, list(range(rank, n, world)))
     loader = DataLoader(
-        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip_bad,
-        pin_memory=info.device.type == "cuda", persistent_workers=False,
+        shard, batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers),
+        collate_fn=collate_skip_bad, pin_memory=info.device.type == "cuda", persistent_workers=False,
     )
     if world == 1:
         return loader, None
@@ -184,7 +184,7 @@ def eval_loader(
 
 
 def train_loader(
-    dataset: Dataset, global_batch: int, accum_steps: int, info: DistInfo, seed: int, num_workers: int
+    dataset: Dataset, global_batch: int, accum_steps: int, info: DistInfo, seed: int, num_workers: int | None
 ) -> tuple[DataLoader, ResumableBatchSampler]:
     """Deterministic, resumable training loader (``SeededDataset`` + ``ResumableBatchSampler``).
 
@@ -193,15 +193,16 @@ def train_loader(
     sampler = ResumableBatchSampler(
         len(dataset), global_batch, rank=info.rank, world_size=info.world_size, accum_steps=accum_steps, seed=seed
     )
+    workers = loader_workers(num_workers)
     loader = DataLoader(
-        SeededDataset(dataset, seed), batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_skip_bad,
-        pin_memory=info.device.type == "cuda", persistent_workers=num_workers > 0,
+        SeededDataset(dataset, seed), batch_sampler=sampler, num_workers=workers,
+        collate_fn=collate_skip_bad, pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
     )
     return loader, sampler
 
 
 def training_loaders(
-    data: LabelledData, batch_size: int, accum_steps: int, info: DistInfo, seed: int, num_workers: int
+    data: LabelledData, batch_size: int, accum_steps: int, info: DistInfo, seed: int, num_workers: int | None
 ) -> tuple[DataLoader, ResumableBatchSampler, DataLoader]:
     """(train loader, its sampler, val loader): :func:`train_loader` over ``data.train`` and the sharded
     :func:`eval_loader` over ``data.val`` at the per-rank micro-batch size."""

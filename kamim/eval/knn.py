@@ -31,6 +31,7 @@ from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
 from kamim.config import KNNConfig
 from kamim.precision import amp_dtype_of
+from kamim.runtime import write_run_config
 
 from .common import print_table, write_results
 from .data import build_labelled_data, eval_loader
@@ -215,6 +216,8 @@ def _run_knn(cfg: KNNConfig, info) -> dict:
         "layers": layers, "results": rows,
     }
     if is_main_process():
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, Path(cfg.output_dir))  # the run's config first, then its results
         write_results(Path(cfg.output_dir), "knn", rows, summary)
         print_table(rows, title=f"k-NN (T={cfg.temperature}) on {cfg.data}")
     return summary

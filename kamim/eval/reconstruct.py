@@ -37,7 +37,7 @@ from kamim.data import build_dataset
 from kamim.masking import MaskGenerator
 from kamim.models import build_pretrain_model
 from kamim.precision import amp_dtype_of, autocast
-from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint
+from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint, write_run_config
 from kamim.serialization import CheckpointError, atomic_write
 
 from .common import print_table, write_results
@@ -407,6 +407,8 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
                                  "skimage SSIM defaults; psnr_masked: masked pixels only; means over images"}
         if info.is_main:
             out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_run_config(cfg, out)  # the run's config first, then its results
             if cfg.figure_images > 0:
                 fig_path = out / "reconstructions.png"
                 rows_shown = list(range(min(cfg.figure_images, len(data))))
