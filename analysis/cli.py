@@ -37,6 +37,7 @@ from kamim.errors import ArgumentParser, run_command
 
 if TYPE_CHECKING:
     from analysis.pipeline import AnalyzeOutput
+    from kamim.config import ConfigFlags
 
 __all__ = ["PROG", "parse_option", "build_parser", "main"]
 
@@ -95,33 +96,27 @@ def _add_out(p: argparse.ArgumentParser, metavar: str, default: Optional[str] = 
                    help=OVERWRITE_HELP.format(effect="the whole folder is replaced"))
 
 
-def _add_data_out(p: argparse.ArgumentParser, data_metavar: str, data_help: str, *,
-                  out_metavar: str) -> None:
-    """The required ``--data`` image folder and ``--out`` output folder."""
-    p.add_argument("--data", required=True, metavar=data_metavar, help=data_help + _DATA_HELP)
-    _add_out(p, out_metavar)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``run`` and ``paper-figures`` (read back by :func:`_common_kwargs`)."""
-    p.add_argument("--images", type=int, default=None, metavar="N",
-                   help="analyse at most N images per model (default: %(default)s = all)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of image subset, t-SNE, ... "
-                   "(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, metavar="W",
-                   help="data-loading worker processes (default: %(default)s)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="analysis option passed to analysis.runner.run_analyses (repeatable; VALUE is "
-                   "YAML, meanings in analysis.runner.RunOptions), e.g. tsne_samples=500, "
-                   f"similarity_kind=cosine, map_queries=[[1,2]]; keys: {', '.join(CLI_OPTIONS)}")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+def _add_common(f: "ConfigFlags") -> None:
+    """Options shared by ``run`` and ``paper-figures``: each a shorthand of ``--set KEY=VALUE`` of the
+    command's config (:mod:`analysis.settings`), whose dataclass holds the one default."""
+    f.add("--images", type=int, metavar="N", help="analyse at most N images per model (default: all)")
+    f.add("--batch-size", type=int, metavar="B")
+    f.add("--device", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    f.add("--seed", type=int, help="seed of image subset, t-SNE, ...")
+    f.add("--num-workers", "--workers", type=int, metavar="W",
+          help="data-loading worker processes (null: min(4, CPUs)); more than the CPUs are clamped")
+    f.p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="analysis option, a shorthand of --set options.KEY=VALUE (repeatable; VALUE is YAML, "
+                     "meanings in analysis.runner.RunOptions), e.g. tsne_samples=500, similarity_kind=cosine, "
+                     f"map_queries=[[1,2]]; keys: {', '.join(CLI_OPTIONS)}")
+    f.add("--quiet", key="progress", action="store_const", const=False, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kamim-analyze`` argument parser with its ``run``, ``paper-figures``, ``demo`` commands."""
+    from analysis.settings import AnalyzeConfig, PaperFiguresConfig
+    from kamim.config import ConfigFlags
+
     parser = ArgumentParser(prog=PROG, description="Representation analysis of vision transformers "
                      "(attention distance, NMI, CKA, Fourier, t-SNE, ...) with figures and an "
                      "HTML report.")
@@ -132,35 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Analyse any number of models on the images of a folder; "
                          "writes metrics.csv/json, one figure per analysis (PDF+PNG) and "
                          "report.html into OUT_DIR.")
-    run.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
-                     help="model to analyse (repeatable): a checkpoint file of any supported "
-                     "format, a `kamim pretrain` run directory (its encoder.safetensors), a "
-                     "manifest name or a timm model name (random init)")
-    _add_data_out(run, "IMAGE_DIR", "folder of images (class subfolders colour the t-SNE)",
-                  out_metavar="OUT_DIR")
-    run.add_argument("--analyses", default="all", metavar="a,b,...|all",
-                     help=f"comma-separated analyses or 'all' (default); valid: {', '.join(ANALYSES)}")
-    run.add_argument("--image-size", type=int, default=None, metavar="S",
-                     help="evaluate every model at S px (position embeddings resampled); default: "
-                     "each model at its own resolution")
-    _add_common(run)
+    f = ConfigFlags(run, AnalyzeConfig)
+    run.add_argument("--model", action="append", default=None, metavar="NAME=CHECKPOINT",
+                     help="model to analyse (repeatable; a shorthand of --set models.NAME=CHECKPOINT): a "
+                     "checkpoint file of any supported format, a `kamim pretrain` run directory (its "
+                     "encoder.safetensors), a manifest name or a timm model name (random init)")
+    f.add("--data", metavar="IMAGE_DIR", help="folder of images (class subfolders colour the t-SNE)" + _DATA_HELP)
+    _add_out(run, "OUT_DIR")
+    f.add("--analyses", metavar="a,b,...|all",
+          help=f"comma-separated analyses or 'all'; valid: {', '.join(ANALYSES)}")
+    f.add("--image-size", type=int, metavar="S",
+          help="evaluate every model at S px (position embeddings resampled); default: each model at its own "
+          "resolution")
+    _add_common(f)
 
     paper = sub.add_parser("paper-figures", help="reproduce the KAMIM paper's representation figures",
                            description="Reproduce each representation figure of the KAMIM paper "
                            "(attention maps, attention distance, NMI, Fourier, t-SNE, pre/post-"
                            "attention, reconstructions) with the paper's settings; one file per "
                            "figure plus the numbers behind it as CSV.")
-    paper.add_argument("--simmim", required=True, metavar="CKPT", help="SimMIM checkpoint")
-    paper.add_argument("--kamim", required=True, metavar="CKPT", help="KAMIM checkpoint")
-    paper.add_argument("--moco", required=True, metavar="CKPT", help="MoCo v3 checkpoint")
-    _add_data_out(paper, "VAL_DIR", "validation images (the paper: Imagenette val, class "
-                  "subfolders)", out_metavar="OUT")
-    paper.add_argument("--mim-image-size", type=int, default=None, metavar="S",
-                       help="resolution of the MIM models (default: the paper's 192 px)")
-    paper.add_argument("--moco-image-size", type=int, default=None, metavar="S",
-                       help="resolution of MoCo v3 (default: its own, 224 px for the released "
-                       "ViT-B/16, so that no image is resized twice)")
-    _add_common(paper)
+    f = ConfigFlags(paper, PaperFiguresConfig)
+    ckpt = ("checkpoint: a file of any supported format or a `kamim pretrain` run directory (its "
+            "checkpoint-last.pt, with the decoder, also gives the reconstructions figure)")
+    f.add("--simmim", metavar="CKPT", help="SimMIM " + ckpt)
+    f.add("--kamim", metavar="CKPT", help="KAMIM " + ckpt)
+    f.add("--moco", metavar="CKPT", help="MoCo v3 checkpoint")
+    f.add("--data", metavar="VAL_DIR", help="validation images (the paper: Imagenette val, class subfolders)"
+          + _DATA_HELP)
+    _add_out(paper, "OUT")
+    f.add("--mim-image-size", type=int, metavar="S", help="resolution of the MIM models (default: the paper's 192 px)")
+    f.add("--moco-image-size", type=int, metavar="S",
+          help="resolution of MoCo v3 (default: its own, 224 px for the released ViT-B/16, so that no image is "
+          "resized twice)")
+    _add_common(f)
 
     demo = sub.add_parser("demo", help="offline demo: pretrain tiny models, analyse them",
                           description="Offline demo on a fresh machine: pretrains tiny SimMIM, "
@@ -176,12 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of the options every analysing command shares (:func:`_add_common`)."""
-    return {"images": args.images, "batch_size": args.batch_size, "device": resolve_device(args.device),
-            "seed": args.seed, "workers": args.workers, "progress": not args.quiet,
-            "overwrite": args.overwrite,
-            "options": dict(parse_option(o) for o in args.option)}
+def _config(args: argparse.Namespace, **values: Any) -> Any:
+    """The command's validated config (:mod:`analysis.settings`): defaults < ``--config`` < the flags
+    (``--option KEY=VALUE`` = ``--set options.KEY=VALUE``) < ``--set``; checked before torch is imported."""
+    from kamim.config import parsed_config
+
+    for text in args.option:
+        key, value = parse_option(text)
+        values[f"options.{key}"] = value
+    cfg = parsed_config(args, **values)
+    unknown = sorted(set(cfg.options) - set(CLI_OPTIONS))
+    if unknown:
+        from analysis.pipeline import UsageError
+
+        raise UsageError(f"unknown analysis option {', '.join(unknown)}; valid: {', '.join(CLI_OPTIONS)}")
+    return cfg
+
+
+def _common_kwargs(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every analysing command shares, from its config."""
+    return {"images": cfg.images, "batch_size": cfg.batch_size, "device": resolve_device(cfg.device),
+            "seed": cfg.seed, "workers": cfg.num_workers, "progress": cfg.progress,
+            "overwrite": args.overwrite, "options": dict(cfg.options), "config": cfg}
 
 
 def _print_summary(out: AnalyzeOutput) -> None:
@@ -196,22 +211,25 @@ def _print_summary(out: AnalyzeOutput) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from analysis.pipeline import analyze, models_from_specs, parse_model_spec
+    from analysis.pipeline import models_from_specs, parse_model_spec
 
-    models = models_from_specs([parse_model_spec(m) for m in args.model])
-    res = analyze(models, resolve_data(args.data), args.out, analyses=args.analyses,
-                  image_size=args.image_size, **_common_kwargs(args))
+    models = models_from_specs([parse_model_spec(m) for m in args.model]) if args.model else None
+    cfg = _config(args, **({"models": models} if models else {}))
+    from analysis.pipeline import analyze
+
+    res = analyze(cfg.models, resolve_data(cfg.data), args.out, analyses=cfg.analyses,
+                  image_size=cfg.image_size, **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 
 
 def _cmd_paper(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from analysis.paper import reproduce_paper_figures
 
     out = reproduce_paper_figures(
-        {"SimMIM": args.simmim, "KAMIM": args.kamim, "MoCo v3": args.moco}, resolve_data(args.data), args.out,
-        mim_image_size=args.mim_image_size, moco_image_size=args.moco_image_size,
-        **_common_kwargs(args))
+        {"SimMIM": cfg.simmim, "KAMIM": cfg.kamim, "MoCo v3": cfg.moco}, resolve_data(cfg.data), args.out,
+        mim_image_size=cfg.mim_image_size, moco_image_size=cfg.moco_image_size, **_common_kwargs(cfg, args))
     _print_summary(out)
     return 0
 

@@ -179,7 +179,7 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
                             moco_image_size: Optional[int] = None, map_images: int = 1,
                             progress: bool = True, notes: tuple[str, ...] = (),
                             options: Optional[Mapping[str, Any]] = None,
-                            overwrite: bool = False) -> AnalyzeOutput:
+                            overwrite: bool = False, config: Any = None) -> AnalyzeOutput:
     """Write every paper figure for ``checkpoints`` (``{"SimMIM": .., "KAMIM": .., "MoCo v3": ..}``).
 
     Returns :class:`analysis.pipeline.AnalyzeOutput`. ``mim_image_size`` defaults to 192 px,
@@ -220,7 +220,7 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
         progress=progress, notes=notes, title="KAMIM paper figures",
         figure_names=PAPER_FIGURES, options={"tsne_color": "class", **dict(options or {})},
         model_options=model_options, cross_cka=False, extra=extra,
-        command="kamim-analyze paper-figures", overwrite=overwrite)
+        command="kamim-analyze paper-figures", overwrite=overwrite, config=config)
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

@@ -332,7 +332,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             options: Optional[Mapping[str, Any]] = None,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
             cross_cka: bool = True, extra: Optional[ExtraStep] = None,
-            command: str = "kamim-analyze run", overwrite: bool = False) -> AnalyzeOutput:
+            command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -348,6 +348,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             between the layers of every pair of models (figure ``cross_cka``).
         extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
             before the report is written (used by the paper figures); it may append to ``notes``.
+        config: the command's resolved config (:mod:`analysis.settings`), written as ``config.yaml``
+            with the results: ``--config OUT/config.yaml`` reruns the analysis.
 
     Everything is written into a temporary folder that replaces ``out`` at the end; on any error
     ``out`` is left untouched. ``out`` must be new, empty or an earlier output of ``command``
@@ -396,6 +398,10 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     torch.manual_seed(seed)
     figure_names = dict(figure_names or {})
     with staged_output(out, command, overwrite) as staging:
+        if config is not None:
+            from kamim.config import dump_config
+
+            dump_config(config, staging / "config.yaml")
         results: dict[str, Any] = {}
         for name, enc in loaded.items():
             loader, dataset = make_loader(data, enc.image_size, images=images,

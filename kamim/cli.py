@@ -14,14 +14,16 @@ argument errors are fast. Run multi-GPU with ``torchrun --nproc_per_node N -m ka
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from kamim.errors import ArgumentParser, run_command
+
+if TYPE_CHECKING:
+    from kamim.config import ConfigFlags
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
@@ -116,9 +118,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = _pretrain_config(args)  # refused before torch is imported
     from kamim.engine.pretrain import ENCODER_FILE, pretrain
 
-    cfg = _pretrain_config(args)
     ckpt = pretrain(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     if _is_main():
         print(f"checkpoint: {ckpt}")
@@ -129,7 +131,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from kamim.engine.sweep_grid import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
+    from kamim.config import SWEEP_EVAL_METHODS, SweepEval, field_help
+    from kamim.experiments.sweep_grid import PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 
     p = sub.add_parser(
         "sweep", help="KAMIM grid over detectors x weight patch sizes x temperatures",
@@ -153,26 +156,26 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision "
                         "dataset, demo-photos or demo-digits (enables evaluation)")
     g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=None, metavar="M1,M2",
-                   help=f"evaluations, some of {','.join(EVAL_METHODS)}; the first sorts the table "
+                   help=f"evaluations, some of {','.join(SWEEP_EVAL_METHODS)}; the first sorts the table "
                         "(default: knn)")
-    g.add_argument("--eval-layer", default="default", metavar="LAYER",
-                   help="one layer: " + LAYERS_HELP)
-    g.add_argument("--eval-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=128, help="default: %(default)s")
-    g.add_argument("--linprobe-epochs", type=int, default=10, help="linear probe epochs (default: %(default)s)")
+    # "not given": SweepEval holds the defaults (shown from there)
+    g.add_argument("--eval-layer", default=None, metavar="LAYER", help=field_help(SweepEval, "layer", "one layer: " + LAYERS_HELP))
+    g.add_argument("--eval-k", type=int, default=None, help=field_help(SweepEval, "k", "k-NN neighbours"))
+    g.add_argument("--eval-batch-size", type=int, default=None, help=field_help(SweepEval, "batch_size"))
+    g.add_argument("--linprobe-epochs", type=int, default=None, help=field_help(SweepEval, "linprobe_epochs", "linear probe epochs"))
     p.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from kamim.engine.sweep import SweepEval, result_fields, sort_by_metric, sweep
+    cfg = _pretrain_config(args)  # refused before torch is imported
+    from kamim.config import SweepEval
+    from kamim.experiments.sweep import result_fields, sort_by_metric, sweep
 
-    cfg = _pretrain_config(args)
     evaluation = None
     if args.eval_data is not None:
-        evaluation = SweepEval(
-            data=args.eval_data, methods=tuple(args.eval_methods or ["knn"]), layer=args.eval_layer, k=args.eval_k,
-            batch_size=args.eval_batch_size, linprobe_epochs=args.linprobe_epochs,
-        ).validate()
+        given = {"methods": tuple(args.eval_methods) if args.eval_methods else None, "layer": args.eval_layer,
+                 "k": args.eval_k, "batch_size": args.eval_batch_size, "linprobe_epochs": args.linprobe_epochs}
+        evaluation = SweepEval(data=args.eval_data, **{k: v for k, v in given.items() if v is not None}).validate()
     elif args.eval_methods is not None:  # checked before the grid is trained
         raise ValueError("--eval needs --eval-data (labelled data to evaluate each run's encoder on)")
     rows = sweep(cfg, args.data, args.out, detectors=args.detectors, weight_patch_sizes=args.weight_patch_sizes,
@@ -224,40 +227,7 @@ def _labelled_data(text: str) -> str:
     return text
 
 
-class _ConfigFlags:
-    """The flags of a command's config dataclass ``cls``. Each flag is a shorthand of ``--set KEY=VALUE``:
-    its argparse default is None ("not given"), so the dataclass is the only place a default is
-    written (shown in the help from there). Precedence: defaults < ``--config`` < flags < ``--set``."""
-
-    def __init__(self, p: argparse.ArgumentParser, cls: type) -> None:
-        from kamim.config import add_config_arguments
-
-        self.p, self.cls, self.keys = p, cls, {}
-        add_config_arguments(p, cls)
-        p.set_defaults(config_cls=cls, config_flags=self.keys)
-
-    def add(self, *names: str, key: str | None = None, help: str = "", group=None, **kw) -> None:
-        from kamim.config import field_help
-
-        key = key or names[0].lstrip("-").replace("-", "_")
-        dest = key.replace(".", "__")
-        switch = kw.get("action") in ("store_const", argparse.BooleanOptionalAction)
-        if not switch and "choices" not in kw:
-            kw.setdefault("metavar", names[0].lstrip("-").replace("-", "_").upper())
-        text = help if kw.get("action") == "store_const" else field_help(self.cls, key, help)
-        (group or self.p).add_argument(*names, dest=dest, default=None, help=text, **kw)
-        self.keys[dest] = key
-
-
-def _command_config(args: argparse.Namespace, **values):
-    """The validated config of the command: dataclass defaults < ``--config`` < the flags given (and
-    ``values``: dotted key -> value) < ``--set``. One-line ``ConfigError`` for a bad key or value."""
-    from kamim.config import config_from_args
-
-    return config_from_args(args.config_cls, args, args.config_flags, values)
-
-
-def _add_eval_arguments(f: _ConfigFlags) -> None:
+def _add_eval_arguments(f: "ConfigFlags") -> None:
     """Arguments shared by linprobe / finetune / knn: encoder, data, run directory, execution."""
     f.add("--checkpoint", metavar="SOURCE",
           help="encoder: checkpoint file in any supported format (e.g. a kamim pretrain run's "
@@ -275,7 +245,7 @@ def _add_eval_arguments(f: _ConfigFlags) -> None:
     _add_execution_arguments(f, "global batch size")
 
 
-def _add_execution_arguments(f: _ConfigFlags, batch_help: str) -> None:
+def _add_execution_arguments(f: "ConfigFlags", batch_help: str) -> None:
     """Batch size, loader workers, device, autocast and progress bars (every evaluation command)."""
     f.add("--batch-size", type=int, help=batch_help)
     f.add("--num-workers", type=int,
@@ -285,7 +255,7 @@ def _add_execution_arguments(f: _ConfigFlags, batch_help: str) -> None:
     f.add("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
 
 
-def _add_training_arguments(f: _ConfigFlags) -> None:
+def _add_training_arguments(f: "ConfigFlags") -> None:
     f.add("--epochs", type=int)
     f.add("--warmup-epochs", type=int)
     f.add("--accum-steps", type=int, help="gradient accumulation steps")
@@ -300,11 +270,13 @@ def _add_training_arguments(f: _ConfigFlags) -> None:
 
 def _eval_config(args: argparse.Namespace):
     """An evaluation config: ``--out`` is its ``output_dir``, ``--overwrite`` its ``overwrite``."""
-    return _command_config(args, output_dir=str(args.out), **({"overwrite": True} if args.overwrite else {}))
+    from kamim.config import parsed_config
+
+    return parsed_config(args, output_dir=str(args.out), **({"overwrite": True} if args.overwrite else {}))
 
 
 def _add_linprobe(sub: argparse._SubParsersAction) -> None:
-    from kamim.config import LinprobeConfig, linprobe_recipes
+    from kamim.config import ConfigFlags, LinprobeConfig, linprobe_recipes
 
     p = sub.add_parser(
         "linprobe", help="linear probing of a frozen encoder at one or every layer",
@@ -312,7 +284,7 @@ def _add_linprobe(sub: argparse._SubParsersAction) -> None:
                     "writes RUN_DIR/linprobe.json + linprobe.csv (accuracy per layer per epoch) and config.yaml "
                     "(rerun with --config RUN_DIR/config.yaml). Recipes: --config reference or --config mae.",
     )
-    f = _ConfigFlags(p, LinprobeConfig)
+    f = ConfigFlags(p, LinprobeConfig)
     _add_eval_arguments(f)
     _add_training_arguments(f)
     f.add("--layers", metavar="SPEC", help=LAYERS_HELP + "; e.g. 8 or 1,4,8 or stage:3")
@@ -338,7 +310,7 @@ def _cmd_linprobe(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from kamim.config import FinetuneConfig
+    from kamim.config import ConfigFlags, FinetuneConfig
 
     p = sub.add_parser(
         "finetune", help="finetune an encoder for classification (layer decay, mixup/cutmix, EMA)",
@@ -346,7 +318,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                     "RUN_DIR/checkpoint-best.pt, checkpoint-last.pt, finetune.json + finetune.csv (top-1/top-5 "
                     "per epoch) and config.yaml.",
     )
-    f = _ConfigFlags(p, FinetuneConfig)
+    f = ConfigFlags(p, FinetuneConfig)
     _add_eval_arguments(f)
     _add_training_arguments(f)
     f.add("--pool", choices=("avg", "cls"), help="avg: patch-token average (reference head); cls: class token")
@@ -374,14 +346,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_knn(sub: argparse._SubParsersAction) -> None:
-    from kamim.config import KNNConfig
+    from kamim.config import ConfigFlags, KNNConfig
 
     p = sub.add_parser(
         "knn", help="weighted k-NN classification of frozen features (DINO protocol)",
         description="Extract train/val features of the chosen layers once and classify val by weighted k-NN; "
                     "writes RUN_DIR/knn.json + knn.csv and config.yaml. k larger than the train set is clamped.",
     )
-    f = _ConfigFlags(p, KNNConfig)
+    f = ConfigFlags(p, KNNConfig)
     _add_eval_arguments(f)
     f.add("--layers", metavar="SPEC", help=LAYERS_HELP + "; e.g. 8 or 1,4,8")
     f.add("--pool", choices=("avg", "cls"), help="avg: patch-token average; cls: the class token")
@@ -402,14 +374,14 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
-    from kamim.config import ReconstructConfig
+    from kamim.config import ConfigFlags, ReconstructConfig
 
     p = sub.add_parser(
         "reconstruct", help="PSNR/SSIM of SimMIM/KAMIM reconstructions and a comparison figure",
         description="Score one or more pretraining checkpoints on the same images and masks; writes "
                     "RUN_DIR/reconstruct.json + reconstruct.csv, reconstructions.png and config.yaml.",
     )
-    f = _ConfigFlags(p, ReconstructConfig)
+    f = ConfigFlags(p, ReconstructConfig)
     f.add("--checkpoints", nargs="+", metavar="[NAME=]RUN_DIR|CKPT",
           help="kamim pretrain run directories or checkpoint files (names default to the run directory)")
     f.add("--data", metavar="PATH", help="image folder, NAME:ROOT torchvision dataset or demo")

@@ -41,8 +41,9 @@ __all__ = [
     "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff",
     "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
     "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
-    "field_help", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
-    "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS", "COMMAND_CONFIGS",
+    "field_help", "ConfigFlags", "parsed_config", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
+    "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS", "COMMAND_CONFIGS", "SweepEval",
+    "SWEEP_EVAL_METHODS",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -663,6 +664,34 @@ def config_from_args(cls: type[T], args: argparse.Namespace, flags: Mapping[str,
             from None
 
 
+class ConfigFlags:
+    """The flags of a command's config dataclass ``cls``. Each flag is a shorthand of ``--set KEY=VALUE``:
+    its argparse default is None ("not given"), so the dataclass is the only place a default is
+    written (shown in the help from there). Precedence: defaults < ``--config`` < flags < ``--set``."""
+
+    def __init__(self, p: argparse.ArgumentParser, cls: type, *, config_required: bool = False) -> None:
+        self.p, self.cls, self.keys = p, cls, {}
+        add_config_arguments(p, cls, required=config_required)
+        p.set_defaults(config_cls=cls, config_flags=self.keys)
+
+    def add(self, *names: str, key: str | None = None, help: str = "", group=None, **kw) -> None:
+        key = key or names[0].lstrip("-").replace("-", "_")
+        dest = key.replace(".", "__")
+        switch = kw.get("action") in ("store_const", argparse.BooleanOptionalAction)
+        if not switch and "choices" not in kw:
+            kw.setdefault("metavar", names[0].lstrip("-").replace("-", "_").upper())
+        text = help if kw.get("action") == "store_const" else field_help(self.cls, key, help)
+        (group or self.p).add_argument(*names, dest=dest, default=None, help=text, **kw)
+        self.keys[dest] = key
+
+
+def parsed_config(args: argparse.Namespace, **values: Any) -> Any:
+    """The validated config of a command whose parser was built with :class:`ConfigFlags`: dataclass
+    defaults < ``--config`` < the flags given (and ``values``: dotted key -> value, what the command
+    sets itself) < ``--set``. One-line ``ConfigError`` for a bad key or value."""
+    return config_from_args(args.config_cls, args, args.config_flags, values)
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -739,7 +768,7 @@ def _validate(cfg: Config) -> None:
     k = cfg.kamim
     _check_choice("kamim.detector", k.detector, _known("kamim.keypoints", "DETECTORS", _DEFAULT_DETECTORS))
     _check_choice("kamim.render", k.render, _known("kamim.keypoints", "RENDERS", _DEFAULT_RENDERS))
-    _check_choice("kamim.normalize", k.normalize, _known("kamim.loss", "NORMALIZE_MODES", LOSS_NORMALIZE))
+    _check_choice("kamim.normalize", k.normalize, LOSS_NORMALIZE)
     if k.weight_patch_size <= 0 or img % k.weight_patch_size:
         raise ConfigError(
             f"kamim.weight_patch_size={k.weight_patch_size} must divide model.img_size={img}"
@@ -1089,3 +1118,51 @@ COMMAND_CONFIGS: dict[str, type] = {
     "pretrain": Config, "linprobe": LinprobeConfig, "finetune": FinetuneConfig, "knn": KNNConfig,
     "reconstruct": ReconstructConfig,
 }
+
+
+#: the evaluations the sweep can run on each grid point's encoder
+SWEEP_EVAL_METHODS = ("knn", "linprobe")
+
+
+@dataclass
+class SweepEval:
+    """How each sweep run's encoder is evaluated on labelled data.
+
+    ``data``: anything :func:`kamim.data.build_labelled_splits` accepts (a folder with ``train/``
+    and ``val/`` class folders, ``NAME:ROOT``, ``demo-photos``, ``demo-digits``). ``layer``: a
+    single layer spec (``"default"`` = the reference probing layer, ``"last"``, or a 1-based block
+    index). Device, autocast, loader workers and seed come from the pretraining config.
+    """
+
+    data: str
+    methods: tuple[str, ...] = ("knn",)
+    layer: int | str = "default"
+    pool: str = "avg"
+    batch_size: int = 128
+    k: int = 20
+    knn_temperature: float = 0.07
+    linprobe_epochs: int = 10
+    linprobe_recipe: str = "reference"
+
+    def validate(self) -> "SweepEval":
+        """Check every value (one-line ValueError naming it); returns self."""
+        methods = tuple(self.methods)
+        bad = [m for m in methods if m not in SWEEP_EVAL_METHODS]
+        if bad or not methods:
+            raise ValueError(f"eval method(s) {bad or list(methods)} not valid; expected some of {', '.join(SWEEP_EVAL_METHODS)}")
+        self.methods = tuple(dict.fromkeys(methods))
+        if self.pool not in ("avg", "cls"):
+            raise ValueError(f"eval pool {self.pool!r} is not valid; expected avg or cls")
+        for name in ("batch_size", "k", "linprobe_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"eval knn_temperature must be > 0, got {self.knn_temperature}")
+        recipes = linprobe_recipes()
+        if self.linprobe_recipe not in recipes:
+            raise ValueError(f"linprobe recipe {self.linprobe_recipe!r} is not valid; expected one of {', '.join(recipes)}")
+        return self
+
+    def metric(self, method: str) -> str:
+        """Table column of ``method``'s top-1 accuracy (a fraction in [0, 1])."""
+        return f"{method}_top1"

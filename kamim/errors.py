@@ -22,6 +22,7 @@ import errno
 import os
 import re
 import sys
+import textwrap
 from typing import Any, Callable, NoReturn, Optional
 
 __all__ = ["USER_ERRORS", "ArgumentParser", "debug_enabled", "exit_code", "format_error", "run_command"]
@@ -36,12 +37,25 @@ _TORCH_WRITE_FAILURE = re.compile(r"enforce fail at inline_container|basic_ios::
                                   r"file write failed")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but a line never breaks inside a hyphenated name (``attention-distance``,
+    ``demo-photos``), so that names in ``--help`` can be copied and searched for."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line ``PROG: error: ...`` (exit 2).
 
     ``PROG`` is the tool's name, also for a subcommand's parser; pass ``parser_class=`` this class
-    to ``add_subparsers`` so that every subcommand gets it.
+    to ``add_subparsers`` so that every subcommand gets it. Help lines do not break inside
+    hyphenated names (:class:`HelpFormatter`).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from kamim.config import LOSS_NORMALIZE
+
 __all__ = ["reconstruction_loss", "NORMALIZE_MODES"]
 
-NORMALIZE_MODES = ("mask", "weight")
+NORMALIZE_MODES = LOSS_NORMALIZE  # the config's names (kamim.config, torch-free)
 _EPS = 1e-5  # SimMIM / KAMIM reference
 
 

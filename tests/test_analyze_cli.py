@@ -149,11 +149,11 @@ def _bad_cases(assets, tmp_path):
         "empty folder": (["--data", str(empty), *good], r"--data: no image files .* found"),
         "imageless folder": (["--data", str(textonly), *good], r"--data: no image files"),
         "missing folder": (["--data", str(tmp_path / "nowhere"), *good], r"image folder not found"),
-        "zero images": ([*data, *good, "--images", "0"], r"--images must be >= 1, got 0"),
+        "zero images": ([*data, *good, "--images", "0"], r"^kamim-analyze: error: images must be >= 1 \(or null: all\), got 0$"),
         "non-square grid": ([*data, "--model", f"R={assets['rect']}", "--analyses", "fourier"],
                             r"model R: Fourier analysis needs a square token grid, got 4x6"),
         "unknown option": ([*data, *good, "--analyses", "nmi", "--option", "colour=red"],
-                           r"model A: unknown option\(s\) colour"),
+                           r"unknown analysis option colour; valid: similarity_kind, cka_pool"),
         "duplicate model names": ([*data, *good, "--model", f"A={assets['b']}"],
                                   r"model names must be unique, repeated: A"),
         "image size not a multiple of the patch": ([*data, *good, "--image-size", "36"],
@@ -233,18 +233,19 @@ def test_failed_run_leaves_existing_output_untouched(assets, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("previous results")
     rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--data", assets["data"], "--out", out,
-                       "--analyses", "nmi", "--option", "batch_size=0", "--quiet", "--overwrite"], capsys)
-    assert rc == 2 and "batch_size must be a positive int" in err
+                       "--analyses", "nmi", "--option", "tsne_samples=0", "--quiet", "--overwrite"], capsys)
+    assert rc == 2 and "option tsne_samples must be a positive int" in err  # refused by the runner
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     _no_leftovers(tmp_path)
 
 
 def test_argparse_errors_are_one_line_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["run", "--data", "x", "--out", "y"])
-    assert exc.value.code == 2
+    assert cli.main(["run", "--data", "x", "--out", "y"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["kamim-analyze: error: the following arguments are required: --model"]
+    assert err == ["kamim-analyze: error: no models: give --model NAME=CHECKPOINT (or models: {NAME: CHECKPOINT})"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--bogus"])
+    assert exc.value.code == 2
     if not torch.cuda.is_available():
         assert cli.main(["run", "--model", "A=test_vit", "--data", ".", "--out", "o",
                          "--device", "cuda"]) == 2

@@ -16,6 +16,7 @@ import pytest
 
 from analysis import cli as analyze_cli
 from kamim import cli as kamim_cli
+from analysis.settings import ANALYZE_CONFIGS
 from kamim.config import COMMAND_CONFIGS, field_default
 from kamim.data import loader_workers
 from kamim.doctor import available_cpus
@@ -194,8 +195,6 @@ def test_bugs_and_debug_keep_the_traceback(prog, monkeypatch):
     (kamim_cli.main, ["pretrain"], "kamim: error: the following arguments are required: --config, --out"),
     (kamim_cli.main, ["pretrian"], "kamim: error: argument COMMAND: invalid choice: 'pretrian'"),
     (kamim_cli.main, ["knn", "--k", "a,b"], "kamim: error: argument --k: expected a comma-separated list of int"),
-    (analyze_cli.main, ["run", "--data", "x", "--out", "y"],
-     "kamim-analyze: error: the following arguments are required: --model"),
     (analyze_cli.main, ["paper-figures", "--bogus"], "kamim-analyze: error: "),
 ])
 def test_argument_errors_are_one_line(main, argv, expected, capsys):
@@ -221,7 +220,8 @@ def test_device_defaults_to_auto_in_both_tools():
         assert _default(kamim_cli.build_parser(), command, "device") is None  # not given: the config's
         assert field_default(COMMAND_CONFIGS[command], "device") == "auto"
     for command in ("run", "paper-figures"):
-        assert _default(analyze_cli.build_parser(), command, "device") == "auto"
+        assert _default(analyze_cli.build_parser(), command, "device") is None
+        assert field_default(ANALYZE_CONFIGS[command], "device") == "auto"
     assert analyze_cli.resolve_device("auto") in ("cpu", "cuda")
     assert analyze_cli.resolve_device("cuda:1") == "cuda:1"
 

@@ -21,7 +21,7 @@ A kamim module imports only modules of its own rank or lower (same-rank siblings
 never ``analysis``. The analysis core (every analysis module but the recipes) imports from kamim only
 the method (keypoint figures), ``kamim.backbone`` and the support modules ``kamim.serialization``
 (atomic CSV/JSON/figure writes) and ``kamim.precision`` (the one autocast);
-the recipes (analysis.pipeline, paper, demo, cli) only the public surface ``from kamim import NAME``
+the recipes (analysis.pipeline, paper, demo, cli, settings) only the public surface ``from kamim import NAME``
 (NAME in ``kamim.__all__``), kamim.backbone and support modules. SHIMS are pure re-export modules
 left at an old path until the lead repoints their importers; they are checked to hold no code.
 """
@@ -41,7 +41,7 @@ LAYERS = {  # prefix -> (rank, layer)
 FACADE = "kamim"
 SUPPORT = {f"kamim.{m}" for m in ("errors", "serialization", "outputs", "distributed", "interrupt", "precision",
                                   "metrics_log", "config", "optim", "doctor")}
-ANALYSIS_RECIPES = {"analysis.pipeline", "analysis.paper", "analysis.demo", "analysis.cli"}
+ANALYSIS_RECIPES = {"analysis.pipeline", "analysis.paper", "analysis.demo", "analysis.cli", "analysis.settings"}
 ANALYSIS_CORE_ALLOWED = {"kamim.keypoints", "kamim.weights", "kamim.backbone", "kamim.serialization",
                          "kamim.precision"}
 SHIMS = {"kamim.engine.sweep", "kamim.engine.sweep_grid", "kamim.engine.sampler"}

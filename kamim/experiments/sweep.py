@@ -28,12 +28,11 @@ import io
 import itertools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kamim import distributed as kdist
-from kamim.config import RESUME_SAFE_KEYS, Config, ConfigError, config_diff, to_dict
+from kamim.config import RESUME_SAFE_KEYS, Config, ConfigError, SweepEval, config_diff, to_dict
 from kamim.experiments.sweep_grid import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 from kamim.outputs import check_output_dir, mark_output_dir
 from kamim.serialization import atomic_write_json, atomic_write_text
@@ -54,52 +53,6 @@ COMMAND = "kamim sweep"  # the writer recorded in a sweep directory (kamim.outpu
 
 # What must match for a finished run to be reused: everything but execution details.
 _REUSE_IGNORE = RESUME_SAFE_KEYS - {"run.max_steps"}
-
-
-@dataclass
-class SweepEval:
-    """How each sweep run's encoder is evaluated on labelled data.
-
-    ``data``: anything :func:`kamim.data.build_labelled_splits` accepts (a folder with ``train/``
-    and ``val/`` class folders, ``NAME:ROOT``, ``demo-photos``, ``demo-digits``). ``layer``: a
-    single layer spec (``"default"`` = the reference probing layer, ``"last"``, or a 1-based block
-    index). Device, autocast, loader workers and seed come from the pretraining config.
-    """
-
-    data: str
-    methods: tuple[str, ...] = ("knn",)
-    layer: int | str = "default"
-    pool: str = "avg"
-    batch_size: int = 128
-    k: int = 20
-    knn_temperature: float = 0.07
-    linprobe_epochs: int = 10
-    linprobe_recipe: str = "reference"
-
-    def validate(self) -> "SweepEval":
-        """Check every value (one-line ValueError naming it); returns self."""
-        methods = tuple(self.methods)
-        bad = [m for m in methods if m not in EVAL_METHODS]
-        if bad or not methods:
-            raise ValueError(f"eval method(s) {bad or list(methods)} not valid; expected some of {', '.join(EVAL_METHODS)}")
-        self.methods = tuple(dict.fromkeys(methods))
-        if self.pool not in ("avg", "cls"):
-            raise ValueError(f"eval pool {self.pool!r} is not valid; expected avg or cls")
-        for name in ("batch_size", "k", "linprobe_epochs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
-        if not self.knn_temperature > 0:
-            raise ValueError(f"eval knn_temperature must be > 0, got {self.knn_temperature}")
-        from kamim.config import linprobe_recipes
-
-        recipes = linprobe_recipes()
-        if self.linprobe_recipe not in recipes:
-            raise ValueError(f"linprobe recipe {self.linprobe_recipe!r} is not valid; expected one of {', '.join(recipes)}")
-        return self
-
-    def metric(self, method: str) -> str:
-        """Table column of ``method``'s top-1 accuracy (a fraction in [0, 1])."""
-        return f"{method}_top1"
 
 
 def sweep_run_name(detector: str, weight_patch_size: int, temperature: float) -> str:

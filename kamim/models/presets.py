@@ -9,10 +9,12 @@ with ``timm.create_model(spec["model_name"], **spec["kwargs"])``.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch.nn as nn
+from kamim.config import METHODS
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 __all__ = ["PRESETS", "METHODS", "create_encoder", "preset"]
 
@@ -50,7 +52,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-METHODS = ("simmim", "kamim", "moco")
 
 
 def preset(arch: str) -> dict[str, Any]:
@@ -73,6 +74,8 @@ def create_encoder(arch: str, img_size: int | None = None, **overrides: Any) -> 
     if kwargs.get("pretrained"):
         raise ValueError("pretrained weights are never downloaded; use kamim.checkpoints.load_encoder instead")
     kwargs.pop("pretrained", None)
+    import timm  # here, so that the preset table is readable without torch (config validation, --help)
+
     model = timm.create_model(spec_preset["model_name"], pretrained=False, **kwargs)
     # Tuples become lists in YAML/JSON configs; store lists so the spec round-trips through them unchanged.
     spec_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}

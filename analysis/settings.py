@@ -1,0 +1,87 @@
+"""The configs of ``kamim-analyze run`` and ``kamim-analyze paper-figures`` (torch-free).
+
+They load like every kamim command's config (:func:`kamim.config.load_command_config`): dataclass
+defaults, then ``--config FILE`` (e.g. an earlier run's ``OUT/config.yaml``), then the flags given,
+then ``--set KEY=VALUE``. ``--option KEY=VALUE`` is a shorthand of ``--set options.KEY=VALUE``; the
+analysis options themselves (:class:`analysis.runner.RunOptions`) are checked by the runner. Each
+run writes its resolved config as ``config.yaml`` into its output folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from kamim.config import ConfigError
+
+__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "ANALYZE_CONFIGS"]
+
+
+def _check_common(cfg: Any) -> None:
+    if cfg.images is not None and cfg.images < 1:
+        raise ConfigError(f"images must be >= 1 (or null: all), got {cfg.images}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0 (or null: min(4, CPUs)), got {cfg.num_workers}")
+    if not isinstance(cfg.options, dict):
+        raise ConfigError(f"options must be a mapping of analysis options, got {cfg.options!r}")
+
+
+@dataclass
+class AnalyzeConfig:
+    """``kamim-analyze run``: any number of models on the images of one folder."""
+
+    COMMAND: ClassVar[str] = "kamim-analyze run"
+
+    data: str  # image folder, or demo / demo-photos / demo-digits
+    models: dict = field(default_factory=dict)  # name -> checkpoint (file, run directory, manifest or timm name)
+    analyses: Any = "all"  # "all" or a list of analysis names
+    image_size: Optional[int] = None  # every model at this size; null: each at its own
+    images: Optional[int] = None  # at most this many images per model; null: all
+    batch_size: int = 32
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+    seed: int = 0  # image subset, t-SNE, ...
+    num_workers: Optional[int] = 0  # loader workers; null: min(4, CPUs available)
+    progress: bool = True
+    options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
+
+    def validate(self) -> "AnalyzeConfig":
+        if not self.models:
+            raise ConfigError("no models: give --model NAME=CHECKPOINT (or models: {NAME: CHECKPOINT})")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
+        _check_common(self)
+        return self
+
+
+@dataclass
+class PaperFiguresConfig:
+    """``kamim-analyze paper-figures``: the KAMIM paper's representation figures."""
+
+    COMMAND: ClassVar[str] = "kamim-analyze paper-figures"
+
+    simmim: str  # SimMIM checkpoint (a pretraining run or checkpoint-last.pt also gives reconstructions)
+    kamim: str  # KAMIM checkpoint
+    moco: str  # MoCo v3 checkpoint
+    data: str  # validation images (the paper: Imagenette val)
+    mim_image_size: Optional[int] = None  # null: the paper's 192 px
+    moco_image_size: Optional[int] = None  # null: the checkpoint's own (224 px for the released ViT-B/16)
+    images: Optional[int] = None
+    batch_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    num_workers: Optional[int] = 0
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> "PaperFiguresConfig":
+        for name in ("mim_image_size", "moco_image_size"):
+            v = getattr(self, name)
+            if v is not None and v < 16:
+                raise ConfigError(f"{name} must be at least 16 px (or null), got {v}")
+        _check_common(self)
+        return self
+
+
+#: command -> its config dataclass
+ANALYZE_CONFIGS: dict[str, type] = {"run": AnalyzeConfig, "paper-figures": PaperFiguresConfig}
