@@ -131,55 +131,48 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from kamim.config import SWEEP_EVAL_METHODS, SweepEval, field_help
-    from kamim.experiments.sweep_grid import PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
+    from kamim.config import SWEEP_EVAL_METHODS, Config, ConfigFlags
 
     p = sub.add_parser(
         "sweep", help="KAMIM grid over detectors x weight patch sizes x temperatures",
         description="One run directory per grid point under OUT (finished points are reused, interrupted "
-                    "ones resumed) and a results table OUT/results.csv + OUT/results.json. Final losses are "
-                    "not comparable across temperatures (the KAMIM weights scale the loss): give --eval-data "
-                    "to add an evaluation column (top-1 as a fraction in [0, 1]; the table is printed best "
-                    "first). Recorded evaluations of unchanged encoders are reused on rerun.",
+                    "ones resumed), a results table OUT/results.csv + OUT/results.json and OUT/config.yaml "
+                    "(the pretraining config with its sweep: section; rerun with --config OUT/config.yaml). "
+                    "Final losses are not comparable across temperatures (the KAMIM weights scale the loss): "
+                    "give --eval-data to add an evaluation column (top-1 as a fraction in [0, 1]; the table is "
+                    "printed best first). Recorded evaluations of unchanged encoders are reused on rerun.",
     )
-    _add_pretrain_config(p)
-    p.add_argument("--data", default=None, metavar="PATH", help="training data (default: the config's data.path)")
+    f = ConfigFlags(p, Config, config_required=True)
+    f.add("--data", key="data.path", metavar="PATH", help="training data (default: the config's data.path)")
     _add_out_argument(p, "sweep directory", metavar="OUT")
-    p.add_argument("--detectors", type=_csv_list(str), default=None, metavar="D1,D2",
-                   help="keypoint detectors, e.g. fast,sift,orb (default: the config's kamim.detector)")
-    p.add_argument("--weight-patch-sizes", type=_csv_list(int), default=list(PAPER_WEIGHT_PATCH_SIZES),
-                   metavar="W1,W2", help="default: %(default)s (the paper's grid)")
-    p.add_argument("--temperatures", type=_csv_list(float), default=list(PAPER_TEMPERATURES),
-                   metavar="T1,T2", help="default: %(default)s (the paper's grid)")
-    g = p.add_argument_group("evaluation of each run's encoder")
-    g.add_argument("--eval-data", default=None, metavar="PATH", type=_labelled_data,
-                   help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision "
-                        "dataset, demo-photos or demo-digits (enables evaluation)")
-    g.add_argument("--eval", dest="eval_methods", type=_csv_list(str), default=None, metavar="M1,M2",
-                   help=f"evaluations, some of {','.join(SWEEP_EVAL_METHODS)}; the first sorts the table "
-                        "(default: knn)")
-    # "not given": SweepEval holds the defaults (shown from there)
-    g.add_argument("--eval-layer", default=None, metavar="LAYER", help=field_help(SweepEval, "layer", "one layer: " + LAYERS_HELP))
-    g.add_argument("--eval-k", type=int, default=None, help=field_help(SweepEval, "k", "k-NN neighbours"))
-    g.add_argument("--eval-batch-size", type=int, default=None, help=field_help(SweepEval, "batch_size"))
-    g.add_argument("--linprobe-epochs", type=int, default=None, help=field_help(SweepEval, "linprobe_epochs", "linear probe epochs"))
+    f.add("--detectors", key="sweep.detectors", type=_csv_list(str), metavar="D1,D2",
+          help="keypoint detectors, e.g. fast,sift,orb (default: the config's kamim.detector)")
+    f.add("--weight-patch-sizes", key="sweep.weight_patch_sizes", type=_csv_list(int), metavar="W1,W2",
+          help="the paper's grid")
+    f.add("--temperatures", key="sweep.temperatures", type=_csv_list(float), metavar="T1,T2", help="the paper's grid")
+    g = p.add_argument_group("evaluation of each run's encoder (the config's sweep.evaluation)")
+    f.add("--eval-data", key="sweep.evaluation.data", metavar="PATH", type=_labelled_data, group=g,
+          help="labelled data: folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, "
+               "demo-photos or demo-digits (enables evaluation)")
+    f.add("--eval", key="sweep.evaluation.methods", type=_csv_list(str), metavar="M1,M2", group=g,
+          help=f"evaluations, some of {','.join(SWEEP_EVAL_METHODS)}; the first sorts the table")
+    f.add("--eval-layer", key="sweep.evaluation.layer", metavar="LAYER", group=g, help="one layer: " + LAYERS_HELP)
+    f.add("--eval-k", key="sweep.evaluation.k", type=int, group=g, help="k-NN neighbours")
+    f.add("--eval-batch-size", key="sweep.evaluation.batch_size", type=int, group=g)
+    f.add("--linprobe-epochs", key="sweep.evaluation.linprobe_epochs", type=int, group=g, help="linear probe epochs")
     p.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    cfg = _pretrain_config(args)  # refused before torch is imported
-    from kamim.config import SweepEval
+    from kamim.config import SweepGrid, parsed_config
+
+    cfg = parsed_config(args)  # refused before torch is imported
+    grid = cfg.sweep or SweepGrid()
     from kamim.experiments.sweep import result_fields, sort_by_metric, sweep
 
-    evaluation = None
-    if args.eval_data is not None:
-        given = {"methods": tuple(args.eval_methods) if args.eval_methods else None, "layer": args.eval_layer,
-                 "k": args.eval_k, "batch_size": args.eval_batch_size, "linprobe_epochs": args.linprobe_epochs}
-        evaluation = SweepEval(data=args.eval_data, **{k: v for k, v in given.items() if v is not None}).validate()
-    elif args.eval_methods is not None:  # checked before the grid is trained
-        raise ValueError("--eval needs --eval-data (labelled data to evaluate each run's encoder on)")
-    rows = sweep(cfg, args.data, args.out, detectors=args.detectors, weight_patch_sizes=args.weight_patch_sizes,
-                 temperatures=args.temperatures, evaluation=evaluation, overwrite=args.overwrite)
+    evaluation = grid.evaluation
+    rows = sweep(cfg, None, args.out, detectors=grid.detectors, weight_patch_sizes=grid.weight_patch_sizes,
+                 temperatures=grid.temperatures, evaluation=evaluation, overwrite=args.overwrite)
     if _is_main():
         from kamim.eval.common import format_table
 

@@ -196,9 +196,26 @@ class RunConfig:
     wandb_project: str = "kamim"
 
 
+#: the paper's sweep grid (Krishna and Subramanyam, the w_ps x T ablation)
+PAPER_WEIGHT_PATCH_SIZES = (8, 16, 32)
+PAPER_TEMPERATURES = (0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class SweepGrid:
+    """The ``sweep:`` section of a config (``kamim sweep`` only; pretraining ignores it): the KAMIM
+    grid and how each point's encoder is evaluated. A sweep writes its whole config, this section
+    included, as ``OUT/config.yaml``; ``kamim sweep --config OUT/config.yaml`` reruns it."""
+
+    detectors: Optional[tuple[str, ...]] = None  # null: the config's kamim.detector
+    weight_patch_sizes: tuple[int, ...] = PAPER_WEIGHT_PATCH_SIZES
+    temperatures: tuple[float, ...] = PAPER_TEMPERATURES
+    evaluation: Optional["SweepEval"] = None  # null: no evaluation column
+
+
 @dataclass
 class Config:
-    """A complete pretraining run description."""
+    """A complete pretraining run description (and, for ``kamim sweep``, its grid)."""
 
     method: str = "kamim"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,6 +225,7 @@ class Config:
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: Optional[SweepGrid] = None
 
     def validate(self) -> "Config":
         """Check every value; raise a one-line ``ConfigError`` naming the first bad one."""
@@ -375,6 +393,8 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, root: type = None) 
         if i == len(parts) - 1:
             node[part] = value
             return
+        if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[X]: X's sub-keys
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
         if dataclasses.is_dataclass(tp):
             cls = tp
         elif typing.get_origin(tp) is dict or tp is dict:
@@ -601,6 +621,8 @@ def field_default(cls: type, key: str) -> Any:
         value = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         node = typing.get_type_hints(node)[part]
+        if typing.get_origin(node) in (Union, types.UnionType):  # Optional[X]: X's fields
+            node = next((a for a in typing.get_args(node) if a is not type(None)), node)
     return value
 
 
@@ -675,8 +697,8 @@ class ConfigFlags:
         p.set_defaults(config_cls=cls, config_flags=self.keys)
 
     def add(self, *names: str, key: str | None = None, help: str = "", group=None, **kw) -> None:
-        key = key or names[0].lstrip("-").replace("-", "_")
-        dest = key.replace(".", "__")
+        dest = names[0].lstrip("-").replace("-", "_")  # the flag's name: one-line errors name the flag
+        key = key or dest
         switch = kw.get("action") in ("store_const", argparse.BooleanOptionalAction)
         if not switch and "choices" not in kw:
             kw.setdefault("metavar", names[0].lstrip("-").replace("-", "_").upper())
@@ -821,6 +843,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.max_steps={r.max_steps} must be positive (or null)")
     if r.max_steps_schedule and r.max_steps is None:
         raise ConfigError("run.max_steps_schedule=true needs run.max_steps")
+
+    s = cfg.sweep
+    if s is not None:
+        for name in ("detectors", "weight_patch_sizes", "temperatures"):
+            if getattr(s, name) is not None and not getattr(s, name):
+                raise ConfigError(f"sweep.{name} is empty; give at least one value (or null for detectors)")
+        for det in s.detectors or ():
+            _check_choice("sweep.detectors", det, _known("kamim.keypoints", "DETECTORS", _DEFAULT_DETECTORS))
+        if any(w < 1 for w in s.weight_patch_sizes):
+            raise ConfigError(f"sweep.weight_patch_sizes={list(s.weight_patch_sizes)} must be positive")
+        _check_number("sweep.temperatures", s.temperatures, all(t > 0 for t in s.temperatures), "> 0")
+        if s.evaluation is not None:
+            s.evaluation.validate()
 
 
 # --------------------------------------------------------------------------- evaluation commands

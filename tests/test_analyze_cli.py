@@ -358,3 +358,9 @@ def test_paper_figures_end_to_end(pretrained, assets, tmp_path, capsys):
     for stem in PAPER_FIGURES.values():
         assert f'href="{stem}.png"' in html
     assert "48 px, 6×6 × 8 px" in html and "96 px, 12×12 × 8 px" in html
+    # the resolved settings are written with the figures, and rerunning from them gives the same numbers
+    again = tmp_path / "again"
+    rc, _, err = _run(["paper-figures", "--config", out / "config.yaml", "--out", again], capsys)
+    assert rc == 0, err
+    for name in ("metrics.csv", "fig_attention_distance.csv", "fig_reconstructions.csv", "config.yaml"):
+        assert (out / name).read_text() == (again / name).read_text(), name

@@ -105,7 +105,7 @@ def test_small_inputs_that_used_to_fail_late_or_silently(setup, tmp_path, capsys
     # sweep --eval without --eval-data is refused before any grid point is trained
     assert main(["sweep", "--config", "tiny_kamim", "--data", str(setup["data"] / "train"), "--out",
                  str(tmp_path / "sw"), "--eval", "knn"]) == 2
-    assert "--eval needs --eval-data" in capsys.readouterr().err
+    assert "missing config key 'sweep.evaluation.data': give --eval-data" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 

@@ -50,6 +50,9 @@ def _argv(command: str, setup, out) -> list[str]:
     return {
         "pretrain": ["pretrain", "--config", "tiny_simmim", "--data", str(setup["demo"]), "--out", str(out),
                      "--set", *TINY_PRETRAIN],
+        "sweep": ["sweep", "--config", "tiny_kamim", "--data", str(setup["demo"]), "--out", str(out),
+                  "--weight-patch-sizes", "8", "--temperatures", "0.25", "--eval-data", data, "--eval-k", "3",
+                  "--set", *TINY_PRETRAIN],
         "linprobe": ["linprobe", "--checkpoint", enc, "--data", data, "--out", str(out), *EXEC,
                      "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "12", "--layers", "all"],
         "finetune": ["finetune", "--checkpoint", enc, "--data", data, "--out", str(out), *EXEC,
@@ -60,10 +63,10 @@ def _argv(command: str, setup, out) -> list[str]:
     }[command]
 
 
-RESULTS = {"linprobe": "linprobe.csv", "finetune": "finetune.csv", "knn": "knn.csv", "reconstruct": "reconstruct.csv"}
+RESULTS = {"sweep": "results.csv", "linprobe": "linprobe.csv", "finetune": "finetune.csv", "knn": "knn.csv", "reconstruct": "reconstruct.csv"}
 
 
-@pytest.mark.parametrize("command", ["pretrain", *EVAL_COMMANDS])
+@pytest.mark.parametrize("command", ["pretrain", "sweep", *EVAL_COMMANDS])
 def test_help_shows_config_and_set(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -71,7 +74,7 @@ def test_help_shows_config_and_set(command, capsys):
     assert "--config" in out and "--set KEY=VALUE" in out
 
 
-@pytest.mark.parametrize("command", ["pretrain", *EVAL_COMMANDS])
+@pytest.mark.parametrize("command", ["pretrain", "sweep", *EVAL_COMMANDS])
 def test_config_yaml_reruns_the_same_results(command, setup, tmp_path):
     first, again = tmp_path / "first", tmp_path / "again"
     assert main(["-q", *_argv(command, setup, first)]) == 0
@@ -82,6 +85,11 @@ def test_config_yaml_reruns_the_same_results(command, setup, tmp_path):
         assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 2
         sa, sb = safe_load(first / "checkpoint-last.pt")["model"], safe_load(again / "checkpoint-last.pt")["model"]
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    elif command == "sweep":  # the same table but for where each run lives
+        a, b = (list(csv.DictReader((d / "results.csv").open())) for d in (first, again))
+        assert [{k: v for k, v in r.items() if k != "run_dir"} for r in a] == \
+            [{k: v for k, v in r.items() if k != "run_dir"} for r in b]
+        assert len(a) == 1 and a[0]["knn_top1"] and a[0]["status"] == "trained"
     else:
         assert (first / RESULTS[command]).read_text() == (again / RESULTS[command]).read_text()
         rows = list(csv.DictReader((first / RESULTS[command]).open()))
@@ -91,20 +99,20 @@ def test_config_yaml_reruns_the_same_results(command, setup, tmp_path):
     assert [x for x in a if x not in b] == [x for x in a if "output_dir" in x] or command == "pretrain"
 
 
-@pytest.mark.parametrize("command", EVAL_COMMANDS)
+@pytest.mark.parametrize("command", ["sweep", *EVAL_COMMANDS])
 def test_no_default_is_written_twice(command):
     """Every flag of an evaluation command is a shorthand of --set: its argparse default is None
     ('not given'), and the one default lives in the config dataclass."""
     p = _subparser(command)
     keys = p.get_default("config_flags")
-    assert p.get_default("config_cls") is COMMAND_CONFIGS[command] and keys
+    assert p.get_default("config_cls") is COMMAND_CONFIGS["pretrain" if command == "sweep" else command] and keys
     skip = {"help", "config", "overrides", "out", "overwrite", "func", "config_cls", "config_flags"}
     for action in p._actions:
         if action.dest in skip:
             continue
         assert action.default is None, (command, action.option_strings, action.default)
         assert action.dest in keys, (command, action.option_strings)  # every flag maps to a config key
-    fields = {f.name for f in dataclasses.fields(COMMAND_CONFIGS[command])}
+    fields = {f.name for f in dataclasses.fields(p.get_default("config_cls"))}
     assert {k.split(".")[0] for k in keys.values()} <= fields
 
 

@@ -186,12 +186,12 @@ def test_bad_eval_inputs_fail_before_training(tmp_path, demo, labelled, capsys):
     cases = [
         (["--eval-data", str(missing)], f"labelled data folder not found: '{missing}'"),
         (["--eval-data", str(labelled), "--eval", "knn,svm"], "eval method(s) ['svm'] not valid"),
-        (["--eval", "linprobe"], "--eval needs --eval-data"),
+        (["--eval", "linprobe"], "missing config key 'sweep.evaluation.data': give --eval-data"),
         (["--eval-data", str(labelled), "--eval-k", "0"], "eval k must be >= 1, got 0"),
         (["--eval-data", str(labelled), "--eval-layer", "7", "--set", *SMALL], "layer 7 is out of range"),
         (["--eval-data", str(labelled), "--eval-layer", "all", "--set", *SMALL],
          "eval layer 'all' selects layers [1, 2]; the sweep table needs exactly one"),
-        (["--detectors", "fast,surf"], "kamim.detector='surf' is not valid"),
+        (["--detectors", "fast,surf"], "sweep.detectors='surf' is not valid"),
         (["--set", "model.overrides={depht: 2}"], "model.overrides={'depht': 2} rejected by vit_pico"),
     ]
     for extra, expected in cases:

@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kamim import distributed as kdist
-from kamim.config import RESUME_SAFE_KEYS, Config, ConfigError, SweepEval, config_diff, to_dict
+from kamim.config import (
+    RESUME_SAFE_KEYS, Config, ConfigError, SweepEval, SweepGrid, config_diff, dump_config, to_dict,
+)
 from kamim.experiments.sweep_grid import EVAL_METHODS, PAPER_TEMPERATURES, PAPER_WEIGHT_PATCH_SIZES
 from kamim.outputs import check_output_dir, mark_output_dir
+from kamim.runtime.checkpoint import CONFIG_FILE
 from kamim.serialization import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -154,6 +157,7 @@ def sweep(
     configs = []
     for det, wps, t in grid:
         c = copy.deepcopy(cfg)
+        c.sweep = None  # each point is a plain pretraining run
         c.kamim.detector, c.kamim.weight_patch_size, c.kamim.temperature = det, int(wps), float(t)
         if data is not None:
             c.data.path = str(data)
@@ -165,6 +169,12 @@ def sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     if kdist.is_main_process():
         mark_output_dir(out_dir, COMMAND)
+        record = copy.deepcopy(cfg)  # the whole sweep as one config: rerun with --config OUT/config.yaml
+        record.sweep = SweepGrid(tuple(detectors), tuple(int(w) for w in weight_patch_sizes),
+                                 tuple(float(t) for t in temperatures), evaluation)
+        if data is not None:
+            record.data.path = str(data)
+        dump_config(record, out_dir / CONFIG_FILE)
     created_group = not kdist.is_distributed()
     kdist.init_distributed(cfg.run.device)  # one process group for all runs under torchrun
     try:
