@@ -16,7 +16,7 @@ import torch.distributed as dist
 __all__ = [
     "DistInfo", "init_distributed", "is_distributed", "get_rank", "get_world_size",
     "get_local_rank", "is_main_process", "barrier", "all_reduce_mean", "all_reduce_sum",
-    "broadcast_object", "cleanup", "resolve_device",
+    "broadcast_object", "cleanup", "resolve_device", "ddp_wrap",
 ]
 
 
@@ -137,3 +137,13 @@ def cleanup() -> None:
     """Destroy the process group if one was initialised."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def ddp_wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``module`` in ``DistributedDataParallel`` when running on several ranks, else ``module`` itself
+    (the one DDP wrapping of pretraining, probing and finetuning)."""
+    if info.world_size == 1:
+        return module
+    device = info.device
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)

@@ -267,12 +267,7 @@ class _Trainer:
         if self.ckpt is not None:
             self._restore(self.ckpt)
 
-        self.train_model: nn.Module = self.model
-        if info.world_size > 1:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=False,
-            )
+        self.train_model: nn.Module = kdist.ddp_wrap(self.model, info)
         if cfg.run.compile:
             self.train_model = torch.compile(self.train_model)
         self.train_step = TrainStep(

@@ -1,4 +1,4 @@
-"""Shared plumbing of the evaluation engines: run records, resume checks, DDP wrapping, results.
+"""Shared plumbing of the evaluation engines: run records, resume checks, results.
 
 Data and loaders live in :mod:`kamim.eval.data`, output folders and sessions in
 :mod:`kamim.eval.session`, scoring in :mod:`kamim.eval.scoring`, the training step and state in
@@ -29,13 +29,12 @@ from typing import Any
 from torch import nn
 
 from kamim import outputs
-from kamim.distributed import DistInfo
 from kamim.runtime import EpochRunConfig, find_resume_checkpoint
 from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, json_safe, safe_load
 
 from .session import RESUME_SAFE_KEYS, config_changes
 
-__all__ = ["config_record", "load_resume_checkpoint", "ddp_wrap", "write_results", "format_table", "print_table"]
+__all__ = ["config_record", "load_resume_checkpoint", "write_results", "format_table", "print_table"]
 
 
 # --------------------------------------------------------------------------- training runs
@@ -74,14 +73,6 @@ def load_resume_checkpoint(
             f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
         )
     return path, ckpt
-
-
-def ddp_wrap(module: nn.Module, info: DistInfo) -> nn.Module:
-    """``module`` in ``DistributedDataParallel`` when running on several ranks, else ``module`` itself."""
-    if info.world_size == 1:
-        return module
-    device = info.device
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # --------------------------------------------------------------------------- results

@@ -47,12 +47,11 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import FinetuneConfig
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
-    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, TrainStep, amp_dtype_of,
-    epoch_scheduler, micro_batch_size, seed_all, write_run_config,
+    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all, write_run_config,
 )
 from kamim.serialization import atomic_save
 
-from .common import config_record, ddp_wrap, load_resume_checkpoint, print_table, write_results
+from .common import config_record, load_resume_checkpoint, print_table, write_results
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
 from .session import check_output_dir, claimed_run_dir, distributed_session
@@ -140,10 +139,7 @@ class _Finetuner(EpochTrainer):
     task = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path, info) -> None:
-        self.cfg, self.out_dir, self.info = cfg, out_dir, info
-        self.device = info.device
-        self.amp = amp_dtype_of(cfg.amp, self.device)
-        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
+        super().__init__(cfg, out_dir, info)
         if cfg.mixup_active and self.micro_batch % 2:
             raise ValueError(
                 f"mixup/cutmix need an even per-rank micro-batch, got {self.micro_batch} (batch_size="
@@ -197,10 +193,7 @@ class _Finetuner(EpochTrainer):
             # last: drop path / mixup continue exactly where they stopped (same world size)
             self.state.load(ckpt, info.rank, info.world_size, cfg.seed)
             log.info("resumed finetuning from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
-        self.train_model = ddp_wrap(self.model, info)
-        self.train_step = TrainStep(self.state, self.train_model, self.device, cfg.amp, cfg.accum_steps,
-                                    clip_grad=cfg.clip_grad, params=self.model.parameters(),
-                                    last=out_dir / LAST_CHECKPOINT, warn=False)
+        self.train_model = self.build_step(self.model, clip_grad=cfg.clip_grad, params=self.model.parameters())
 
     # ---------------------------------------------------------------- epoch
     def loss(self, batch: Any) -> torch.Tensor | None:

@@ -45,11 +45,11 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
 from kamim.runtime import (
-    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, TrainStep, amp_dtype_of, epoch_scheduler,
-    micro_batch_size, write_run_config,
+    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, epoch_scheduler,
+    write_run_config,
 )
 
-from .common import config_record, ddp_wrap, load_resume_checkpoint, print_table, write_results
+from .common import config_record, load_resume_checkpoint, print_table, write_results
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
 from .session import check_output_dir, claimed_run_dir, distributed_session
@@ -122,10 +122,7 @@ class _Probe(EpochTrainer):
     task = "linprobe"
 
     def __init__(self, cfg: LinprobeConfig, out_dir: Path, info) -> None:
-        self.cfg, self.out_dir, self.info = cfg, out_dir, info
-        self.device = info.device
-        self.amp = amp_dtype_of(cfg.amp, self.device)
-        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
+        super().__init__(cfg, out_dir, info)
         self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=True)
         self.model = self.enc.model
         self.layers = resolve_layers(self.model, cfg.layers)
@@ -153,9 +150,7 @@ class _Probe(EpochTrainer):
             self.history = list(ckpt["history"])
             self.stats.load_state_dict(ckpt.get("partial"), info.rank)
             log.info("resumed linear probe from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
-        self.train_heads = ddp_wrap(self.heads, info)
-        self.train_step = TrainStep(self.state, self.train_heads, self.device, cfg.amp, cfg.accum_steps,
-                                    last=out_dir / LAST_CHECKPOINT, warn=False)
+        self.train_heads = self.build_step(self.heads)
 
     # ---------------------------------------------------------------- steps
     def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -8,27 +8,47 @@ writes ``checkpoint-last.pt`` after the current optimizer step and raises ``Inte
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from kamim import distributed as kdist
+from kamim.distributed import DistInfo
 from kamim.interrupt import StopRequest, graceful_stop
+from kamim.precision import amp_dtype_of
 
-from .schedule import stop_epoch
-from .step import StepResult
+from .checkpoint import LAST_CHECKPOINT
+from .schedule import micro_batch_size, stop_epoch
+from .step import StepResult, TrainStep
 
 __all__ = ["EpochTrainer"]
 
 
 class EpochTrainer:
-    """Base of an epoch-based task. The subclass sets ``cfg`` (epochs, stop_epoch, progress),
-    ``info``, ``state``, ``stats`` (:class:`kamim.runtime.EpochStats`), ``train_step``, ``loader``,
-    ``sampler`` and ``steps_per_epoch``, and implements :meth:`loss`, :meth:`evaluate`,
-    :meth:`end_epoch` and :meth:`save_last`."""
+    """Base of an epoch-based task. ``__init__`` keeps ``cfg`` (amp, batch_size, accum_steps, epochs,
+    stop_epoch, progress), ``out_dir`` and ``info``; the subclass then sets ``state``, ``stats``
+    (:class:`kamim.runtime.EpochStats`), ``loader``, ``sampler`` and ``steps_per_epoch``, calls
+    :meth:`build_step`, and implements :meth:`loss`, :meth:`evaluate`, :meth:`end_epoch` and
+    :meth:`save_last`."""
 
     task = "train"  # name in the progress bar
+
+    def __init__(self, cfg: Any, out_dir: Path, info: DistInfo) -> None:
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.device = info.device
+        self.amp = amp_dtype_of(cfg.amp, self.device)
+        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
+
+    def build_step(self, module: nn.Module, **kwargs: Any) -> nn.Module:
+        """``self.train_step`` over ``module`` (DDP-wrapped on several ranks, which it returns: the
+        module the task's loss calls); ``kwargs`` go to :class:`TrainStep` (clip_grad, params)."""
+        wrapped = kdist.ddp_wrap(module, self.info)
+        self.train_step = TrainStep(self.state, wrapped, self.device, self.cfg.amp, self.cfg.accum_steps,
+                                    last=self.out_dir / LAST_CHECKPOINT, warn=False, **kwargs)
+        return wrapped
 
     def loss(self, batch: Any) -> torch.Tensor | None:
         """The loss of one micro-batch (None: every image unreadable); adds to ``self.stats``."""
