@@ -17,8 +17,9 @@ Errors follow :mod:`kamim.errors` (shared with ``kamim``): bad input (missing ch
 analysis, empty image folder, ``--images 0``, a geometry an analysis cannot handle, ...) and
 argument errors end with one line ``kamim-analyze: error: ...`` and exit code 2.
 Outputs are written into a temporary folder next to ``--out`` and moved into place at the end, so
-a failed run leaves ``--out`` untouched; ``--out`` must be new, empty or an earlier output of the
-same command unless ``--overwrite`` (:mod:`kamim.outputs`). ``KAMIM_DEBUG=1`` shows full tracebacks.
+a failed run leaves ``--out`` untouched, and files the command did not write are carried over;
+``--out`` must be new, empty or an earlier output of the same command unless ``--overwrite``, and
+never an input (:mod:`kamim.outputs`). ``KAMIM_DEBUG=1`` shows full tracebacks.
 ``--device auto`` (the default) is CUDA when available, else the CPU.
 
 This module only parses arguments and prints; the work is done by :func:`analysis.pipeline.analyze`
@@ -86,14 +87,15 @@ def resolve_device(device: str) -> str:
 
 
 def _add_out(p: argparse.ArgumentParser, metavar: str, default: Optional[str] = None) -> None:
-    """``--out`` (the output folder, replaced as a whole at the end) and ``--overwrite``."""
+    """``--out`` (the output folder, swapped in whole at the end, keeping files the command did not
+    write) and ``--overwrite``."""
     from kamim.outputs import OUT_RULE, OVERWRITE_HELP
 
     p.add_argument("--out", required=default is None, default=default, metavar=metavar,
                    help="output folder" + (" (default: %(default)s)" if default else "") + "; "
-                   + OUT_RULE.format(action="which is replaced"))
+                   + OUT_RULE.format(action="whose results are replaced; files you added are kept"))
     p.add_argument("--overwrite", action="store_true",
-                   help=OVERWRITE_HELP.format(effect="the whole folder is replaced"))
+                   help=OVERWRITE_HELP)
 
 
 def _add_common(f: "ConfigFlags") -> None:

@@ -191,7 +191,8 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
     from analysis.paper import reconstruction_figure
     from kamim.outputs import check_output_dir
 
-    check_output_dir(out, _COMMAND, overwrite=overwrite)  # before minutes of training
+    check_output_dir(out, _COMMAND, overwrite=overwrite,  # before minutes of training
+                     inputs={"demo checkpoint cache": cache or default_cache_dir()})
     settings = demo_settings(fast)
     checkpoints = ensure_demo_checkpoints(cache, fast=fast, progress=progress)
     data = demo_eval_folder()

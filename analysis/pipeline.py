@@ -104,25 +104,28 @@ def _slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # atomic output folder
-def staged_output_check(out: PathLike, command: str, overwrite: bool = False) -> Path:
-    """``out`` if :func:`staged_output` may replace it, else a :class:`UsageError`."""
+def staged_output_check(out: PathLike, command: str, overwrite: bool = False,
+                        inputs: Optional[Mapping[str, Any]] = None) -> Path:
+    """``out`` if :func:`staged_output` may replace it, else a :class:`UsageError` (``inputs``: the
+    paths ``out`` may not be, contain or lie inside: :func:`kamim.outputs.check_not_input`)."""
     from kamim.outputs import OutputDirError, check_output_dir
 
     try:
-        return check_output_dir(out, command, overwrite=overwrite)
+        return check_output_dir(out, command, overwrite=overwrite, inputs=inputs)
     except OutputDirError as err:
         raise UsageError(str(err)) from None
 
 
 @contextlib.contextmanager
-def staged_output(out: PathLike, command: str = "kamim-analyze run", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out`` as a whole on success
-    (:func:`kamim.outputs.staged_dir`: locked, atomic, the output-folder rule; one-line
-    :class:`UsageError` for a folder it may not replace)."""
+def staged_output(out: PathLike, command: str = "kamim-analyze run", overwrite: bool = False,
+                  inputs: Optional[Mapping[str, Any]] = None) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out`` on success, keeping the files the command did
+    not write (:func:`kamim.outputs.staged_dir`: locked, atomic, the output-folder rule; one-line
+    :class:`UsageError` for a folder it may not replace, or one overlapping ``inputs``)."""
     from kamim.outputs import OutputDirError, staged_dir
 
     try:
-        context = staged_dir(out, command, overwrite=overwrite)
+        context = staged_dir(out, command, overwrite=overwrite, inputs=inputs)
         staging = context.__enter__()
     except OutputDirError as err:
         raise UsageError(str(err)) from None
@@ -351,9 +354,10 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         config: the command's resolved config (:mod:`analysis.settings`), written as ``config.yaml``
             with the results: ``--config OUT/config.yaml`` reruns the analysis.
 
-    Everything is written into a temporary folder that replaces ``out`` at the end; on any error
-    ``out`` is left untouched. ``out`` must be new, empty or an earlier output of ``command``
-    (recorded in ``out/.kamim-output.json``) unless ``overwrite`` (see :mod:`kamim.outputs`).
+    Everything is written into a temporary folder that replaces ``out`` at the end, keeping the files
+    the command did not write; on any error ``out`` is left untouched. ``out`` must be new, empty or
+    an earlier output of ``command`` (recorded in ``out/.kamim-output.json``) unless ``overwrite``,
+    and may not be, contain or lie inside ``data`` or a checkpoint (see :mod:`kamim.outputs`).
     """
     import pandas as pd
     import torch
@@ -378,7 +382,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     except (FileNotFoundError, NotADirectoryError) as err:
         raise UsageError(f"--data: {one_line(err)}") from None
     notes = list(notes)
-    staged_output_check(out, command, overwrite)  # before loading anything
+    inputs = {"--data folder": data, **{f"checkpoint of model {name}": src for name, src in models.items()}}
+    staged_output_check(out, command, overwrite, inputs)  # before loading anything
 
     loaded: dict[str, Any] = {}
     for name, source in models.items():  # one by one so that per-model resolutions apply
@@ -397,7 +402,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
 
     torch.manual_seed(seed)
     figure_names = dict(figure_names or {})
-    with staged_output(out, command, overwrite) as staging:
+    with staged_output(out, command, overwrite, inputs) as staging:
         if config is not None:
             from kamim.config import dump_config
 

@@ -78,7 +78,7 @@ def _add_out_argument(p: argparse.ArgumentParser, help: str, metavar: str = "RUN
     p.add_argument("--out", required=True, type=_folder, metavar=metavar,
                    help=f"{help}; {OUT_RULE.format(action=action)}")
     p.add_argument("--overwrite", action="store_true",
-                   help=OVERWRITE_HELP.format(effect="files of the same name are replaced, others kept"))
+                   help=OVERWRITE_HELP)
 
 
 def _add_resume_argument(p: argparse.ArgumentParser) -> None:

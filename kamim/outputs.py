@@ -1,12 +1,18 @@
 """Output folders: the one rule every command that writes a folder follows.
 
-A command writes into ``OUT`` only when ``OUT`` does not exist, is empty, or holds an earlier
-output of the same command (marked by ``OUT/.kamim-output.json``, written when the command first
-creates its output, or recognised by a file only that command writes, for folders written before
-the marker existed). Anything else is refused with :class:`OutputDirError` (one line, exit 2)
-unless the caller passes ``overwrite=True`` (``--overwrite`` on the command line). Commands that
-replace their whole output (``kamim-analyze``) thus never delete a file they did not write without
-that explicit flag, and training commands never resume into or mix files with a foreign folder.
+* A command writes into ``OUT`` only when ``OUT`` does not exist, is empty, or holds an earlier
+  output of the same command (marked by ``OUT/.kamim-output.json``, written when the command first
+  creates its output, or recognised by a file only that command writes, for folders written before
+  the marker existed). Anything else is refused with :class:`OutputDirError` (one line, exit 2)
+  unless the caller passes ``overwrite=True`` (``--overwrite``).
+* ``--overwrite`` means the same in every command: write into ``OUT`` although it holds files this
+  command did not write; **those files are kept**, files of the same name are replaced.
+* Replacing an earlier output replaces what the command wrote and keeps everything else: commands
+  that write in place never delete, and :func:`staged_dir` (``kamim-analyze``, which replaces its
+  folder as a whole) carries every entry it did not write (the marker lists what it wrote) into the
+  new folder, by hard link, before the atomic swap; a kill at any point loses none of them.
+* An output folder that is, contains or lies inside an input of the command (data folder,
+  checkpoint, plugin file: ``inputs=``) is refused, ``--overwrite`` or not.
 """
 from __future__ import annotations
 
@@ -17,18 +23,19 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["LOCK", "MARKER", "OUT_RULE", "OVERWRITE_HELP", "OutputDirError", "OutputLock", "check_output_dir",
-           "lock_output", "mark_output_dir", "output_command", "staged_dir"]
+           "check_not_input", "lock_output", "mark_output_dir", "output_command", "written_files", "staged_dir"]
 
 MARKER = ".kamim-output.json"
 LOCK = ".kamim.lock"
 #: the rule as the ``--help`` of every command with ``--out`` states it
 OUT_RULE = ("it must be new, empty or an earlier output of this command ({action}); "
             "anything else is refused unless --overwrite is given")
-OVERWRITE_HELP = "use --out even if it holds files this command did not write ({effect})"
+OVERWRITE_HELP = ("use --out even if it holds files this command did not write: they are kept, files of the "
+                  "same name are replaced")
 _SHOWN = 3  # foreign entries named in the error message
 
 
@@ -46,6 +53,44 @@ def output_command(out: str | os.PathLike) -> str | None:
     return command if isinstance(command, str) else None
 
 
+def written_files(out: str | os.PathLike) -> set[str] | None:
+    """The files (relative paths) the recorded command wrote into ``out``, from its marker; None
+    where the marker lists none (written in place, or before markers listed files)."""
+    try:
+        record = json.loads((Path(out) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    return {str(f) for f in files} if isinstance(files, list) else None
+
+
+def check_not_input(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
+                    option: str = "--out") -> None:
+    """:class:`OutputDirError` if ``out`` is, contains or lies inside an existing input path.
+
+    ``inputs``: what the path is (``"--data folder"``, ``"checkpoint of model A"``) -> path; values
+    that are not existing paths (timm or manifest names, None) are skipped.
+    """
+    target = Path(out).expanduser().resolve()
+    for what, source in inputs.items():
+        if source is None or not str(source).strip():
+            continue
+        src = Path(source).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if target == src:
+            relation = "is"
+        elif target in src.parents:
+            relation = "contains"
+        elif src in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise OutputDirError(f"{option} '{out}' {relation} the {what} '{source}': write the output apart from "
+                             f"the inputs (--overwrite does not change this)")
+
+
 def check_output_dir(
     out: str | os.PathLike,
     command: str,
@@ -53,16 +98,19 @@ def check_output_dir(
     overwrite: bool = False,
     legacy: Sequence[str] = (),
     option: str = "--out",
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> Path:
     """``out`` as a Path if ``command`` may write into it, else :class:`OutputDirError`.
 
     ``legacy``: file names that only ``command`` writes; a folder holding one of them is an
-    earlier output of ``command`` made before markers existed. ``option`` names the value in
-    messages. Nothing is created or written.
+    earlier output of ``command`` made before markers existed. ``inputs``: the command's input
+    paths, which ``out`` may not be, contain or lie inside (:func:`check_not_input`). ``option``
+    names the value in messages. Nothing is created or written.
     """
     if not str(out).strip():
         raise OutputDirError(f"{option} is empty: give the folder to write into")
     path = Path(out).expanduser()
+    check_not_input(path, inputs or {}, option)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"{option} '{path}' exists and is not a folder")
     if not path.exists() or overwrite:
@@ -157,11 +205,39 @@ def _debris(out: Path) -> list[Path]:
                   if p.is_dir() and not p.is_symlink())
 
 
+def _carry_over(old: Path, new: Path, ours: set[str] | None) -> list[str]:
+    """Hard-link into ``new`` every file of ``old`` that the command did not write (not in ``ours``,
+    the marker's list, nor written anew in ``new``); returns their relative paths. A hard link adds a
+    name and never moves data, so the files stay in ``old`` until the swap and are never lost."""
+    kept = []
+    for path in sorted(old.rglob("*")):
+        rel = path.relative_to(old).as_posix()
+        if path.is_dir() and not path.is_symlink() or rel == MARKER or rel.startswith(LOCK):
+            continue
+        if (ours is not None and rel in ours) or (new / rel).exists() or (new / rel).is_symlink():
+            continue  # written by this command: replaced
+        dest = new / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            os.symlink(os.readlink(path), dest)
+        else:
+            try:
+                os.link(path, dest)
+            except OSError:  # another file system or no hard links there: a copy
+                shutil.copy2(path, dest)
+        kept.append(rel)
+    return kept
+
+
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False,
+               inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Iterator[Path]:
     """Yield a staging folder next to ``out`` that replaces ``out`` as a whole on success.
 
-    ``out`` must pass :func:`check_output_dir` for ``command``. While the context runs, the lock
+    ``out`` must pass :func:`check_output_dir` for ``command`` (``inputs``: the paths it may not
+    overlap). What ``out`` holds that the command did not write (user files, other tools' files)
+    is carried into the new folder before the swap, so replacing an output never deletes them; the
+    marker records the files the command wrote. While the context runs, the lock
     file ``.NAME.lock`` beside ``out`` is held (a second process gets a one-line error naming this
     one's pid) and the staging folders of earlier killed runs of the same output are removed. At
     every instant ``out`` is either the old or the new complete folder (an atomic exchange where
@@ -172,7 +248,7 @@ def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False)
     from kamim import __version__
     from kamim.serialization import atomic_write_json, make_temp_dir
 
-    out = check_output_dir(out, command, overwrite=overwrite).absolute()
+    out = check_output_dir(out, command, overwrite=overwrite, inputs=inputs).absolute()
     if out.is_symlink():
         out = out.resolve()
     try:
@@ -193,7 +269,11 @@ def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False)
             raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
         try:
             yield staging
-            atomic_write_json({"command": command, "kamim": __version__}, staging / MARKER)
+            written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
+                             if p.is_file() or p.is_symlink())
+            if out.is_dir():
+                _carry_over(out, staging, written_files(out))
+            atomic_write_json({"command": command, "kamim": __version__, "files": written}, staging / MARKER)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import stat
 import re
@@ -205,14 +206,19 @@ def test_out_holding_user_files_is_refused_and_kept(assets, tmp_path, capsys):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["notes.txt", "sub", "sub/data.txt"]
     _no_leftovers(tmp_path)
     old = os.umask(0o022)
-    try:  # an earlier output of the same command is replaced; the outputs follow the umask
+    try:  # --overwrite writes into it and keeps the user's files; the outputs follow the umask
         assert _run(argv + ["--overwrite"], capsys)[0] == 0
-        assert not (out / "notes.txt").exists() and (out / "nmi.png").is_file()
-        (out / "nmi.png").write_bytes(b"stale")
-        assert _run(argv, capsys)[0] == 0
+        assert (out / "notes.txt").read_text() == "my notes" and (out / "sub" / "data.txt").read_text() == "my data"
+        assert (out / "nmi.png").is_file()
+        (out / "nmi.png").write_bytes(b"stale")  # the command's own file: replaced by the next run
+        (out / "mine").mkdir()
+        (out / "mine" / "a.txt").write_text("added after the run")
+        assert _run(argv, capsys)[0] == 0  # an earlier output of this command: no --overwrite needed
     finally:
         os.umask(old)
     assert (out / "nmi.png").stat().st_size > 1000
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "mine" / "a.txt").read_text() == "added after the run"
+    assert (out / "sub" / "data.txt").read_text() == "my data"
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "report.html").stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "raw").stat().st_mode) == 0o755
@@ -275,15 +281,19 @@ def test_parsers_and_staged_output(tmp_path):
         assert staging.parent == tmp_path and staging != out
         (staging / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # nothing replaced before success
-    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt"]
+    # --overwrite: the user's old.txt is kept, the command's files are added
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt", "old.txt"]
+    assert json.loads((out / ".kamim-output.json").read_text())["files"] == ["new.txt"]
     with pytest.raises(RuntimeError):
         with pipeline.staged_output(out) as staging:  # its own earlier output: may be replaced
             (staging / "partial.txt").write_text("x")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "new.txt", "old.txt"]
     with pipeline.staged_output(out) as staging:
         (staging / "newer.txt").write_text("newer")
-    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "newer.txt"]
+    # what the command wrote before (new.txt) is replaced, what it did not write (old.txt) is kept
+    assert sorted(p.name for p in out.iterdir()) == [".kamim-output.json", "newer.txt", "old.txt"]
+    assert (out / "old.txt").read_text() == "old"
     with pytest.raises(pipeline.UsageError, match="an output of 'kamim-analyze run'"):
         with pipeline.staged_output(out, command="kamim-analyze demo"):
             pass
@@ -364,3 +374,21 @@ def test_paper_figures_end_to_end(pretrained, assets, tmp_path, capsys):
     assert rc == 0, err
     for name in ("metrics.csv", "fig_attention_distance.csv", "fig_reconstructions.csv", "config.yaml"):
         assert (out / name).read_text() == (again / name).read_text(), name
+
+
+def test_out_overlapping_an_input_is_refused_even_with_overwrite(assets, tmp_path, capsys):
+    """``--data imgs --out imgs --overwrite`` used to delete the input images."""
+    imgs = tmp_path / "imgs"
+    shutil.copytree(assets["data"], imgs)
+    before = sorted(p.relative_to(imgs) for p in imgs.rglob("*"))
+    ckpt_dir = tmp_path / "ckpts"
+    ckpt_dir.mkdir()
+    ckpt = ckpt_dir / "a.safetensors"
+    shutil.copy(assets["a"], ckpt)
+    for out, message in [(imgs, f"--out '{imgs}' is the --data folder"),
+                         (imgs / "results", "lies inside the --data folder"),
+                         (ckpt_dir, f"--out '{ckpt_dir}' contains the checkpoint of model A")]:
+        rc, _, err = _run(["run", "--model", f"A={ckpt}", "--data", imgs, "--out", out, "--analyses", "nmi",
+                           "--quiet", "--overwrite"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.relative_to(imgs) for p in imgs.rglob("*")) == before and ckpt.is_file()

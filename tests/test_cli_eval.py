@@ -153,3 +153,14 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
                                            "--data", str(setup["data"]), "--out", str(tmp_path / "x")])
     assert "mask_ratio" in err(["-q", "reconstruct", "--checkpoints", str(setup["run"]), "--data", "x",
                                 "--out", str(tmp_path / "x"), "--mask-ratio", "1.5"])
+
+
+def test_eval_out_overlapping_an_input_is_refused(setup, tmp_path, capsys):
+    data = setup["data"]
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out, what in [(data, "is the --data folder"), (data / "train" / "res", "lies inside the --data folder"),
+                      (setup["run"], "contains the checkpoint")]:
+        assert main(["-q", "knn", *_common(setup, out, "--layers", "-1", "--k", "5", "--overwrite")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

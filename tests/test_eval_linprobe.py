@@ -110,8 +110,9 @@ def test_bad_inputs(small_crops, tmp_path):
         linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", img_size=48))
     with pytest.raises(ValueError, match="recipe 'simclr'"):
         linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", recipe="simclr"))
+    (tmp_path / "unsplit").mkdir()
     with pytest.raises(FileNotFoundError, match="no train/"):
-        linear_probe(_cfg(_vit(2), tmp_path, tmp_path / "x"))
+        linear_probe(_cfg(_vit(2), tmp_path / "unsplit", tmp_path / "x"))
     # a val class with no train folder is named
     import shutil
 

@@ -130,3 +130,86 @@ def test_staged_dir_is_exclusive(tmp_path):
         with pytest.raises(OutputDirError, match=rf"--out '.*out' is in use by another process \(pid {os.getpid()}\)"):
             with outputs.staged_dir(out, "kamim-analyze run"):
                 pass
+
+
+# --------------------------------------------------------------------------- inputs and user files
+
+def _tree(root) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_may_not_be_contain_or_lie_inside_an_input(tmp_path, overwrite):
+    data = tmp_path / "imgs"
+    (data / "cls").mkdir(parents=True)
+    (data / "cls" / "a.png").write_text("image")
+    ckpt = tmp_path / "runs" / "r1" / "encoder.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("weights")
+    inputs = {"--data folder": data, "checkpoint": ckpt, "name": "vit_small_patch16_224", "none": None}
+    for out, relation, what in [(data, "is", "--data folder"), (data / "cls" / "res", "lies inside", "--data folder"),
+                                (tmp_path / "runs", "contains", "checkpoint"), (ckpt, "is", "checkpoint")]:
+        with pytest.raises(OutputDirError, match=rf"^--out '{out}' {relation} the {what} '.*': write the output "
+                                                 r"apart from the inputs \(--overwrite does not change this\)$"):
+            check_output_dir(out, "kamim-analyze run", overwrite=overwrite, inputs=inputs)
+    # through a symlink too
+    (tmp_path / "link").symlink_to(data)
+    with pytest.raises(OutputDirError, match="is the --data folder"):
+        check_output_dir(tmp_path / "link", "kamim-analyze run", overwrite=overwrite, inputs=inputs)
+    assert check_output_dir(tmp_path / "elsewhere", "x", overwrite=overwrite, inputs=inputs) == tmp_path / "elsewhere"
+    assert _tree(data) == {"cls/a.png": "image"}
+
+
+def test_replacing_an_output_keeps_what_the_command_did_not_write(tmp_path):
+    out = tmp_path / "rep"
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "metrics.csv").write_text("v1")
+        (staging / "raw").mkdir()
+        (staging / "raw" / "a.npz").write_text("arrays v1")
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    (out / "mine" / "a.txt").write_text("mine too")
+    (out / "raw" / "extra.txt").write_text("added beside the arrays")
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "metrics.csv").write_text("v2")  # raw/a.npz is not written this time: it was ours
+    assert _tree(out) == {".kamim-output.json": (out / MARKER).read_text(), "metrics.csv": "v2",
+                          "notes.txt": "mine", "mine/a.txt": "mine too", "raw/extra.txt": "added beside the arrays"}
+    assert json.loads((out / MARKER).read_text())["files"] == ["metrics.csv"]
+
+
+def test_a_kill_during_the_swap_loses_no_user_file(tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "metrics.csv").write_text("v1")
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+
+    def killed(a, b):
+        raise KeyboardInterrupt  # the process dies after the user's files were linked into staging
+
+    monkeypatch.setattr(outputs, "_exchange", killed)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.staged_dir(out, "kamim-analyze run") as staging:
+            (staging / "metrics.csv").write_text("v2")
+    assert _tree(out) == before
+    debris = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert len(debris) == 1 and (debris[0] / "notes.txt").read_text() == "mine"  # a second name, not a move
+    monkeypatch.undo()
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:  # the next run removes the debris
+        (staging / "metrics.csv").write_text("v3")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.csv").read_text() == "v3"
+
+
+def test_overwrite_means_the_same_in_both_command_line_tools(capsys):
+    from analysis.cli import main as analyze
+    from kamim.cli import main as kamim
+
+    texts = []
+    for main, argv in ((kamim, ["knn", "--help"]), (kamim, ["pretrain", "--help"]), (analyze, ["run", "--help"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        texts.append(" ".join(capsys.readouterr().out.split()))
+    for text in texts:
+        assert "--overwrite use --out even if it holds files this command did not write: they are kept, files of " \
+               "the same name are replaced" in text

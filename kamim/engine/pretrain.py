@@ -523,7 +523,8 @@ def pretrain(
     if not cfg.data.path:
         raise ConfigError("no training data: pass data (CLI: --data PATH) or set data.path in the config")
     cfg.validate()
-    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=(LAST_CHECKPOINT, SUMMARY_FILE))
+    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=(LAST_CHECKPOINT, SUMMARY_FILE),
+                               inputs={"data.path folder": cfg.data.path})
     created_group = not kdist.is_distributed()
     info = kdist.init_distributed(cfg.run.device)
     trainer = None

@@ -54,7 +54,7 @@ from kamim.serialization import atomic_save
 from .common import config_record, load_resume_checkpoint, print_table, write_results
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
-from .session import check_output_dir, claimed_run_dir, distributed_session
+from .session import check_output_dir, claimed_run_dir, distributed_session, run_inputs
 from .features import is_token_model, unpack_labelled
 
 __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]
@@ -127,7 +127,7 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
     cfg = dataclasses.replace(cfg).validate()  # a copy: validate() may clamp the warmup
-    out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite)
+    out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
         return _Finetuner(cfg, out_dir, info).run()
 

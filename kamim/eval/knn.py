@@ -36,7 +36,7 @@ from kamim.runtime import write_run_config
 from .common import print_table, write_results
 from .data import build_labelled_data, eval_loader
 from .features import extract_dataset_features, resolve_layers
-from .session import check_output_dir, distributed_session
+from .session import check_output_dir, distributed_session, run_inputs
 
 __all__ = ["knn_topk", "knn_scores", "knn_evaluate", "KNNConfig", "run_knn"]
 
@@ -169,7 +169,7 @@ def knn_evaluate(
 def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
     cfg.validate()
-    check_output_dir(cfg.output_dir, "knn", cfg.overwrite)
+    check_output_dir(cfg.output_dir, "knn", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
         return _run_knn(cfg, info)
 

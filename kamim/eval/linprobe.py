@@ -52,7 +52,7 @@ from kamim.runtime import (
 from .common import config_record, load_resume_checkpoint, print_table, write_results
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
-from .session import check_output_dir, claimed_run_dir, distributed_session
+from .session import check_output_dir, claimed_run_dir, distributed_session, run_inputs
 from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
@@ -110,7 +110,7 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
 def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Run (or resume) a linear probe; returns the results summary (also written to ``output_dir``)."""
     cfg = cfg.resolved()
-    out_dir = check_output_dir(cfg.output_dir, "linprobe", cfg.overwrite)
+    out_dir = check_output_dir(cfg.output_dir, "linprobe", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
         return _Probe(cfg, out_dir, info).run()
 

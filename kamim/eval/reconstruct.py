@@ -42,7 +42,7 @@ from kamim.serialization import CheckpointError, atomic_write
 
 from .common import print_table, write_results
 from .data import eval_loader, eval_transform
-from .session import check_output_dir, distributed_session
+from .session import check_output_dir, distributed_session, run_inputs
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -379,7 +379,7 @@ def _named_checkpoints(checkpoints: Any) -> dict[str, str]:
 def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
     cfg.validate()
-    check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite)
+    check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
         amp = amp_dtype_of(cfg.amp, info.device)
         models, infos = {}, {}

@@ -165,7 +165,9 @@ def sweep(
     encoder = _meta_encoder(configs[0])  # every point has the same architecture
     layer = _check_evaluation(encoder, evaluation) if evaluation is not None else None
 
-    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=("results.json",))
+    out_dir = check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=("results.json",),
+                               inputs={"data.path folder": configs[0].data.path,
+                                       "evaluation data": evaluation.data if evaluation is not None else None})
     out_dir.mkdir(parents=True, exist_ok=True)
     if kdist.is_main_process():
         mark_output_dir(out_dir, COMMAND)
