@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "encoder.safetensors), a manifest name or a timm model name (random init)")
     f.add("--data", metavar="IMAGE_DIR", help="folder of images (class subfolders colour the t-SNE)" + _DATA_HELP)
     _add_out(run, "OUT_DIR")
+    run.add_argument("--plugin", action="append", default=None, metavar="FILE.py",
+                     help="a Python file that registers analyses (analysis.registry.register; repeatable), whose "
+                     "names --analyses then accepts; installed packages can register them through the entry-point "
+                     "group kamim.analyses instead")
     f.add("--analyses", metavar="a,b,...|all",
           help=f"comma-separated analyses or 'all'; valid: {', '.join(ANALYSES)}")
     f.add("--image-size", type=int, metavar="S",
@@ -216,11 +220,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from analysis.pipeline import models_from_specs, parse_model_spec
 
     models = models_from_specs([parse_model_spec(m) for m in args.model]) if args.model else None
-    cfg = _config(args, **({"models": models} if models else {}))
+    extra = {"models": models} if models else {}
+    if args.plugin:
+        extra["plugins"] = [str(Path(p).expanduser().absolute()) for p in args.plugin]
+    cfg = _config(args, **extra)
     from analysis.pipeline import analyze
+    from analysis.registry import load_plugin
 
+    for plugin in cfg.plugins:
+        load_plugin(plugin)
     res = analyze(cfg.models, resolve_data(cfg.data), args.out, analyses=cfg.analyses,
-                  image_size=cfg.image_size, **_common_kwargs(cfg, args))
+                  image_size=cfg.image_size, inputs={f"plugin {p}": p for p in cfg.plugins},
+                  **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 

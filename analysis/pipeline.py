@@ -73,9 +73,11 @@ def models_from_specs(specs: Sequence[ModelSpec]) -> dict[str, str]:
 
 
 def parse_analyses(text: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    """``"all"`` or comma-separated analysis names -> validated tuple (order of ``ANALYSES``)."""
-    from analysis.runner import ANALYSES
+    """``"all"`` or comma-separated analysis names -> validated tuple, in registration order: the
+    built-ins, then plugins and entry points (:func:`analysis.registry.names`); ``"all"`` is all of them."""
+    from analysis.registry import names
 
+    ANALYSES = names()
     items = text.split(",") if isinstance(text, str) else list(text)
     names = [s.strip() for s in items if s.strip()]
     if not names:
@@ -335,7 +337,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             options: Optional[Mapping[str, Any]] = None,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
             cross_cka: bool = True, extra: Optional[ExtraStep] = None,
-            command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None) -> AnalyzeOutput:
+            command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
+            inputs: Optional[Mapping[str, Any]] = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -353,6 +356,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             before the report is written (used by the paper figures); it may append to ``notes``.
         config: the command's resolved config (:mod:`analysis.settings`), written as ``config.yaml``
             with the results: ``--config OUT/config.yaml`` reruns the analysis.
+        inputs: more input paths ``out`` may not overlap (e.g. plugin files), beside ``data`` and
+            the checkpoints.
 
     Everything is written into a temporary folder that replaces ``out`` at the end, keeping the files
     the command did not write; on any error ``out`` is left untouched. ``out`` must be new, empty or
@@ -382,7 +387,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     except (FileNotFoundError, NotADirectoryError) as err:
         raise UsageError(f"--data: {one_line(err)}") from None
     notes = list(notes)
-    inputs = {"--data folder": data, **{f"checkpoint of model {name}": src for name, src in models.items()}}
+    inputs = {"--data folder": data, **{f"checkpoint of model {name}": src for name, src in models.items()},
+              **dict(inputs or {})}
     staged_output_check(out, command, overwrite, inputs)  # before loading anything
 
     loaded: dict[str, Any] = {}

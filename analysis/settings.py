@@ -35,6 +35,7 @@ class AnalyzeConfig:
 
     data: str  # image folder, or demo / demo-photos / demo-digits
     models: dict = field(default_factory=dict)  # name -> checkpoint (file, run directory, manifest or timm name)
+    plugins: list[str] = field(default_factory=list)  # Python files registering analyses (analysis.registry)
     analyses: Any = "all"  # "all" or a list of analysis names
     image_size: Optional[int] = None  # every model at this size; null: each at its own
     images: Optional[int] = None  # at most this many images per model; null: all
@@ -48,6 +49,9 @@ class AnalyzeConfig:
     def validate(self) -> "AnalyzeConfig":
         if not self.models:
             raise ConfigError("no models: give --model NAME=CHECKPOINT (or models: {NAME: CHECKPOINT})")
+        for plugin in self.plugins:
+            if not str(plugin).endswith(".py"):
+                raise ConfigError(f"plugin {plugin!r} is not a .py file")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
         _check_common(self)

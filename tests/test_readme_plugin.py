@@ -108,3 +108,55 @@ def test_entry_point_analyses_are_loaded_once_lazily(clean_registry, monkeypatch
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [Broken()])
     with pytest.raises(ValueError, match=r"entry point 'image-count' .* failed: ImportError: No module named 'pkg'"):
         registry.load_entry_points()
+
+
+def readme_plugin_command() -> list[str]:
+    import shlex
+
+    section = README.read_text().split("## Your own analysis", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the section has exactly one shell block: the command that runs the plugin"
+    return shlex.split(blocks[0].replace("\\\n", " "))
+
+
+def test_readme_plugin_command_writes_rows_and_a_figure(clean_registry, tmp_path, photos):
+    """The README's command, as written but for its paths: ``kamim-analyze run --plugin token_norm.py ...``
+    puts the plugin's rows into metrics.csv and draws its figure."""
+    import pandas as pd
+    from PIL import Image
+
+    from analysis.cli import main
+
+    (tmp_path / "token_norm.py").write_text(readme_plugin())
+    data = tmp_path / "val"
+    data.mkdir()
+    for name, image in list(photos.items())[:4]:
+        Image.fromarray(image).save(data / f"{name}.png")
+    argv = readme_plugin_command()
+    assert argv[:2] == ["kamim-analyze", "run"] and "--plugin" in argv
+    paths = {"--plugin": str(tmp_path / argv[argv.index("--plugin") + 1]), "--data": str(data),
+             "--out": str(tmp_path / "out"), "--images": "4"}
+    argv = [paths.get(prev, arg) for prev, arg in zip([None, *argv], argv)]
+    model = argv.index("--model") + 1
+    argv[model] = argv[model].split("=")[0] + "=test_vit"  # a timm model name: random init, nothing fetched
+    assert main([*argv[1:], "--quiet"]) == 0
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    rows = metrics[metrics["metric"] == "token-norm"]
+    assert sorted(rows["layer"]) == [1, 2, 3, 4, 5, 6] and (rows["value"] > 0).all() and set(rows["images"]) == {4}
+    assert (tmp_path / "out" / "token_norm.png").stat().st_size > 1000 and (tmp_path / "out" / "token_norm.pdf").is_file()
+
+
+def test_bad_plugins_are_one_line_errors(clean_registry, tmp_path, capsys):
+    from analysis.cli import main
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('oops')\n")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    base = ["run", "--model", "A=test_vit", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]
+    for plugin, message in [(tmp_path / "nope.py", "no such file"), (broken, "failed: RuntimeError: oops"),
+                            (empty, "registers no analysis"), (tmp_path / "x.txt", "is not a .py file")]:
+        assert main([*base, "--plugin", str(plugin)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

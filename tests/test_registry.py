@@ -182,3 +182,43 @@ def test_registry_api_errors_and_views(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(ValueError, match="expected a .py file"):
         registry.load_plugin(tmp_path / "notes.txt")
+
+
+def _uniform_attention_vit(class_token: bool):
+    """A ViT whose attention is exactly uniform: queries and keys are zero, so every score is 0.
+    192 px, patch 16: the paper's 12x12 grid of 16 px patches."""
+    import timm
+
+    kw = {} if class_token else {"class_token": False, "global_pool": "avg"}
+    model = timm.create_model("vit_tiny_patch16_224", img_size=192, patch_size=16, embed_dim=48, depth=2,
+                              num_heads=3, num_classes=0, **kw).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            d = blk.attn.qkv.weight.shape[1]
+            blk.attn.qkv.weight[: 2 * d] = 0
+            blk.attn.qkv.bias[: 2 * d] = 0
+    return model
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_registered_attention_analyses_give_their_uniform_baselines(class_token):
+    """Through the registry and the runner: uniform attention over 12x12 patches of 16 px has mean
+    distance 99.75 px, entropy ln 144 and NMI 0, at every layer and head."""
+    import math
+
+    from analysis.attention import uniform_attention_distance, uniform_attention_entropy, uniform_nmi
+    from kamim.backbone import model_geometry
+
+    model = _uniform_attention_vit(class_token)
+    geometry = model_geometry(model)
+    assert geometry.grid == (12, 12) and geometry.patch_size == (16, 16)
+    x = torch.randn(2, 3, 192, 192, generator=torch.Generator().manual_seed(0))
+    res = run_analyses(model, [x], ["attention-distance", "nmi", "attention-entropy"], model_name="u",
+                       progress=False)
+    expected = {"attention-distance": uniform_attention_distance(geometry), "nmi": uniform_nmi(geometry),
+                "attention-entropy": uniform_attention_entropy(geometry)}
+    assert expected["attention-distance"] == pytest.approx(99.75, abs=0.005)
+    assert expected["attention-entropy"] == pytest.approx(math.log(144)) and expected["nmi"] == 0.0
+    for metric, value in expected.items():
+        values = res.table.loc[res.table["metric"] == metric, "value"].to_numpy()
+        assert len(values) >= 2 and np.allclose(values, value, rtol=1e-5, atol=1e-5), (metric, values, value)
