@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Representation analysis of vision transformers "
                      "(attention distance, NMI, CKA, Fourier, t-SNE, ...) with figures and an "
                      "HTML report.")
+    from kamim import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=ArgumentParser)
 

@@ -244,7 +244,9 @@ def _add_execution_arguments(f: "ConfigFlags", batch_help: str) -> None:
     f.add("--num-workers", type=int,
           help="data loader workers per process (default: min(4, CPUs available)); more than the CPUs are clamped")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
-    f.add("--amp", choices=("bf16", "fp16", "none"), help="autocast")
+    f.add("--amp", choices=("auto", "bf16", "fp16", "none"),
+          help="autocast; auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (the resolved "
+               "choice is logged and recorded in the results)")
     f.add("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
 
 

@@ -862,7 +862,7 @@ def _validate(cfg: Config) -> None:
 # The configs of ``kamim linprobe | finetune | knn | reconstruct``: torch-free, so that the CLI
 # shows their defaults in ``--help`` without importing torch; the engines in ``kamim.eval`` use them.
 
-EVAL_AMP_MODES = AMP_MODES
+EVAL_AMP_MODES = ("auto", *AMP_MODES)  # auto: kamim.precision.resolve_amp (bf16 where it is native, else none)
 LINPROBE_OPTIMIZERS = ("adamw", "lars", "sgd")
 LINPROBE_AUGS = ("finetune", "light", "none")
 # the LinprobeConfig fields a linear-probe recipe fills where they are None
@@ -959,7 +959,7 @@ class LinprobeConfig:
     num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     seed: int = 0
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
     resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
     stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
     progress: bool = True
@@ -1035,7 +1035,7 @@ class FinetuneConfig:
     num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     seed: int = 0
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
     resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
     stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
     progress: bool = True
@@ -1093,7 +1093,7 @@ class KNNConfig:
     query_chunk_size: int = 1024  # queries per similarity block
     bank_dtype: str = "float16"  # float16 | float32: feature bank storage
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
     img_size: Optional[int] = None  # default: the encoder's
     progress: bool = True
     load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder

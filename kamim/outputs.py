@@ -27,10 +27,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["LOCK", "MARKER", "OUT_RULE", "OVERWRITE_HELP", "OutputDirError", "OutputLock", "check_output_dir",
-           "check_not_input", "lock_output", "mark_output_dir", "output_command", "written_files", "staged_dir"]
+           "check_not_input", "lock_output", "lock_path", "mark_output_dir", "output_command", "written_files",
+           "staged_dir"]
 
 MARKER = ".kamim-output.json"
-LOCK = ".kamim.lock"
+LOCK = ".kamim.lock"  # the lock file inside run directories of earlier versions (skipped, never carried over)
 #: the rule as the ``--help`` of every command with ``--out`` states it
 OUT_RULE = ("it must be new, empty or an earlier output of this command ({action}); "
             "anything else is refused unless --overwrite is given")
@@ -177,10 +178,25 @@ class OutputLock:
         self.release()
 
 
-def lock_output(directory: str | os.PathLike, what: str | None = None, name: str = LOCK) -> OutputLock:
-    """Lock ``directory/name`` (created if needed) for this process; :class:`OutputDirError` naming
-    the holder's pid if another process has it."""
-    return OutputLock(Path(directory) / name, what or f"'{directory}'")
+def lock_path(out: str | os.PathLike) -> Path:
+    """The one lock file of the output folder ``out``: ``.NAME.lock`` beside it (a symlinked ``out``:
+    beside its target), so that it survives the folder being swapped and every command, writing in
+    place or replacing the folder, takes the same lock."""
+    path = Path(out).expanduser().absolute()
+    if path.is_symlink():
+        path = path.resolve()
+    return path.parent / f".{path.name}.lock"
+
+
+def lock_output(out: str | os.PathLike, what: str | None = None) -> OutputLock:
+    """Lock the output folder ``out`` (:func:`lock_path`) for this process; :class:`OutputDirError`
+    naming the holder's pid if another process has it. Take it before reading anything in ``out``."""
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
+    return OutputLock(path, what or f"--out '{out}'")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -201,8 +217,16 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _debris(out: Path) -> list[Path]:
-    return sorted(p for suffix in (".partial", ".old") for p in out.parent.glob(f".{out.name}.*{suffix}")
-                  if p.is_dir() and not p.is_symlink())
+    """Staging folders of earlier killed runs of exactly ``out``: ``.NAME.TOKEN.partial|.old`` where
+    TOKEN has no dot (``make_temp_dir``'s), so that ``.res.v2.TOKEN.partial`` of a concurrent
+    ``--out res.v2`` is never taken for debris of ``res``. Called with ``out``'s lock held."""
+    found = []
+    for suffix in (".partial", ".old"):
+        for p in out.parent.glob(f".{out.name}.*{suffix}"):
+            token = p.name[len(out.name) + 2: -len(suffix)]
+            if token and "." not in token and p.is_dir() and not p.is_symlink():
+                found.append(p)
+    return sorted(found)
 
 
 def _carry_over(old: Path, new: Path, ours: set[str] | None) -> list[str]:
@@ -252,8 +276,7 @@ def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False,
     if out.is_symlink():
         out = out.resolve()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = lock_output(out.parent, f"--out '{out}'", name=f".{out.name}.lock")
+        lock = lock_output(out)
     except OSError as err:
         raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
     with lock:

@@ -20,7 +20,7 @@ import torch
 
 from kamim.config import AMP_MODES
 
-__all__ = ["amp_dtype_of", "autocast", "cpu_bf16_flags", "cpu_has_native_bf16", "warn_if_slow_bf16"]
+__all__ = ["amp_dtype_of", "autocast", "cpu_bf16_flags", "cpu_has_native_bf16", "resolve_amp", "warn_if_slow_bf16"]
 
 log = logging.getLogger("kamim")
 
@@ -66,6 +66,24 @@ def warn_if_slow_bf16(amp: str, device: torch.device | str) -> bool:
     log.warning("bf16 autocast on a CPU without native bf16 (no avx512_bf16/amx_bf16 flag): expect it to be "
                 "several times slower than fp32 (12x on an AVX2 machine); amp none runs at full speed")
     return True
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> str:
+    """``amp`` with ``"auto"`` resolved for ``device``: ``bf16`` on CUDA (where the GPU supports it)
+    and on CPUs that multiply bf16 natively, ``none`` (fp32) elsewhere, logged once per call. Other
+    values are returned unchanged. Runs record the resolved value (their results and config.yaml)."""
+    if amp != "auto":
+        return amp
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        where = "CUDA " + ("with" if native else "without") + " bf16"
+    else:
+        native = device.type == "cpu" and cpu_has_native_bf16() is True
+        where = f"a {device.type.upper()} " + ("with native bf16" if native else "without native bf16")
+    resolved = "bf16" if native else "none"
+    log.info("amp auto -> %s (%s)", resolved, where)
+    return resolved
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}

@@ -145,11 +145,19 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip archive, or a pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts "
+                              f"with {head!r})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), "")
+        detail = next((ln.strip() for ln in reason if "GLOBAL" in ln), "")
+        if not detail:  # the weights-only unpickler choked on the bytes, not on a forbidden global
+            first = next((ln.strip() for ln in reason if "Unsupported" in ln), reason[0] if reason else "")
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from None
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it is not a weights-only checkpoint and could run code when "
             f"unpickled{(' (' + detail + ')') if detail else ''}"

@@ -319,3 +319,12 @@ def test_demo_prints_its_note_once(tmp_path, monkeypatch, capsys):
     assert analyze_cli.main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.count(demo.DEMO_NOTE) == 1 and out.rstrip().endswith(demo.DEMO_NOTE)
+
+
+@pytest.mark.parametrize("main, prog", [(kamim_cli.main, "kamim"), (analyze_cli.main, "kamim-analyze")])
+def test_version_in_both_tools(main, prog, capsys):
+    from kamim import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {__version__}"

@@ -8,7 +8,7 @@ from eval_helpers import photo_crops, tiny_vit
 
 from kamim.eval.finetune import FinetuneConfig, finetune
 from kamim.eval.linprobe import LinprobeConfig, linear_probe
-from kamim.outputs import LOCK, OutputDirError, lock_output
+from kamim.outputs import LOCK, OutputDirError, lock_output, lock_path
 
 COMMON = dict(num_workers=0, device="cpu", amp="none", progress=False, epochs=1, warmup_epochs=0)
 
@@ -35,4 +35,5 @@ def test_a_run_directory_in_use_is_refused_and_debris_removed(task, crops, tmp_p
             run()
         assert debris.exists()
     run()  # released: resumes (nothing to do) and cleans up
-    assert not debris.exists() and (out / LOCK).is_file()
+    assert not debris.exists() and lock_path(out) == out.parent / f".{out.name}.lock" and lock_path(out).is_file()
+    assert not (out / LOCK).exists()

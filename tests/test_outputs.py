@@ -213,3 +213,29 @@ def test_overwrite_means_the_same_in_both_command_line_tools(capsys):
     for text in texts:
         assert "--overwrite use --out even if it holds files this command did not write: they are kept, files of " \
                "the same name are replaced" in text
+
+
+def test_every_command_takes_the_same_lock_for_a_folder(tmp_path):
+    """An in-place writer (pretrain, probe, knn) and a folder-replacing one (kamim-analyze) lock the
+    same file, so neither can run into a folder the other is writing."""
+    out = tmp_path / "X"
+    with outputs.lock_output(out):  # e.g. kamim pretrain --out X, running
+        with pytest.raises(OutputDirError, match=rf"is in use by another process \(pid {os.getpid()}\)"):
+            with outputs.staged_dir(out, "kamim-analyze run"):
+                pass
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:  # and the other way round
+        (staging / "a.txt").write_text("a")
+        with pytest.raises(OutputDirError, match="is in use by another process"):
+            outputs.lock_output(out)
+    (tmp_path / "link").symlink_to(out)
+    assert outputs.lock_path(tmp_path / "link") == outputs.lock_path(out) == tmp_path / ".X.lock"
+
+
+def test_debris_cleanup_takes_only_this_outputs_staging_folders(tmp_path):
+    """``--out res`` must not remove the live staging folder of a concurrent ``--out res.v2``."""
+    other = make_temp_dir(tmp_path, prefix=".res.v2.", suffix=".partial")
+    (other / "raw").mkdir()
+    mine = make_temp_dir(tmp_path, prefix=".res.", suffix=".partial")  # a killed run of res
+    with outputs.staged_dir(tmp_path / "res", "kamim-analyze run") as staging:
+        (staging / "a.txt").write_text("a")
+    assert other.is_dir() and (other / "raw").is_dir() and not mine.exists()

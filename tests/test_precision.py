@@ -58,3 +58,33 @@ def test_eval_runs_warn_through_amp_dtype_of(fresh_warning, caplog):
     with caplog.at_level(logging.WARNING, logger="kamim"):
         assert amp_dtype_of("bf16", "cpu") is torch.bfloat16
     assert len(caplog.records) == 1
+
+
+def test_auto_amp_resolves_by_device_and_cpu(monkeypatch, caplog):
+    import logging
+
+    import kamim.precision as precision
+
+    for native, expected in ((True, "bf16"), (False, "none"), (None, "none")):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        with caplog.at_level(logging.INFO, logger="kamim"):
+            caplog.clear()
+            assert precision.resolve_amp("auto", "cpu") == expected
+        assert f"amp auto -> {expected}" in caplog.text
+    assert precision.resolve_amp("bf16", "cpu") == "bf16" and precision.resolve_amp("none", "cuda") == "none"
+
+
+def test_evaluations_default_to_auto_and_record_the_resolved_choice(tmp_path, monkeypatch):
+    import json
+
+    import kamim.precision as precision
+    from eval_helpers import photo_crops, tiny_vit
+    from kamim.config import COMMAND_CONFIGS, field_default
+    from kamim.eval.knn import KNNConfig, run_knn
+
+    assert all(field_default(COMMAND_CONFIGS[c], "amp") == "auto" for c in ("linprobe", "finetune", "knn"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
+    data = photo_crops(tmp_path / "data", n_train_per_class=3, n_val_per_class=2)
+    summary = run_knn(KNNConfig(checkpoint=tiny_vit(2), data=str(data), output_dir=str(tmp_path / "knn"), ks=(3,),
+                                device="cpu", num_workers=0, progress=False))
+    assert summary["amp"] == "none" and json.loads((tmp_path / "knn" / "knn.json").read_text())["amp"] == "none"

@@ -16,7 +16,7 @@ from kamim.checkpoints import load_encoder
 from kamim.config import ConfigError, load_config
 from kamim.engine.pretrain import ENCODER_FILE, LAST_CHECKPOINT, NonFiniteLossError, pretrain
 from kamim.interrupt import Interrupted
-from kamim.outputs import LOCK, OutputDirError, lock_output
+from kamim.outputs import OutputDirError, lock_output, lock_path
 from kamim.serialization import CheckpointError, load_safetensors, read_safetensors_metadata, safe_load
 
 
@@ -91,15 +91,18 @@ def test_extending_a_max_steps_schedule_is_refused(demo30, tmp_path):
     assert safe_load(run / LAST_CHECKPOINT)["step"] == 4
 
 
-def test_a_locked_run_directory_is_refused_with_the_holders_pid(demo30, tmp_path):
+def test_a_locked_run_directory_is_refused_with_the_holders_pid(demo30, tmp_path, monkeypatch):
     run = tmp_path / "run"
     pretrain(cfg("run.max_steps=1"), demo30, run, resume="none")
+    lookups = []
+    real = engine.find_resume_checkpoint
+    monkeypatch.setattr(engine, "find_resume_checkpoint", lambda *a, **k: lookups.append(1) or real(*a, **k))
     with lock_output(run) as lock:
-        assert (run / LOCK).read_text().strip() == str(os.getpid())
+        assert lock_path(run).read_text().strip() == str(os.getpid())
         with pytest.raises(OutputDirError, match=rf"run directory '.*run' is in use by another process "
                                                  rf"\(pid {os.getpid()}\)"):
             pretrain(cfg("run.max_steps=2"), demo30, run)
-        assert lock.path == run / LOCK
+        assert lock.path == tmp_path / ".run.lock" and lookups == []  # refused before the checkpoint lookup
     assert safe_load(run / LAST_CHECKPOINT)["step"] == 1
     pretrain(cfg("run.max_steps=2"), demo30, run)  # released: the run continues
     assert safe_load(run / LAST_CHECKPOINT)["step"] == 2

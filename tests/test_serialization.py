@@ -120,3 +120,19 @@ def test_safetensors_timm_encoder_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path):
+    from kamim.serialization import CheckpointError, UnsafeCheckpointError
+
+    garbage = tmp_path / "g.pt"
+    garbage.write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"g.pt is not a PyTorch checkpoint \(neither a zip archive nor a "
+                                              r"pickle: it starts with b'garb'\)") as exc:
+        safe_load(garbage)
+    assert not isinstance(exc.value, UnsafeCheckpointError) and "run code" not in str(exc.value)
+    bad_pickle = tmp_path / "p.pt"
+    bad_pickle.write_bytes(b"\x80\x04garbage")  # a pickle header, then nonsense
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as exc:
+        safe_load(bad_pickle)
+    assert not isinstance(exc.value, UnsafeCheckpointError)

@@ -48,7 +48,7 @@ from kamim.interrupt import Interrupted, StopRequest, graceful_stop
 from kamim.metrics_log import MetricsLogger
 from kamim.models import build_pretrain_model
 from kamim.optim import fused_kwargs
-from kamim.outputs import OutputLock, check_output_dir, lock_output, mark_output_dir
+from kamim.outputs import check_output_dir, lock_output, mark_output_dir
 from kamim.precision import warn_if_slow_bf16
 from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
@@ -239,10 +239,8 @@ class _Trainer:
             seed=cfg.run.seed,
         )
         self.lengths = schedule_lengths(cfg, self.sampler.steps_per_epoch)
-        self.lock: Optional[OutputLock] = None
         if self.main:  # only now: bad input must not leave an empty run directory behind
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_output(out_dir, f"run directory '{out_dir}'")  # held until close()
             mark_output_dir(out_dir, COMMAND)
             for path in remove_stale_temp_files(out_dir):
                 log.info("removed %s, left by an interrupted save", path.name)
@@ -279,11 +277,6 @@ class _Trainer:
     def step(self) -> int:
         """Optimizer steps done."""
         return self.state.step
-
-    def close(self) -> None:
-        """Release the run directory's lock."""
-        if self.lock is not None:
-            self.lock.release()
 
     # ---------------------------------------------------------------- state
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -527,12 +520,15 @@ def pretrain(
                                inputs={"data.path folder": cfg.data.path})
     created_group = not kdist.is_distributed()
     info = kdist.init_distributed(cfg.run.device)
-    trainer = None
+    lock = None
     try:
-        trainer = _Trainer(cfg, out_dir, info, resume)
-        return trainer.run()
+        if info.is_main:  # before anything in the run directory is read (checkpoint lookup included)
+            lock = lock_output(out_dir, f"run directory '{out_dir}'")
+            check_output_dir(out_dir, COMMAND, overwrite=overwrite, legacy=(LAST_CHECKPOINT, SUMMARY_FILE))
+        kdist.barrier()
+        return _Trainer(cfg, out_dir, info, resume).run()
     finally:
-        if trainer is not None:
-            trainer.close()
+        if lock is not None:
+            lock.release()
         if created_group:
             kdist.cleanup()

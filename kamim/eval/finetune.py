@@ -46,6 +46,7 @@ from kamim.backbone import check_pool
 from kamim.checkpoints import resolve_encoder
 from kamim.config import FinetuneConfig
 from kamim.optim import fused_kwargs
+from kamim.precision import resolve_amp
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all, write_run_config,
 )
@@ -129,6 +130,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg).validate()  # a copy: validate() may clamp the warmup
     out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
+        cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _Finetuner(cfg, out_dir, info).run()
 
 

@@ -17,6 +17,8 @@ result tables report the requested ``k`` and the ``k`` actually used.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 from collections.abc import Sequence
@@ -30,13 +32,13 @@ from kamim.distributed import all_reduce_sum, is_main_process
 from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
 from kamim.config import KNNConfig
-from kamim.precision import amp_dtype_of
+from kamim.precision import amp_dtype_of, resolve_amp
 from kamim.runtime import write_run_config
 
 from .common import print_table, write_results
 from .data import build_labelled_data, eval_loader
 from .features import extract_dataset_features, resolve_layers
-from .session import check_output_dir, distributed_session, run_inputs
+from .session import check_output_dir, distributed_session, locked_output, run_inputs
 
 __all__ = ["knn_topk", "knn_scores", "knn_evaluate", "KNNConfig", "run_knn"]
 
@@ -170,7 +172,8 @@ def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
     cfg.validate()
     check_output_dir(cfg.output_dir, "knn", cfg.overwrite, run_inputs(cfg))
-    with distributed_session(cfg.device) as info:
+    with distributed_session(cfg.device) as info, locked_output(cfg.output_dir, info):
+        cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _run_knn(cfg, info)
 
 
@@ -212,6 +215,7 @@ def _run_knn(cfg: KNNConfig, info) -> dict:
                          "top5": 100.0 * float(hits[1]) / n_val})
     summary = {
         "checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "pool": cfg.pool, "temperature": cfg.temperature,
+        "amp": cfg.amp,
         "num_train": len(data.train), "num_val": len(data.val), "num_classes": data.num_classes,
         "layers": layers, "results": rows,
     }

@@ -29,6 +29,8 @@ rewritten atomically after every epoch, and a printed table of the final epoch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from collections.abc import Mapping
@@ -44,6 +46,7 @@ from kamim.backbone import layer_columns, model_geometry
 from kamim.checkpoints import resolve_encoder
 from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
+from kamim.precision import resolve_amp
 from kamim.runtime import (
     LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, epoch_scheduler,
     write_run_config,
@@ -112,6 +115,7 @@ def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
     cfg = cfg.resolved()
     out_dir = check_output_dir(cfg.output_dir, "linprobe", cfg.overwrite, run_inputs(cfg))
     with distributed_session(cfg.device) as info:
+        cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _Probe(cfg, out_dir, info).run()
 
 

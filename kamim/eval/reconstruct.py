@@ -18,6 +18,8 @@ the same images with the same masks.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -36,13 +38,13 @@ from kamim.config import ReconstructConfig, from_dict
 from kamim.data import build_dataset
 from kamim.masking import MaskGenerator
 from kamim.models import build_pretrain_model
-from kamim.precision import amp_dtype_of, autocast
+from kamim.precision import amp_dtype_of, autocast, resolve_amp
 from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint, write_run_config
 from kamim.serialization import CheckpointError, atomic_write
 
 from .common import print_table, write_results
 from .data import eval_loader, eval_transform
-from .session import check_output_dir, distributed_session, run_inputs
+from .session import check_output_dir, distributed_session, locked_output, run_inputs
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -380,7 +382,8 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
     cfg.validate()
     check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite, run_inputs(cfg))
-    with distributed_session(cfg.device) as info:
+    with distributed_session(cfg.device) as info, locked_output(cfg.output_dir, info):
+        cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         amp = amp_dtype_of(cfg.amp, info.device)
         models, infos = {}, {}
         for name, path in _named_checkpoints(cfg.checkpoints).items():

@@ -21,7 +21,8 @@ from kamim import outputs
 from kamim.distributed import DistInfo
 from kamim.serialization import json_safe, remove_stale_temp_files
 
-__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir"]
+__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir",
+           "locked_output", "run_inputs"]
 
 # config keys that may change between a run and its resumption
 RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options",
@@ -78,14 +79,28 @@ def run_inputs(cfg: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def locked_output(out_dir: str | os.PathLike, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds the output folder's lock (:func:`kamim.outputs.lock_output`, the one lock every
+    command takes on its ``--out``) for the body; a second process gets a one-line error naming this
+    one's pid. Nothing is created in ``out_dir``: bad input leaves no empty folder behind."""
+    lock = outputs.lock_output(out_dir, f"--out '{out_dir}'") if info.is_main else None
+    try:
+        kdist.barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
 def claimed_run_dir(out_dir: Path, task: str, info: DistInfo) -> Iterator[None]:
     """Rank 0 creates, locks (:func:`kamim.outputs.lock_output`; a second process gets a one-line
     error naming this one's pid) and marks the run directory as ``kamim TASK``'s and removes the
     temporary files of earlier killed saves; every rank waits for it. The lock is held until exit."""
     lock = None
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         lock = outputs.lock_output(out_dir, f"run directory '{out_dir}'")
+        out_dir.mkdir(parents=True, exist_ok=True)
         outputs.mark_output_dir(out_dir, f"kamim {task}")
         remove_stale_temp_files(out_dir)
     try:
