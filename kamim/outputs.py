@@ -150,7 +150,12 @@ class OutputLock:
         from kamim.serialization import umask_mode
 
         self.path = Path(path)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
+        self._fd: int | None = None  # set first: __del__ must find it even when open() fails
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
+        except OSError as err:
+            raise OutputDirError(f"cannot create the lock file '{self.path}' for {what}: "
+                                 f"{err.strerror or err}") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

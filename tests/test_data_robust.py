@@ -213,3 +213,15 @@ def test_mixed_layout_error_says_what_a_cli_user_can_do(tmp_path, photos):
     assert "--data" in msg and "class folder" in msg
     if "layout=" in msg:  # a Python-only option must be labelled as such
         assert "Python API" in msg
+
+
+def test_hard_links_to_one_image_are_one_image(tmp_path, photos):
+    root = tmp_path / "data"
+    first = _save(photos, root / "a" / "0.png")
+    _save(photos, root / "a" / "1.png", "coffee")
+    (root / "b").mkdir()
+    os.link(first, root / "b" / "same.png")  # a second name of a/0.png
+    found, messages = _find(root)
+    assert _rel(root, found) == ["a/0.png", "a/1.png"]
+    assert len(messages) == 1 and "skipped 1 hard links to files already listed" in messages[0]
+    assert "'b/same.png' is 'a/0.png'" in messages[0].replace(f"{root}/", "")

@@ -239,3 +239,18 @@ def test_debris_cleanup_takes_only_this_outputs_staging_folders(tmp_path):
     with outputs.staged_dir(tmp_path / "res", "kamim-analyze run") as staging:
         (staging / "a.txt").write_text("a")
     assert other.is_dir() and (other / "raw").is_dir() and not mine.exists()
+
+
+def test_a_lock_that_cannot_be_created_is_one_clean_error(tmp_path):
+    """A lock file that cannot be opened (read-only folder, a path under a file) is one error, with no
+    'Exception ignored in OutputLock.__del__' after it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("x")
+    lock = tmp_path / "file" / ".out.lock"  # a path under a file: open() fails for every user
+    code = ("from kamim.outputs import OutputLock, OutputDirError\n"
+            f"try:\n    OutputLock({str(lock)!r}, 'an output')\nexcept OutputDirError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.strip() == f"cannot create the lock file '{lock}' for an output: Not a directory"

@@ -132,7 +132,7 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path):
         safe_load(garbage)
     assert not isinstance(exc.value, UnsafeCheckpointError) and "run code" not in str(exc.value)
     bad_pickle = tmp_path / "p.pt"
-    bad_pickle.write_bytes(b"\x80\x04garbage")  # a pickle header, then nonsense
+    bad_pickle.write_bytes(b"\x80\x02garbage")  # a pickle header, then nonsense
     with pytest.raises(CheckpointError, match="truncated or corrupt") as exc:
         safe_load(bad_pickle)
     assert not isinstance(exc.value, UnsafeCheckpointError)

@@ -180,6 +180,7 @@ class _Scan:
     root: Path
     found: list[Path] = field(default_factory=list)
     repeats: list[tuple[Path, bool]] = field(default_factory=list)  # (symlink, is a loop)
+    hard_links: list[tuple[Path, Path]] = field(default_factory=list)  # (second name, the name kept)
     bad_entries: list[ImageLoadError] = field(default_factory=list)
     bad_dirs: list[tuple[Path, OSError]] = field(default_factory=list)
     other_images: list[Path] = field(default_factory=list)
@@ -202,6 +203,10 @@ class _Scan:
                 parts.append(f"{len(self.repeats) - loops} symlinks to folders or files already listed")
             _warn(f"'{self.root}': skipped {' and '.join(parts)}, so each file is listed once "
                   f"(e.g. '{link}' -> '{os.path.realpath(link)}')")
+        if self.hard_links:
+            extra, kept = min(self.hard_links, key=lambda h: h[0].as_posix())
+            _warn(f"'{self.root}': skipped {len(self.hard_links)} hard links to files already listed, so each "
+                  f"image is used once (e.g. '{extra}' is '{kept}')")
         if self.bad_dirs:
             path, err = min(self.bad_dirs, key=lambda d: d[0].as_posix())
             _warn(f"'{self.root}': skipped {len(self.bad_dirs)} folders that cannot be read "
@@ -304,6 +309,21 @@ def _scan(root: Path, exts: tuple[str, ...]) -> _Scan:
         else:
             real_files.add(target)
             scan.found.append(link)
+    # hard links: two names of one file (same device and inode) are one image, the first name kept
+    files: dict[_DirKey, Path] = {}
+    unique = []
+    for path in scan.found:
+        try:
+            st = os.stat(path)
+        except OSError:
+            unique.append(path)
+            continue
+        if (st.st_dev, st.st_ino) in files:
+            scan.hard_links.append((path, files[(st.st_dev, st.st_ino)]))
+            continue
+        files[(st.st_dev, st.st_ino)] = path
+        unique.append(path)
+    scan.found = unique
     return scan
 
 
@@ -311,8 +331,8 @@ def find_images(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTEN
                 strict: bool = False) -> list[Path]:
     """All image files under ``root`` (recursive, extension match case-insensitive), sorted.
 
-    Symlinks are followed, but each folder and each real file is listed once (a symlink loop or a
-    second link to the same file is skipped). Hidden files and folders (names starting with
+    Symlinks are followed, but each folder and each real file is listed once (a symlink loop, a
+    second symlink to the same file or a hard link to it is skipped). Hidden files and folders (names starting with
     ``.``, e.g. macOS ``._x.jpg`` resource forks or ``.ipynb_checkpoints``) are skipped. Entries
     with an image extension that are not readable regular files (dangling symlinks, FIFOs,
     sockets), sub-folders that cannot be read, and files in common formats kamim does not read
