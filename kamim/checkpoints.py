@@ -40,6 +40,7 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from kamim.backbone import Geometry, model_geometry, to_hw
+from kamim.config import FETCHING_TIMM_KWARGS
 from kamim.convert import Conversion, ConversionError
 from kamim.convert.hf import convert_hf_swin, convert_hf_vit, is_hf_swin, is_hf_vit
 from kamim.convert.layouts import (
@@ -50,7 +51,7 @@ from kamim.serialization import CheckpointError, load_safetensors, read_safetens
 __all__ = [
     "FORMATS", "MANIFEST_PATH", "CHECKPOINT_DIR_ENV", "CheckpointError", "LoadedEncoder", "ResolvedSource",
     "load_encoder", "encoder_from_module", "resolve_encoder", "resolve_source", "load_manifest", "read_checkpoint", "convert_checkpoint", "sha256_file",
-    "check_run_export",
+    "check_run_export", "check_export",
 ]
 
 #: Formats :func:`load_encoder` detects, with what identifies them.
@@ -219,6 +220,7 @@ def resolve_source(
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if path.is_file():
+        check_export(path)  # an export named directly is checked against the checkpoint beside it
         return ResolvedSource("file", name, path)
     if path.is_dir():
         # a kamim run directory: its encoder export, else its training checkpoint
@@ -247,16 +249,25 @@ def resolve_source(
 
 
 def check_run_export(run_dir: str | os.PathLike) -> None:
-    """Refuse a run directory whose encoder export does not come from its last checkpoint.
+    """Refuse a run directory whose encoder export does not come from its last checkpoint
+    (:func:`check_export` of ``RUN/encoder.safetensors``)."""
+    check_export(Path(run_dir) / _RUN_FILES[0])
+
+
+def check_export(export: str | os.PathLike) -> None:
+    """Refuse an encoder export that does not come from the ``checkpoint-last.pt`` beside it, however
+    the export is named on the command line (``RUN``, ``RUN/encoder.safetensors``, a copy renamed in
+    place).
 
     ``kamim pretrain`` records one id in ``checkpoint-last.pt`` (``save_id``) and in the export's
     metadata (``checkpoint_id``); they differ only when a save was interrupted between the two
-    writes (rerunning the pretraining command repairs the export). Exports made before the id was
-    recorded are not checked. Reads the checkpoint memory-mapped: no tensor data is loaded.
+    writes (rerunning the pretraining command repairs the export). Exports without the id, or without
+    a checkpoint beside them, are not checked. Reads the checkpoint memory-mapped: no tensor data is
+    loaded.
     """
-    run = Path(run_dir)
-    export, last = (run / f for f in _RUN_FILES)
-    if not (export.is_file() and last.is_file()):
+    export = Path(export)
+    run, last = export.parent, export.parent / _RUN_FILES[1]
+    if not (export.is_file() and last.is_file() and _is_safetensors(export)):
         return
     exported = read_safetensors_metadata(export).get("checkpoint_id")
     if not exported:
@@ -339,8 +350,7 @@ def _unwrap(obj: Any, checkpoint_key: str | None, where: str) -> tuple[str | Non
 
 
 # timm.create_model arguments that open a file or reach the network: never taken from a checkpoint
-_FETCHING_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
-                              "cache_dir", "pretrained_strict"})
+_FETCHING_KWARGS = FETCHING_TIMM_KWARGS
 
 
 def _is_plain(value: Any) -> bool:

@@ -52,6 +52,10 @@ T = TypeVar("T")
 METHODS = ("simmim", "kamim", "moco")
 AMP_MODES = ("bf16", "fp16", "none")
 LOSS_NORMALIZE = ("mask", "weight")
+#: timm.create_model arguments that open a file or reach the network: refused wherever a config or a
+#: checkpoint's metadata supplies model arguments (kamim.checkpoints too)
+FETCHING_TIMM_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                                  "cache_dir", "pretrained_strict"})
 # Fallbacks used only if kamim.keypoints / kamim.models.presets cannot be imported.
 _DEFAULT_DETECTORS = ("fast", "sift", "orb")
 _DEFAULT_RENDERS = ("ring", "point", "disk")
@@ -766,6 +770,10 @@ def _check_number(key: str, value: float | tuple[float, ...], ok: bool, rule: st
 
 def _validate(cfg: Config) -> None:
     _check_choice("method", cfg.method, METHODS)
+    fetching = sorted(set(map(str, cfg.model.overrides)) & FETCHING_TIMM_KWARGS)
+    if fetching:
+        raise ConfigError(f"model.overrides may not set {', '.join(fetching)}: they make timm open a file or "
+                          f"download weights (kamim pretrains from scratch; load weights with load_encoder)")
     _check_choice("model.arch", cfg.model.arch, _known("kamim.models.presets", "PRESETS", _DEFAULT_ARCHS))
     img = cfg.model.img_size
     if img <= 0:

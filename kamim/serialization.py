@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,8 @@ import torch
 
 __all__ = [
     "json_safe",
+    "CHECKSUM_KEY",
+    "content_checksum",
     "CheckpointError", "UnsafeCheckpointError", "atomic_write", "atomic_save",
     "atomic_write_text", "atomic_write_json", "safe_load", "save_safetensors",
     "load_safetensors", "read_safetensors_metadata", "make_temp_dir", "umask_mode", "remove_stale_temp_files",
@@ -116,8 +119,44 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     _fsync_dir(path.parent)
 
 
+CHECKSUM_KEY = "kamim_checksum"  # the content checksum atomic_save puts into a dict checkpoint
+
+
+def content_checksum(obj: Any) -> str:
+    """sha256 over the content of a checkpoint object: every tensor's dtype, shape and bytes and every
+    other value's ``repr``, walked in a fixed order (mapping keys sorted). torch does not check the
+    CRCs of its zip archive, so flipped bytes inside a tensor would otherwise load silently."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, Mapping):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                walk(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                walk(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
+    """``torch.save`` ``obj`` to ``path`` atomically; a dict gets its :func:`content_checksum` under
+    :data:`CHECKSUM_KEY`, which :func:`safe_load` verifies (a mismatch is a one-line error)."""
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+        obj[CHECKSUM_KEY] = content_checksum(obj)
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
     return Path(path)
@@ -140,7 +179,8 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
 
     Raises ``FileNotFoundError`` for a missing file, ``UnsafeCheckpointError`` for a pickle that
     needs code execution (anything outside the ``weights_only`` allow-list) and
-    ``CheckpointError`` for a truncated or corrupt file.
+    ``CheckpointError`` for a file that is no checkpoint, a truncated one, or one whose content does
+    not match the checksum :func:`atomic_save` wrote into it (the key is removed from the result).
     """
     path = Path(path)
     if not path.is_file():
@@ -151,7 +191,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts "
                               f"with {head!r})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         detail = next((ln.strip() for ln in reason if "GLOBAL" in ln), "")
@@ -167,6 +207,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         # empty stack, KeyError on a bad memo, ...): all mean "not a readable checkpoint"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from None
+    if isinstance(obj, dict) and CHECKSUM_KEY in obj:
+        recorded = obj.pop(CHECKSUM_KEY)
+        if content_checksum(obj) != recorded:
+            raise CheckpointError(f"{path} is corrupted: its content does not match the checksum written with it "
+                                  f"(restore it from a copy, or rerun with --resume none)")
+    return obj
 
 
 def _contiguous_cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

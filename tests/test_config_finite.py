@@ -87,3 +87,13 @@ def test_unsafe_tags_are_still_refused(tmp_path):
     path.write_text("method: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay"])
+def test_model_overrides_that_open_or_fetch_files_are_refused(key, tmp_path):
+    """A run's config.yaml with model.overrides.checkpoint_path used to make timm open that file
+    when `kamim reconstruct` rebuilt the model: refused wherever a config is loaded."""
+    from kamim.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"model.overrides may not set {key}: they make timm open a file"):
+        load_config("tiny_kamim", [f"model.overrides.{key}={tmp_path / 'x.pth'}"])

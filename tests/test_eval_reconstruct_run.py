@@ -116,9 +116,11 @@ def test_analytic_predictors(photos):
 def test_bad_inputs(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="pretraining checkpoint not found"):
         load_pretrain_model(tmp_path / "nothing")
-    ckpt = torch.load(runs["simmim"] / "checkpoint-last.pt", weights_only=True)
+    from kamim.serialization import atomic_save, safe_load
+
+    ckpt = safe_load(runs["simmim"] / "checkpoint-last.pt")
     ckpt["method"] = "moco"
-    torch.save(ckpt, tmp_path / "moco.pt")
+    atomic_save(ckpt, tmp_path / "moco.pt")  # a consistent file (its checksum written anew)
     with pytest.raises(ValueError, match="'moco' checkpoint; reconstruction needs a SimMIM/KAMIM"):
         load_pretrain_model(tmp_path / "moco.pt")
     big = _pretrain(runs["data"] / "train", tmp_path / "big", img=64)

@@ -46,6 +46,14 @@ def test_kill_between_checkpoint_and_export_is_detected_and_repaired(demo30, tmp
     assert read_safetensors_metadata(run / ENCODER_FILE)["step"] == "2"  # the stale export
     with pytest.raises(CheckpointError, match="does not come from .*checkpoint-last.pt .*rerun the same"):
         load_encoder(run)
+    # however the export is named: the path --help suggests, or a copy renamed beside the checkpoint
+    import shutil
+
+    shutil.copy(run / ENCODER_FILE, run / "mine.safetensors")
+    for path in (run / ENCODER_FILE, run / "mine.safetensors"):
+        with pytest.raises(CheckpointError, match="does not come from .*checkpoint-last.pt .*rerun the same"):
+            load_encoder(path)
+    (run / "mine.safetensors").unlink()
     monkeypatch.setattr(engine, "export_encoder", real_export)
     pretrain(cfg("run.max_steps=4"), demo30, run)  # "nothing to do", but the export is repaired
     enc = load_encoder(run)
@@ -146,3 +154,33 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(signum, demo30, t
     monkeypatch.setattr(engine, "build_model", real_build)
     resumed = pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "b")
     _assert_state_equal(safe_load(straight)["model"], safe_load(resumed)["model"])
+
+
+def _flip_tensor_bytes(path, n: int = 400) -> None:
+    """Flip ``n`` bytes inside the largest tensor record of a torch zip checkpoint (torch checks no CRC)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+            int.from_bytes(header[28:30], "little")
+        f.seek(start + 64)
+        data = bytearray(f.read(n))
+        f.seek(start + 64)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_corrupted_checkpoint_is_refused_on_resume_and_on_load(demo30, tmp_path):
+    run = tmp_path / "run"
+    pretrain(cfg("run.max_steps=2"), demo30, run, resume="none")
+    _flip_tensor_bytes(run / LAST_CHECKPOINT)
+    message = rf"^{run / LAST_CHECKPOINT} is corrupted: its content does not match the checksum written with it"
+    with pytest.raises(CheckpointError, match=message):
+        pretrain(cfg("run.max_steps=3"), demo30, run)
+    with pytest.raises(CheckpointError, match=message):
+        load_encoder(run / LAST_CHECKPOINT)
+    with pytest.raises(CheckpointError, match=message):
+        safe_load(run / LAST_CHECKPOINT)
