@@ -19,6 +19,8 @@ behind each as ``<figure>.csv``, plus ``metrics.csv``/``metrics.json`` and ``rep
 """
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -200,7 +202,12 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
             _write_csv(table, staging / f"{stem}.csv")
         mim_ckpts = {n: checkpoints[n] for n in _MIM if n in checkpoints}
         formats = {n: loaded[n].format for n in mim_ckpts}
-        if mim_ckpts and all(f == "kamim-pretrain" for f in formats.values()):
+
+        def has_decoder(name: str) -> bool:  # a training checkpoint, or a run directory holding one
+            source = Path(str(mim_ckpts[name])).expanduser()
+            return formats[name] == "kamim-pretrain" or (source / "checkpoint-last.pt").is_file()
+
+        if mim_ckpts and all(has_decoder(n) for n in mim_ckpts):
             stem = staging / PAPER_FIGURES["reconstructions"]
             try:
                 table = reconstruction_figure(mim_ckpts, data, stem, images=images, seed=seed,
@@ -209,9 +216,10 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
                 raise UsageError(f"reconstructions: {err}") from None
             _write_csv(table, staging / f"{PAPER_FIGURES['reconstructions']}.csv")
             return {"reconstructions": [stem.with_suffix(".pdf"), stem.with_suffix(".png")]}
-        run_notes.append(
-            "Reconstructions skipped: they need SimMIM/KAMIM training checkpoints with the decoder "
-            f"(format 'kamim-pretrain'), got {formats}.")
+        skipped = ("Reconstructions skipped: they need SimMIM/KAMIM training checkpoints with the decoder "
+                   f"(a run directory or its checkpoint-last.pt), got {formats}.")
+        run_notes.append(skipped)
+        logging.getLogger("kamim.analyze").warning(skipped)  # on the terminal too, not only in the report
         return {}
 
     return analyze(

@@ -13,12 +13,15 @@ Bad input raises :class:`UsageError` (a ``ValueError``) with a one-line message 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+log = logging.getLogger("kamim.analyze")
 
 __all__ = [
     "UsageError", "ModelSpec", "AnalyzeOutput", "ExtraStep", "parse_model_spec", "parse_analyses",
@@ -417,6 +420,10 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         for name, enc in loaded.items():
             loader, dataset = make_loader(data, enc.image_size, images=images,
                                           batch_size=batch_size, workers=workers, seed=seed)
+            if images is not None and images > len(dataset) and name == next(iter(loaded)):  # said once
+                fewer = f"--images {images}: the folder has {len(dataset)} images, all of which are analysed."
+                notes.append(fewer)
+                log.warning(fewer)
             opts = {"batch_size": batch_size, **dict(options or {}),
                     **dict(model_options(name, geometries[name]) if model_options else {})}
             try:

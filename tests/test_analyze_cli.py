@@ -392,3 +392,33 @@ def test_out_overlapping_an_input_is_refused_even_with_overwrite(assets, tmp_pat
                            "--quiet", "--overwrite"], capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(p.relative_to(imgs) for p in imgs.rglob("*")) == before and ckpt.is_file()
+
+
+def test_more_images_asked_than_the_folder_has_is_said_once(assets, tmp_path, capsys, caplog):
+    import logging
+
+    n = len([p for p in assets["data"].rglob("*.png")])
+    with caplog.at_level(logging.WARNING, logger="kamim.analyze"):
+        rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--model", f"B={assets['b']}", "--data",
+                           assets["data"], "--out", tmp_path / "o", "--analyses", "nmi", "--images", n + 10,
+                           "--quiet"], capsys)
+    assert rc == 0, err
+    said = [r.getMessage() for r in caplog.records if "--images" in r.getMessage()]
+    assert said == [f"--images {n + 10}: the folder has {n} images, all of which are analysed."]
+    assert said[0] in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_paper_figures_from_run_directories_include_the_reconstructions(pretrained, assets, tmp_path, capsys):
+    """Given `kamim pretrain` run directories (whose encoder export has no decoder), the reconstructions
+    come from their checkpoint-last.pt; nothing is dropped silently."""
+    _, _, ckpts = pretrained
+    runs = {n: p.parent for n, p in ckpts.items()}
+    assert all((r / "checkpoint-last.pt").is_file() and (r / "encoder.safetensors").is_file() for r in runs.values())
+    out = tmp_path / "paper"
+    rc, _, err = _run(["paper-figures", "--simmim", runs["SimMIM"], "--kamim", runs["KAMIM"], "--moco",
+                       runs["MoCo v3"], "--data", assets["data"], "--out", out, "--mim-image-size", "48", *FAST],
+                      capsys)
+    assert rc == 0, err
+    recon = pd.read_csv(out / "fig_reconstructions.csv")
+    assert set(recon["model"]) == {"SimMIM", "KAMIM"} and (out / "fig_reconstructions.png").is_file()
+    assert "Reconstructions skipped" not in (out / "report.html").read_text()

@@ -186,3 +186,12 @@ def test_rng_state_round_trip():
     a = (torch.rand(2), np.random.rand(), random.random())
     set_rng_state(saved)
     assert torch.equal(torch.rand(2), a[0]) and np.random.rand() == a[1] and random.random() == a[2]
+
+
+def test_a_dataset_smaller_than_one_batch_names_the_option_that_fixes_it():
+    from kamim.runtime import ResumableBatchSampler
+
+    with pytest.raises(ValueError, match=r"^the dataset has 300 images, fewer than one global batch of 1024: "
+                                         r"lower the batch size \(--batch-size N for linprobe/finetune, "
+                                         r"--set optim.batch_size=N for pretraining\)$"):
+        ResumableBatchSampler(300, 1024)

@@ -91,7 +91,9 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         if num_samples < global_batch_size:
             raise ValueError(
-                f"the dataset has {num_samples} images, fewer than one global batch of {global_batch_size}"
+                f"the dataset has {num_samples} images, fewer than one global batch of {global_batch_size}: "
+                f"lower the batch size (--batch-size N for linprobe/finetune, --set optim.batch_size=N for "
+                f"pretraining)"
             )
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
