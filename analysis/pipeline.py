@@ -233,8 +233,8 @@ class _NonEmptyBatches:
                 yield batch
 
 
-def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int], batch_size: int,
-                workers: int, seed: int) -> tuple[_NonEmptyBatches, Any]:
+def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int] = None, batch_size: int = 32,
+                workers: Optional[int] = None, seed: int = 0) -> tuple[_NonEmptyBatches, Any]:
     """Deterministic evaluation loader over ``data`` at ``img_size`` -> (loader, dataset).
 
     With ``images`` smaller than the folder, a seeded subset is used (the same images for every

@@ -15,7 +15,9 @@ What "except for size" changes, and nothing else:
   alternative to the pretraining line above it with the same ``--out``, in one of its own).
 
 The install lines (``python -m venv ... && pip install ...``) are what CI itself runs; the test runs
-the command each of them ends with (the demo, the test suite is this suite).
+the command each of them ends with (the demo, the test suite is this suite). The README's Python
+example (the first Python block; the second, the plugin file, runs in ``test_readme_plugin.py``)
+is executed too, sized the same way.
 """
 from __future__ import annotations
 
@@ -146,6 +148,19 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     assert len(pd.read_csv(runs / "lp" / "linprobe.csv")["layer"].unique()) == 6  # --layers all: vit_pico
     for out in ("analysis", "paper", "token-norm"):
         assert (runs / out / "report.html").is_file() and (runs / out / "config.yaml").is_file(), out
+    # the README's Python example, sized the same way, in the same working directory
+    example = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    assert "load_encoder(" in example and "run_analyses(" in example
+    example = example.replace("/data/imagenette/val", val).replace("images=1000", "images=8")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        scope: dict = {}
+        exec(compile(example, "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    table = scope["result"].table
+    assert {"attention-distance", "nmi"} <= set(table["metric"]) and set(table["images"]) == {8}
     metrics = pd.read_csv(runs / "token-norm" / "metrics.csv")
     assert (metrics["metric"] == "token-norm").any() and (runs / "token-norm" / "token_norm.png").is_file()
     assert (runs / "paper" / "fig_reconstructions.png").is_file()
