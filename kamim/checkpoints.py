@@ -375,7 +375,25 @@ def _checked_spec(name: Any, kwargs: Any, where: str) -> tuple[str, dict[str, An
     if bad:
         raise CheckpointError(f"{where}: refusing model kwargs {', '.join(bad)} from the checkpoint metadata "
                               f"(only plain architecture options are used)")
+    for key, value in kwargs.items():  # sizes timm would fail on with a traceback, or allocate without bound
+        rule = _SIZE_RULES.get(key)
+        if rule is None:
+            continue
+        low, high = rule
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+                                 for v in values):
+            raise CheckpointError(f"{where}: model kwarg {key}={value!r} in the checkpoint metadata is not in "
+                                  f"[{low}, {high}]")
     return name, dict(kwargs)
+
+
+# architecture sizes read from checkpoint metadata: each value must lie in [low, high]
+_SIZE_RULES: dict[str, tuple[float, float]] = {
+    "depth": (1, 1024), "depths": (1, 1024), "num_heads": (1, 4096), "embed_dim": (1, 65536),
+    "patch_size": (1, 4096), "img_size": (1, 16384), "mlp_ratio": (1e-3, 1024), "window_size": (1, 4096),
+    "reg_tokens": (0, 4096), "in_chans": (1, 64),
+}
 
 
 def _spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:

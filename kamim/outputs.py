@@ -110,6 +110,13 @@ def check_output_dir(
     """
     if not str(out).strip():
         raise OutputDirError(f"{option} is empty: give the folder to write into")
+    text = os.fspath(out) if not isinstance(out, bytes) else os.fsdecode(out)
+    if any(c in text for c in "\n\r"):
+        raise OutputDirError(f"{option} {text!r} contains a line break: choose a folder name without one")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogate-escaped): metadata could not hold it
+        raise OutputDirError(f"{option} {text!r} is not valid UTF-8: choose a folder name in UTF-8") from None
     path = Path(out).expanduser()
     check_not_input(path, inputs or {}, option)
     if path.exists() and not path.is_dir():

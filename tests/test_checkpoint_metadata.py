@@ -41,3 +41,13 @@ def test_model_names_that_download_or_do_not_exist_are_refused(tmp_path, name, m
 def test_kwargs_that_open_or_fetch_are_refused(tmp_path, extra):
     with pytest.raises(CheckpointError, match=f"refusing model kwargs {next(iter(extra))}"):
         load_encoder(_export(tmp_path, "vit_tiny_patch16_224", {**GOOD, **extra}))
+
+
+@pytest.mark.parametrize("bad", [{"depth": -3}, {"num_heads": 0}, {"patch_size": 0}, {"mlp_ratio": -1},
+                                 {"img_size": 10_000_000}, {"depth": True}, {"img_size": [32, 0]}])
+def test_impossible_sizes_in_metadata_are_one_line(tmp_path, bad):
+    key, value = next(iter(bad.items()))
+    import re
+
+    with pytest.raises(CheckpointError, match=re.escape(f"model kwarg {key}={value!r} in the checkpoint metadata is not in")):
+        load_encoder(_export(tmp_path, "vit_tiny_patch16_224", {**GOOD, **bad}))

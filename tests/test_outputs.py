@@ -254,3 +254,12 @@ def test_a_lock_that_cannot_be_created_is_one_clean_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.strip() == f"cannot create the lock file '{lock}' for an output: Not a directory"
+
+
+@pytest.mark.parametrize("name, message", [("run\nx", "contains a line break"),
+                                           (os.fsdecode(b"run\xff"), "is not valid UTF-8")])
+def test_output_names_that_metadata_cannot_hold_are_refused_up_front(tmp_path, name, message):
+    """Such a run used to train (exit 0) and leave an export that could not be loaded."""
+    with pytest.raises(OutputDirError, match=message):
+        check_output_dir(tmp_path / name, "kamim pretrain")
+    assert list(tmp_path.iterdir()) == []
