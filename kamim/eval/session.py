@@ -79,33 +79,29 @@ def run_inputs(cfg: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def locked_output(out_dir: str | os.PathLike, info: DistInfo) -> Iterator[None]:
+def locked_output(out_dir: str | os.PathLike, info: DistInfo, claim: str | None = None,
+                  what: str = "--out") -> Iterator[None]:
     """Rank 0 holds the output folder's lock (:func:`kamim.outputs.lock_output`, the one lock every
     command takes on its ``--out``) for the body; a second process gets a one-line error naming this
-    one's pid. Nothing is created in ``out_dir``: bad input leaves no empty folder behind."""
-    lock = outputs.lock_output(out_dir, f"--out '{out_dir}'") if info.is_main else None
-    try:
-        kdist.barrier()
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-@contextlib.contextmanager
-def claimed_run_dir(out_dir: Path, task: str, info: DistInfo) -> Iterator[None]:
-    """Rank 0 creates, locks (:func:`kamim.outputs.lock_output`; a second process gets a one-line
-    error naming this one's pid) and marks the run directory as ``kamim TASK``'s and removes the
-    temporary files of earlier killed saves; every rank waits for it. The lock is held until exit."""
+    one's pid; every rank waits for rank 0. Without ``claim`` nothing is created in ``out_dir`` (bad
+    input leaves no empty folder behind); with ``claim`` (a task name) rank 0 then creates the folder,
+    marks it as ``kamim TASK``'s and removes the temporary files of earlier killed saves."""
     lock = None
     if info.is_main:
-        lock = outputs.lock_output(out_dir, f"run directory '{out_dir}'")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        outputs.mark_output_dir(out_dir, f"kamim {task}")
-        remove_stale_temp_files(out_dir)
+        lock = outputs.lock_output(out_dir, f"{what} '{out_dir}'")
+        if claim is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            outputs.mark_output_dir(out_dir, f"kamim {claim}")
+            remove_stale_temp_files(out_dir)
     try:
         kdist.barrier()
         yield
     finally:
         if lock is not None:
             lock.release()
+
+
+def claimed_run_dir(out_dir: Path, task: str, info: DistInfo) -> contextlib.AbstractContextManager[None]:
+    """The run directory of a training evaluation, locked and claimed for ``kamim TASK`` until exit
+    (:func:`locked_output` with ``claim``)."""
+    return locked_output(out_dir, info, claim=task, what="run directory")
