@@ -242,12 +242,18 @@ class Config:
 
 # --------------------------------------------------------------------------- dict conversion
 
+def _fields(cls: Any) -> list[dataclasses.Field]:
+    """The fields of a config dataclass in their reading order: its own first, the keyword-only
+    settings it shares with other commands (a base class's) last. Used for files and messages."""
+    return sorted(dataclasses.fields(cls), key=lambda f: bool(f.kw_only))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) that YAML/JSON/``weights_only`` pickles can hold."""
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {f.name: conv(getattr(v, f.name)) for f in _fields(v)}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         if isinstance(v, dict):
@@ -336,7 +342,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in _fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(
@@ -386,7 +392,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, root: type = None) 
             else:
                 node = node.setdefault(part, {})
             continue
-        names = {f.name: f for f in dataclasses.fields(cls)}
+        names = {f.name: f for f in _fields(cls)}
         if part not in names:
             parent = ".".join(parts[:i])
             raise ConfigError(
@@ -512,7 +518,7 @@ def _resolve(name_or_path: str | os.PathLike, _seen: tuple[Path, ...] = (), _rel
 def _check_keys(cls: type, data: dict[str, Any], prefix: str = "") -> None:
     """Every key of ``data`` is a field of ``cls`` (recursively into nested dataclasses)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in _fields(cls)]
     for k, v in data.items():
         if k not in names:
             raise ConfigError(
@@ -937,8 +943,34 @@ def linprobe_recipes() -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(kw_only=True)
+class _EncoderRun:
+    """The settings every evaluation of an encoder shares (keyword-only, so that each command's own
+    required fields come first in its constructor)."""
+
+    img_size: Optional[int] = None  # default: the encoder's
+    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
+    device: str = "auto"
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
+    progress: bool = True
+    overwrite: bool = False  # write into an output_dir holding files of something else
+    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
+
+
+@dataclass(kw_only=True)
+class _TrainedRun(_EncoderRun):
+    """The settings linear probing and finetuning share: the optimizer loop and its resume."""
+
+    accum_steps: int = 1
+    lr: Optional[float] = None  # absolute peak LR (overrides base_lr)
+    warmup_lr: float = 0.0
+    seed: int = 0
+    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
+    stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
+
+
 @dataclass
-class LinprobeConfig:
+class LinprobeConfig(_TrainedRun):
     """A linear-probing run (``kamim linprobe``). ``None`` values take the recipe's (:func:`linprobe_recipes`)."""
 
     COMMAND: ClassVar[str] = "linprobe"
@@ -952,27 +984,14 @@ class LinprobeConfig:
     epochs: int = 90
     warmup_epochs: int = 10
     batch_size: int = 256  # global: all ranks x accumulation steps
-    accum_steps: int = 1
     opt: Optional[str] = None  # adamw | lars | sgd
     base_lr: Optional[float] = None  # peak lr = base_lr x batch_size / 256
-    lr: Optional[float] = None  # absolute peak LR (overrides base_lr)
     min_lr: float = 0.0
-    warmup_lr: float = 0.0
     weight_decay: Optional[float] = None
     batchnorm: Optional[bool] = None  # BatchNorm1d(affine=False) before each head
     aug: Optional[str] = None  # finetune | light | none
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25  # random erasing (finetune augmentation only)
-    img_size: Optional[int] = None  # default: the encoder's
-    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
-    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
-    stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
-    progress: bool = True
-    overwrite: bool = False  # write into an output_dir holding files of something else
-    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
 
     def validate(self) -> "LinprobeConfig":
         """Check every value given (recipe values still None are checked by :meth:`resolved`)."""
@@ -1008,7 +1027,7 @@ class LinprobeConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_TrainedRun):
     """A finetuning run (``kamim finetune``); the defaults are MAE's ViT-B recipe (``kamim/configs/eval/finetune_mae.yaml``)."""
 
     COMMAND: ClassVar[str] = "finetune"
@@ -1020,11 +1039,8 @@ class FinetuneConfig:
     epochs: int = 100
     warmup_epochs: int = 5
     batch_size: int = 1024  # global: all ranks x accumulation steps
-    accum_steps: int = 1
     base_lr: float = 5e-4  # peak lr = base_lr x batch_size / 256
-    lr: Optional[float] = None  # absolute peak LR (overrides base_lr)
     min_lr: float = 1e-6
-    warmup_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 0.65  # 1.0 disables layer-wise decay
@@ -1039,16 +1055,6 @@ class FinetuneConfig:
     re_prob: float = 0.25  # random erasing probability
     ema: bool = False  # also evaluate an EMA of the weights
     ema_decay: float = 0.9999
-    img_size: Optional[int] = None  # default: the encoder's
-    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
-    resume: Any = "auto"  # auto | none | path to a run dir or checkpoint
-    stop_epoch: Optional[int] = None  # stop after this many epochs (schedule still spans `epochs`); resume later
-    progress: bool = True
-    overwrite: bool = False  # write into an output_dir holding files of something else
-    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
 
     def validate(self) -> "FinetuneConfig":
         """Check every value (one-line ``ConfigError``); ``auto_augment: none`` becomes None and a too long
@@ -1083,7 +1089,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class KNNConfig:
+class KNNConfig(_EncoderRun):
     """A k-NN evaluation run (``kamim knn``): encoder, labelled data, layers, k values."""
 
     COMMAND: ClassVar[str] = "knn"
@@ -1096,16 +1102,9 @@ class KNNConfig:
     ks: tuple[int, ...] = (20, 200)  # neighbour counts
     temperature: float = 0.07
     batch_size: int = 128
-    num_workers: Optional[int] = None  # loader workers per process; null: min(4, CPUs available)
     train_chunk_size: int = 65536  # train rows per similarity block
     query_chunk_size: int = 1024  # queries per similarity block
     bank_dtype: str = "float16"  # float16 | float32: feature bank storage
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (fp32)
-    img_size: Optional[int] = None  # default: the encoder's
-    progress: bool = True
-    load_options: dict = field(default_factory=dict)  # model_name, num_heads, img_size of the encoder
-    overwrite: bool = False  # write into an output_dir holding files of something else
 
     def validate(self) -> "KNNConfig":
         """Check every value (one-line ``ConfigError``)."""

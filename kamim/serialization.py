@@ -132,7 +132,8 @@ def content_checksum(obj: Any) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                digest.update(t.view(torch.uint8).numpy())  # the tensor's own buffer, not a copy
         elif isinstance(value, Mapping):
             digest.update(b"{")
             for key in sorted(value, key=str):

@@ -5,6 +5,8 @@ Imported by ``tests/test_eval_*.py`` and ``tests/test_cli_eval.py`` (pytest puts
 """
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,3 +35,30 @@ def photo_crops(
     kw = {} if photos is None else {"photos": list(photos)}
     return write_labelled_demo(root, kind="photo-crops", size=32, n_train_per_class=n_train_per_class,
                                n_val_per_class=n_val_per_class, **kw)
+
+
+def signal_at(module: nn.Module, at: int, signum: int = signal.SIGTERM) -> nn.Module:
+    """``module``, which sends ``signum`` to this process during its forward call number ``at``."""
+    calls = []
+
+    def hook(_module, _args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+
+    module.register_forward_pre_hook(hook)
+    return module
+
+
+class PoisonGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``value`` (NaN or inf): a finite loss
+    with a non-finite gradient. ``PoisonGrad.apply(x, float("nan"))``."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.value = value
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.value, None

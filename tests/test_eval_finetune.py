@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 
 import pytest
 import torch
-from eval_helpers import photo_crops
+from eval_helpers import PoisonGrad, photo_crops, signal_at
 from eval_helpers import tiny_vit as _vit
 from timm.layers import DropPath
 
@@ -112,24 +111,12 @@ def test_bad_inputs(crops, tmp_path):
         finetune(_cfg(_vit(), tmp_path / "nope", tmp_path / "x"))
 
 
-def _signal_at(module: torch.nn.Module, at: int, signum: int = signal.SIGTERM) -> None:
-    """``module`` sends ``signum`` to this process during its forward call number ``at``."""
-    calls = []
-
-    def hook(_module, _args):
-        calls.append(1)
-        if len(calls) == at:
-            os.kill(os.getpid(), signum)
-
-    module.register_forward_pre_hook(hook)
-
-
 def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(crops, tmp_path):
     # 32 train images, batch 8: 4 steps per epoch; drop path, mixup/cutmix and EMA all draw or carry state
     kw = dict(epochs=2, warmup_epochs=1, batch_size=8, drop_path=0.1, ema=True, ema_decay=0.9)
     full = finetune(_cfg(_vit(), crops, tmp_path / "full", **kw))
     model = _vit()
-    _signal_at(model, at=2, signum=signal.SIGINT)
+    signal_at(model, at=2, signum=signal.SIGINT)
     with pytest.raises(Interrupted) as exc:
         finetune(_cfg(model, crops, tmp_path / "cut", **kw))
     assert str(exc.value).startswith("stopped by SIGINT after step 2; checkpoint saved")
@@ -147,21 +134,9 @@ def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(crops, tmp_path):
     assert (tmp_path / "full" / "finetune.csv").read_text() == (tmp_path / "cut" / "finetune.csv").read_text()
 
 
-class _NaNGrad(torch.autograd.Function):
-    """Identity forward, NaN gradient backward: a finite loss with a non-finite gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
 def test_non_finite_gradient_norm_stops_before_the_update(crops, tmp_path):
     model = _vit()
-    model.blocks[0].register_forward_hook(lambda _m, _a, out: _NaNGrad.apply(out))
+    model.blocks[0].register_forward_hook(lambda _m, _a, out: PoisonGrad.apply(out, float("nan")))
     with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient norm nan at step 1; stopped, no checkpoint "
                                                  r"written$"):
         finetune(_cfg(model, crops, tmp_path / "nan", amp="none"))

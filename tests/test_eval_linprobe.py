@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 
 import pytest
 import torch
+from eval_helpers import PoisonGrad, signal_at
 from eval_helpers import photo_crops as _photo_crops
 from eval_helpers import tiny_vit
 
@@ -123,23 +123,11 @@ def test_bad_inputs(small_crops, tmp_path):
         linear_probe(_cfg(_vit(2), bad, tmp_path / "x"))
 
 
-def _signal_at(module: torch.nn.Module, at: int, signum: int = signal.SIGTERM) -> None:
-    """``module`` sends ``signum`` to this process during its forward call number ``at``."""
-    calls = []
-
-    def hook(_module, _args):
-        calls.append(1)
-        if len(calls) == at:
-            os.kill(os.getpid(), signum)
-
-    module.register_forward_pre_hook(hook)
-
-
 def test_interrupt_mid_epoch_saves_and_resumes_bit_exact(small_crops, tmp_path):
     kw = dict(layers="all", epochs=2, batch_size=8)  # 32 train images: 4 optimizer steps per epoch
     full = linear_probe(_cfg(_vit(2), small_crops, tmp_path / "a", **kw))
     model = _vit(2)
-    _signal_at(model.patch_embed, at=3)  # during the 3rd training batch of epoch 1
+    signal_at(model.patch_embed, at=3)  # during the 3rd training batch of epoch 1
     with pytest.raises(Interrupted) as exc:
         linear_probe(_cfg(model, small_crops, tmp_path / "b", **kw))
     assert exc.value.exit_status == 128 + signal.SIGTERM
@@ -178,18 +166,6 @@ def test_config_yaml_reruns_the_same_probe(small_crops, tmp_path):
     assert (tmp_path / "a" / "linprobe.csv").read_text() == (tmp_path / "b" / "linprobe.csv").read_text()
 
 
-class _InfGrad(torch.autograd.Function):
-    """Identity forward, inf gradient backward: a finite loss with a non-finite gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def test_non_finite_gradient_is_refused_before_the_update(small_crops, tmp_path, monkeypatch):
     """As in pretraining and finetuning: an inf gradient stops the probe before any weight moves, and
     the message says what is on disk (first step: nothing; later: the checkpoint of epoch 1, untouched)."""
@@ -203,7 +179,7 @@ def test_non_finite_gradient_is_refused_before_the_update(small_crops, tmp_path,
         logits = real(self, feats)
         if self.training:
             if len(steps) >= poison_from:
-                logits = {k: _InfGrad.apply(v) for k, v in logits.items()}
+                logits = {k: PoisonGrad.apply(v, float("inf")) for k, v in logits.items()}
         return logits
 
     monkeypatch.setattr(ProbeHeads, "forward", forward)

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
+from eval_helpers import signal_at
 from test_pretrain import SMALL, _assert_state_equal, demo30  # noqa: F401 (fixture)
 
 import importlib
@@ -127,24 +128,11 @@ def test_temp_files_of_killed_saves_are_removed(demo30, tmp_path):
     assert not debris.exists() and keep.exists()
 
 
-def _signal_at(model: nn.Module, at: int, signum: int) -> nn.Module:
-    """``model`` sending ``signum`` to this process during its forward pass number ``at``."""
-    calls = []
-
-    def hook(_module, _args):
-        calls.append(1)
-        if len(calls) == at:
-            os.kill(os.getpid(), signum)
-
-    model.register_forward_pre_hook(hook)
-    return model
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(signum, demo30, tmp_path, monkeypatch):
     straight = pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "a", resume="none")
     real_build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda c: _signal_at(real_build(c), at=3, signum=signum))
+    monkeypatch.setattr(engine, "build_model", lambda c: signal_at(real_build(c), at=3, signum=signum))
     with pytest.raises(Interrupted) as exc:
         pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "b", resume="none")
     assert exc.value.exit_status == 128 + signum

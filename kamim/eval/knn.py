@@ -210,7 +210,7 @@ def _run_knn(cfg: KNNConfig, info) -> dict:
             hits = torch.tensor([round(r["top1"] * n_local / 100), round(r["top5"] * n_local / 100)],
                                 dtype=torch.float64, device=info.device)
             hits = all_reduce_sum(hits)
-            rows.append({**layer_columns(enc.model, layer), "k": k, "k_used": r["k_used"],
+            rows.append({**layer_columns(enc.geometry, layer), "k": k, "k_used": r["k_used"],
                          "top1": 100.0 * float(hits[0]) / n_val,
                          "top5": 100.0 * float(hits[1]) / n_val})
     summary = {

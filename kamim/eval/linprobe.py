@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from kamim.backbone import layer_columns, model_geometry
+from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
 from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
@@ -130,7 +130,7 @@ class _Probe(EpochTrainer):
         self.enc = resolve_encoder(cfg.checkpoint, self.device, cfg.load_options, frozen=True)
         self.model = self.enc.model
         self.layers = resolve_layers(self.model, cfg.layers)
-        self.geometry = model_geometry(self.model)
+        self.geometry = self.enc.geometry  # read once by the encoder loader
         self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, cfg.aug, cfg.auto_augment,
                                         cfg.re_prob, self.model)
 
