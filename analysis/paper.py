@@ -136,10 +136,10 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
     """
     import matplotlib.pyplot as plt
     import torch
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
     from analysis.plots import save_figure
-    from kamim import (EvalTransform, ImageFolderDataset, MaskedImages, MaskGenerator, collate_skip_bad,
+    from kamim import (EvalTransform, ImageFolderDataset, MaskedImages, MaskGenerator, data_loader,
                        evaluate_reconstruction, load_pretrain_model, plot_reconstructions)
 
     models, infos = {}, {}
@@ -158,7 +158,7 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
         idx = np.sort(np.random.default_rng(seed).permutation(len(base))[:images])
         base = Subset(base, idx.tolist())
     masked = MaskedImages(base, masker, seed)
-    loader = DataLoader(masked, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_bad)
+    loader = data_loader(masked, workers=0, batch_size=batch_size)
     with torch.no_grad():
         metrics = evaluate_reconstruction(models, loader, device)
     fig = plot_reconstructions(models, masked, list(range(min(figure_images, len(masked)))),

@@ -242,9 +242,9 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     """
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
-    from kamim import EvalTransform, ImageFolderDataset, collate_skip_bad, loader_workers
+    from kamim import EvalTransform, ImageFolderDataset, data_loader
 
     try:
         dataset = ImageFolderDataset(data, EvalTransform(tuple(img_size)), layout="auto")
@@ -254,9 +254,7 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     if images is not None and images < len(dataset):
         idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:images])
         subset = Subset(dataset, idx.tolist())
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(workers),
-                        collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=False)
+    loader = data_loader(subset, workers=workers, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     return _NonEmptyBatches(loader), dataset
 
 

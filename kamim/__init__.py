@@ -22,8 +22,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "kamim.models": ("create_pretrain_model", "create_encoder"),
     "kamim.checkpoints": ("load_encoder", "LoadedEncoder"),
     # data
-    "kamim.data": ("EvalTransform", "ImageFolderDataset", "build_dataset", "collate_skip_bad", "find_images",
-                   "loader_workers"),
+    "kamim.data": ("EvalTransform", "ImageFolderDataset", "build_dataset", "collate_skip_bad", "data_loader",
+                   "find_images", "loader_workers"),
     "kamim.data.demo": ("kamim_data_dir", "demo_photographs", "write_demo_folder", "write_labelled_demo"),
     # configuration
     "kamim.config": ("Config", "load_config"),
@@ -42,7 +42,7 @@ __all__ = [  # literal, so that tools read it without importing (a test keeps it
     "__version__", "keypoint_map", "detect_keypoints", "KeypointMapper", "patch_density",
     "weights_from_density", "patch_weights", "reconstruction_loss", "MaskGenerator", "create_pretrain_model",
     "create_encoder", "load_encoder", "LoadedEncoder", "EvalTransform", "ImageFolderDataset",
-    "build_dataset", "collate_skip_bad", "find_images", "loader_workers", "kamim_data_dir", "demo_photographs",
+    "build_dataset", "collate_skip_bad", "data_loader", "find_images", "loader_workers", "kamim_data_dir", "demo_photographs",
     "write_demo_folder", "write_labelled_demo", "Config", "load_config", "pretrain", "linear_probe",
     "finetune", "knn_evaluate", "run_knn", "MaskedImages", "evaluate_reconstruction", "load_pretrain_model",
     "plot_reconstructions", "run_reconstruct", "sweep",

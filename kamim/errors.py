@@ -8,7 +8,8 @@
   reports it as a ``RuntimeError``).
 * A diverged training run (``kamim.engine.pretrain.NonFiniteLossError``) prints one line, exit 1.
 * ``KeyboardInterrupt`` prints ``PROG: interrupted`` (plus its message, if it has one) and exits
-  with its ``exit_status`` (``kamim.interrupt.Interrupted``: 128 + the signal) or 130.
+  with its ``exit_status`` (``kamim.interrupt.Interrupted``: 128 + the signal) or 130. SIGTERM is
+  handled like SIGINT (``kamim.interrupt.sigterm_interrupts``): one line, exit 143.
 * Anything else is a bug and keeps its traceback. ``KAMIM_DEBUG=1`` shows the traceback of every
   error.
 
@@ -138,8 +139,11 @@ def format_error(prog: str, err: BaseException) -> str:
 
 def run_command(prog: str, func: Callable[[Any], Optional[int]], args: Any) -> int:
     """``func(args)`` with the error rule of the module docstring; returns the exit status."""
+    from kamim.interrupt import sigterm_interrupts
+
     try:
-        return int(func(args) or 0)
+        with sigterm_interrupts():  # SIGTERM (a scheduler's stop) ends a command like Ctrl-C
+            return int(func(args) or 0)
     except (Exception, KeyboardInterrupt) as err:
         code = exit_code(err)
         if code is None or debug_enabled():

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Interrupted", "StopRequest", "graceful_stop"]
+__all__ = ["Interrupted", "StopRequest", "graceful_stop", "sigterm_interrupts"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,6 +37,25 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises :class:`Interrupted` in the body, as SIGINT raises ``KeyboardInterrupt``: a
+    command stops the same way for both (a training loop's :func:`graceful_stop` takes over inside
+    it). Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, _frame) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

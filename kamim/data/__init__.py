@@ -8,6 +8,7 @@ from .datasets import (
     build_dataset,
     build_labelled_splits,
     collate_skip_bad,
+    data_loader,
     loader_workers,
 )
 from .demo import demo_photographs, kamim_data_dir, write_demo_folder, write_labelled_demo
@@ -28,6 +29,7 @@ __all__ = [
     "build_dataset",
     "build_labelled_splits",
     "collate_skip_bad",
+    "data_loader",
     "demo_photographs",
     "ensure_rgb",
     "find_images",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,7 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .images import ImageLoadError, ensure_rgb, find_images, load_rgb
 
@@ -32,6 +32,7 @@ __all__ = [
     "build_dataset",
     "build_labelled_splits",
     "collate_skip_bad",
+    "data_loader",
     "loader_workers",
 ]
 
@@ -181,6 +182,25 @@ def collate_skip_bad(batch: Sequence[Mapping | None]) -> dict:
     out = dict(default_collate(good)) if good else {}
     out["num_skipped"] = torch.tensor(len(batch) - len(good), dtype=torch.int64)
     return out
+
+
+def _leave_stop_signals_to_main(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT and SIGTERM: a scheduler (SLURM) or a Ctrl-C signals the whole
+    process group, and the main process stops the run (finishing its step and saving), then shuts the
+    workers down; a worker killed by the signal would instead fail the loader mid-step."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def data_loader(dataset: Dataset, *, workers: int | None, persistent: bool = False, **kwargs: Any) -> DataLoader:
+    """The ``DataLoader`` every kamim loader is (pretraining, evaluation, analysis): ``workers`` through
+    :func:`loader_workers`, :func:`collate_skip_bad` unless ``collate_fn`` is given, workers that
+    leave stop signals to the main process, ``persistent`` workers when there are any; other
+    ``kwargs`` go to ``DataLoader`` (``batch_size``, ``batch_sampler``, ``generator``, ...)."""
+    num_workers = loader_workers(workers)
+    kwargs.setdefault("collate_fn", collate_skip_bad)
+    return DataLoader(dataset, num_workers=num_workers, persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=_leave_stop_signals_to_main if num_workers else None, **kwargs)
 
 
 # --------------------------------------------------------------------------- torchvision datasets

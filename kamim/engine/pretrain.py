@@ -28,6 +28,7 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -39,12 +40,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from kamim import distributed as kdist
 from kamim.backbone import model_geometry
 from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_config, to_dict
-from kamim.interrupt import Interrupted, StopRequest, graceful_stop
+from kamim.interrupt import graceful_stop
 from kamim.metrics_log import MetricsLogger
 from kamim.models import build_pretrain_model
 from kamim.optim import fused_kwargs
@@ -54,7 +54,7 @@ from kamim.runtime import (  # re-exported: these names were defined here before
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
     NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
     encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint,
-    nonfinite_state, on_disk, rng_state, seed_all, set_rng_state,
+    nonfinite_state, rng_state, seed_all, set_rng_state, stopped,
 )
 from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files
 
@@ -245,13 +245,12 @@ class _Trainer:
             for path in remove_stale_temp_files(out_dir):
                 log.info("removed %s, left by an interrupted save", path.name)
         kdist.barrier()
-        from kamim.data import collate_skip_bad, loader_workers
+        from kamim.data import data_loader
 
-        workers = loader_workers(cfg.data.num_workers)
-        self.loader = DataLoader(
-            SeededDataset(self.dataset, cfg.run.seed), batch_sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.run.seed),
+        self.loader = data_loader(
+            SeededDataset(self.dataset, cfg.run.seed), workers=cfg.data.num_workers, persistent=True,
+            batch_sampler=self.sampler, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.run.seed),
         )
 
         self.optimizer = build_optimizer(self.model, o)
@@ -335,27 +334,14 @@ class _Trainer:
         export_encoder(self.model, path, method=self.cfg.method, step=self.step, checkpoint_id=saved or "")
 
     # ---------------------------------------------------------------- loop
-    def _micro_batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(epoch, micro-batch) from the current step to the end, epoch after epoch."""
-        spe = self.lengths.steps_per_epoch
-        epoch, start = divmod(self.step, spe)
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """The micro-batches from the current step to the end, epoch after epoch (the loader's workers
+        leave SIGINT/SIGTERM to this process, which stops after the current step)."""
+        epoch, start = divmod(self.step, self.lengths.steps_per_epoch)
         while True:
             self.sampler.set_epoch(epoch, start)
-            for batch in self.loader:
-                yield epoch, batch
+            yield from self.loader
             epoch, start = epoch + 1, 0
-
-    def _take(self, micro: Iterator[tuple[int, dict[str, Any]]], stop: StopRequest) -> Iterator[dict[str, Any]]:
-        """The ``accum_steps`` micro-batches of the next optimizer step."""
-        for _ in range(self.cfg.optim.accum_steps):
-            try:
-                _, batch = next(micro)
-            except Exception:
-                if stop.signum:  # the signal also reached (and stopped) the loader workers
-                    raise Interrupted(stop.signum, f"stopped by {stop.name} during step {self.step + 1}; "
-                                      f"{on_disk(self.out_dir / LAST_CHECKPOINT)}") from None
-                raise
-            yield batch
 
     def _loss(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
         """The method's loss of one micro-batch (None: every image of it was unreadable)."""
@@ -407,7 +393,7 @@ class _Trainer:
         stop = stop_ctx.__enter__()
         try:
             while self.step < lengths.stop_step:
-                out = self.train_step(self._take(micro, stop), self._loss)
+                out = self.train_step(itertools.islice(micro, cfg.optim.accum_steps), self._loss)
                 lr, grad_norm = out.lr, out.grad_norm
                 hook = getattr(self.model, "on_after_optimizer_step", None)
                 if callable(hook):
@@ -441,9 +427,7 @@ class _Trainer:
                     self._sync_skipped()  # a collective: every rank, unconditionally
                     self.save()
                 if signum and not last:
-                    raise Interrupted(signum, f"stopped by {stop.name or 'a signal'} after step {self.step}; "
-                                      f"checkpoint saved ({self.out_dir / LAST_CHECKPOINT}); rerun the same "
-                                      f"command to resume")
+                    raise stopped(signum, self.step, self.out_dir / LAST_CHECKPOINT)
         finally:
             stop_ctx.__exit__(None, None, None)
             micro.close()  # shuts the loader iterator (and its workers) down

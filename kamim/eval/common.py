@@ -20,21 +20,27 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kamim import outputs
-from kamim.runtime import EpochRunConfig, find_resume_checkpoint
+from kamim.runtime import EpochRunConfig, EpochTrainer, find_resume_checkpoint, write_run_config
 from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, json_safe, safe_load
 
-from .session import RESUME_SAFE_KEYS, config_changes
+from .features import unpack_labelled
+from .session import RESUME_SAFE_KEYS, claimed_run_dir, config_changes
 
-__all__ = ["config_record", "load_resume_checkpoint", "write_results", "format_table", "print_table"]
+__all__ = ["config_record", "load_resume_checkpoint", "LabelledTask", "write_results", "format_table", "print_table"]
+
+log = logging.getLogger("kamim.eval")
 
 
 # --------------------------------------------------------------------------- training runs
@@ -73,6 +79,69 @@ def load_resume_checkpoint(
             f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
         )
     return path, ckpt
+
+
+class LabelledTask(EpochTrainer):
+    """An epoch-based task on labelled images (linear probing, finetuning) in its run directory.
+
+    It adds to :class:`kamim.runtime.EpochTrainer` what both tasks do alike: resuming from the run
+    directory (:meth:`resume`), a micro-batch on the device (:meth:`labelled`), the results files and
+    the run itself (:meth:`run`: lock the folder, record the config, train the epochs, write and print
+    the results). A task sets ``checkpoint_format``, ``config`` (:func:`config_record`) and
+    ``history``, and gives :meth:`describe`, :meth:`summary` and :meth:`print_summary`.
+    """
+
+    checkpoint_format = ""
+    history: list[dict[str, Any]]
+
+    def resume(self, what: str) -> dict[str, Any] | None:
+        """Restore ``checkpoint-last.pt`` (``cfg.resume`` rules; ``what`` names the kind in messages);
+        the checkpoint, for the task's own entries, or None when the run starts afresh."""
+        resumed = load_resume_checkpoint(self.out_dir, self.cfg.resume, self.checkpoint_format, what, self.config)
+        if resumed is None:
+            return None
+        path, ckpt = resumed
+        self.restore(ckpt)
+        self.history = list(ckpt["history"])
+        log.info("resumed %s from %s at epoch %d, step %d", what, path, self.state.epoch, self.state.step)
+        return ckpt
+
+    def labelled(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(images, targets) of a micro-batch on the device; None when every image was unreadable."""
+        if "image" not in batch:
+            return None
+        images, target = unpack_labelled(batch)
+        return images.to(self.device, non_blocking=True), target.to(self.device)
+
+    def describe(self) -> str:
+        """The line logged when the run starts."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """Everything ``<task>.json`` holds."""
+        raise NotImplementedError
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        """The table printed at the end."""
+        raise NotImplementedError
+
+    def write_results(self, summary: dict[str, Any] | None = None) -> None:
+        """``<task>.json`` and ``<task>.csv`` (rank 0)."""
+        if self.info.is_main:
+            write_results(self.out_dir, self.task, self.history, summary or self.summary())
+
+    def run(self) -> dict[str, Any]:
+        """Train (or resume) to the stop epoch under the run directory's lock; the summary."""
+        with claimed_run_dir(self.out_dir, self.task, self.info):
+            log.info(self.describe())
+            write_run_config(self.cfg, self.out_dir, self.info.is_main)
+            t0 = time.perf_counter()
+            self.run_epochs()
+            summary = {**self.summary(), "time_s": time.perf_counter() - t0}
+            self.write_results(summary)
+            if self.info.is_main:
+                self.print_summary(summary)
+            return summary
 
 
 # --------------------------------------------------------------------------- results

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from kamim.backbone import check_input_size, to_hw
-from kamim.data import build_labelled_splits, collate_skip_bad, loader_workers
+from kamim.data import build_labelled_splits, data_loader
 from kamim.data.transforms import harden_auto_augment
 from kamim.distributed import DistInfo
 from kamim.runtime.sampler import ResumableBatchSampler, SeededDataset
@@ -165,10 +165,7 @@ def eval_loader(
     """
     n, world, rank = len(dataset), info.world_size, info.rank
     shard = dataset if world == 1 else Subset(dataset, list(range(rank, n, world)))
-    loader = DataLoader(
-        shard, batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers),
-        collate_fn=collate_skip_bad, pin_memory=info.device.type == "cuda", persistent_workers=False,
-    )
+    loader = data_loader(shard, workers=num_workers, batch_size=batch_size, pin_memory=info.device.type == "cuda")
     if world == 1:
         return loader, None
 
@@ -193,11 +190,8 @@ def train_loader(
     sampler = ResumableBatchSampler(
         len(dataset), global_batch, rank=info.rank, world_size=info.world_size, accum_steps=accum_steps, seed=seed
     )
-    workers = loader_workers(num_workers)
-    loader = DataLoader(
-        SeededDataset(dataset, seed), batch_sampler=sampler, num_workers=workers,
-        collate_fn=collate_skip_bad, pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
-    )
+    loader = data_loader(SeededDataset(dataset, seed), workers=num_workers, persistent=True, batch_sampler=sampler,
+                         pin_memory=info.device.type == "cuda")
     return loader, sampler
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +45,18 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import FinetuneConfig
 from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
-from kamim.runtime import (
-    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all, write_run_config,
-)
+from kamim.runtime import LAST_CHECKPOINT, EpochStats, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all
 from kamim.serialization import atomic_save
 
-from .common import config_record, load_resume_checkpoint, print_table, write_results
+from .common import LabelledTask, config_record, print_table
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
-from .session import check_output_dir, claimed_run_dir, distributed_session, run_inputs
-from .features import is_token_model, unpack_labelled
+from .features import is_token_model
+from .session import check_output_dir, distributed_session, run_inputs
 
 __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]
 
 _TIMM_POOL = {"avg": "avg", "cls": "token"}  # our pooling names -> timm's global_pool
-
-log = logging.getLogger("kamim.finetune")
 
 CHECKPOINT_FORMAT = "kamim-finetune"
 BEST_CHECKPOINT = "checkpoint-best.pt"
@@ -134,11 +128,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return _Finetuner(cfg, out_dir, info).run()
 
 
-class _Finetuner(EpochTrainer):
+class _Finetuner(LabelledTask):
     """The finetuning task: its loss (Mixup/CutMix, smoothed cross-entropy), EMA and its epoch policy
     (evaluate every epoch, keep the best); step, state and epoch loop are the runtime's."""
 
-    task = "finetune"
+    task, checkpoint_format = "finetune", CHECKPOINT_FORMAT
 
     def __init__(self, cfg: FinetuneConfig, out_dir: Path, info) -> None:
         super().__init__(cfg, out_dir, info)
@@ -184,31 +178,22 @@ class _Finetuner(EpochTrainer):
         self.spec = _model_spec(self.enc, self.data.num_classes, cfg.pool)
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
         self.history: list[dict[str, Any]] = []
-
-        resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "finetuning", self.config)
-        if resumed is not None:
-            path, ckpt = resumed
+        ckpt = self.resume("finetuning")  # RNG included: drop path / mixup continue exactly
+        if ckpt is not None:
+            self.best = dict(ckpt["best"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
-            self.best, self.history = dict(ckpt["best"]), list(ckpt["history"])
-            self.stats.load_state_dict(ckpt.get("partial"), info.rank)
-            # last: drop path / mixup continue exactly where they stopped (same world size)
-            self.state.load(ckpt, info.rank, info.world_size, cfg.seed)
-            log.info("resumed finetuning from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         self.train_model = self.build_step(self.model, clip_grad=cfg.clip_grad, params=self.model.parameters())
 
-    # ---------------------------------------------------------------- epoch
     def loss(self, batch: Any) -> torch.Tensor | None:
-        if "image" not in batch:  # every image unreadable
+        if (labelled := self.labelled(batch)) is None:
             return None
-        cfg = self.cfg
-        images, target = unpack_labelled(batch)
-        images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+        images, target = labelled
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, target = self.mixup(images, target)
         elif self.mixup is not None:  # odd batch after unreadable images were dropped: smoothed one-hot
-            off = cfg.label_smoothing / self.data.num_classes
-            target = one_hot(target, self.data.num_classes, 1.0 - cfg.label_smoothing + off, off)
+            off = self.cfg.label_smoothing / self.data.num_classes
+            target = one_hot(target, self.data.num_classes, 1.0 - self.cfg.label_smoothing + off, off)
         loss = self.criterion(self.train_model(images).float(), target)
         self.stats.add(torch.stack([loss.detach().float(), torch.ones((), device=self.device)]))
         return loss
@@ -238,32 +223,25 @@ class _Finetuner(EpochTrainer):
         improved = row["top1"] > self.best["top1"]
         if improved:
             self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": self.state.epoch}
-        self._save(improved)
-        if self.info.is_main:
-            write_results(self.out_dir, "finetune", self.history, self._summary())
+        self.save_last()
+        if improved and self.info.is_main:  # after the last checkpoint's non-finite check
+            atomic_save({**self._common_state(), "kind": "best", "model": self.model.state_dict(),
+                         "metrics": self.history[-1]}, self.out_dir / BEST_CHECKPOINT)
+        self.write_results()
 
-    def save_last(self) -> None:
-        self._save(False)
-
-    # ---------------------------------------------------------------- state
     def _common_state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": self.state.epoch, "step": self.state.step,
                 "config": self.config, "classes": self.data.classes, "model_spec": self.spec, "pool": self.cfg.pool}
 
-    def _save(self, improved: bool) -> None:
-        """``checkpoint-last.pt`` (every rank calls it; mid-epoch with the epoch's partial sums) and,
-        when ``improved``, ``checkpoint-best.pt`` (model only)."""
-        mid_epoch = self.state.batch_in_epoch(self.steps_per_epoch) > 0
-        partial = self.stats.state_dict() if mid_epoch else None  # a collective: every rank
-        self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main, {
-            **self._common_state(), "kind": "last", "ema": self.ema.state_dict() if self.ema is not None else None,
-            "best": self.best, "history": self.history, "partial": partial,
-        })
-        if improved and self.info.is_main:  # after the last checkpoint's non-finite check
-            atomic_save({**self._common_state(), "kind": "best", "model": self.model.state_dict(),
-                         "metrics": self.history[-1]}, self.out_dir / BEST_CHECKPOINT)
+    def save_last(self) -> None:
+        self.save_state({**self._common_state(), "kind": "last", "best": self.best, "history": self.history,
+                         "ema": self.ema.state_dict() if self.ema is not None else None})
 
-    def _summary(self) -> dict[str, Any]:
+    def describe(self) -> str:
+        return (f"finetuning on {len(self.data.train)} train / {len(self.data.val)} val images, "
+                f"{self.data.num_classes} classes, {self.steps_per_epoch} steps/epoch, peak lr {self.cfg.peak_lr():.3g}")
+
+    def summary(self) -> dict[str, Any]:
         return {
             "task": "finetune", "config": self.config, "model_spec": self.spec,
             "encoder": {"format": self.enc.format, "image_size": list(self.enc.image_size)},
@@ -273,21 +251,5 @@ class _Finetuner(EpochTrainer):
             "checkpoints": {"best": str(self.out_dir / BEST_CHECKPOINT), "last": str(self.out_dir / LAST_CHECKPOINT)},
         }
 
-    def run(self) -> dict[str, Any]:
-        with claimed_run_dir(self.out_dir, "finetune", self.info):
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        log.info("finetuning on %d train / %d val images, %d classes, %d steps/epoch, peak lr %.3g",
-                 len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch, cfg.peak_lr())
-        write_run_config(cfg, self.out_dir, self.info.is_main)
-        t0 = time.perf_counter()
-        self.run_epochs()
-        summary = self._summary()
-        summary["time_s"] = time.perf_counter() - t0
-        if self.info.is_main:
-            write_results(self.out_dir, "finetune", self.history, summary)
-            title = f"finetuning (best top-1 {self.best['top1']:.2f} at epoch {self.best['epoch']})"
-            print_table(self.history, title=title)
-        return summary
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        print_table(self.history, title=f"finetuning (best top-1 {self.best['top1']:.2f} at epoch {self.best['epoch']})")

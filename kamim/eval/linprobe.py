@@ -30,9 +30,6 @@ rewritten atomically after every epoch, and a printed table of the final epoch.
 from __future__ import annotations
 
 import dataclasses
-
-import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,20 +44,15 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
-from kamim.runtime import (
-    LAST_CHECKPOINT, EpochStats, EpochTrainer, LossScaler, TrainState, epoch_scheduler,
-    write_run_config,
-)
+from kamim.runtime import EpochStats, LossScaler, TrainState, epoch_scheduler
 
-from .common import config_record, load_resume_checkpoint, print_table, write_results
+from .common import LabelledTask, config_record, print_table
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
-from .session import check_output_dir, claimed_run_dir, distributed_session, run_inputs
-from .features import extract_features, feature_dims, resolve_layers, unpack_labelled
+from .features import extract_features, feature_dims, resolve_layers
+from .session import check_output_dir, distributed_session, run_inputs
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
-
-log = logging.getLogger("kamim.linprobe")
 
 CHECKPOINT_FORMAT = "kamim-linprobe"
 
@@ -119,11 +111,12 @@ def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
         return _Probe(cfg, out_dir, info).run()
 
 
-class _Probe(EpochTrainer):
+class _Probe(LabelledTask):
     """The linear-probe task: its loss (features of the frozen encoder -> every head) and its epoch
-    policy (evaluate every epoch, history rows per layer); step, state and epoch loop are the runtime's."""
+    policy (evaluate every epoch, history rows per layer); step, state and epoch loop are the runtime's.
+    It checkpoints after every epoch and on SIGINT/SIGTERM (after the current step)."""
 
-    task = "linprobe"
+    task, checkpoint_format = "linprobe", CHECKPOINT_FORMAT
 
     def __init__(self, cfg: LinprobeConfig, out_dir: Path, info) -> None:
         super().__init__(cfg, out_dir, info)
@@ -147,16 +140,9 @@ class _Probe(EpochTrainer):
         self.stats = EpochStats(len(self.layers) + 1, self.device)  # per-layer loss sums, batch count
         self.config = config_record(cfg)
         self.history: list[dict[str, Any]] = []
-        resumed = load_resume_checkpoint(out_dir, cfg.resume, CHECKPOINT_FORMAT, "linear-probe", self.config)
-        if resumed is not None:
-            path, ckpt = resumed
-            self.state.load(ckpt, info.rank, info.world_size, cfg.seed)
-            self.history = list(ckpt["history"])
-            self.stats.load_state_dict(ckpt.get("partial"), info.rank)
-            log.info("resumed linear probe from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+        self.resume("linear-probe")
         self.train_heads = self.build_step(self.heads)
 
-    # ---------------------------------------------------------------- steps
     def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         with torch.no_grad():
             feats = extract_features(self.model, images, self.layers, pool=self.cfg.pool)
@@ -164,10 +150,9 @@ class _Probe(EpochTrainer):
 
     def loss(self, batch: Any) -> torch.Tensor | None:
         """The summed cross-entropy of every head (each head gets exactly its own gradient)."""
-        if "image" not in batch:  # every image unreadable
+        if (labelled := self.labelled(batch)) is None:
             return None
-        images, target = unpack_labelled(batch)
-        images, target = images.to(self.device, non_blocking=True), target.to(self.device)
+        images, target = labelled
         logits = self.train_heads(self._features(images))
         losses = torch.stack([F.cross_entropy(logits[k].float(), target) for k in self.layers])
         self.stats.add(torch.cat([losses.detach(), torch.ones(1, device=self.device)]))
@@ -186,35 +171,30 @@ class _Probe(EpochTrainer):
             r = results[k]
             self.history.append({
                 "epoch": self.state.epoch, **layer_columns(self.geometry, k), "train_loss": float(sums[j]) / count,
-                "top1": r["top1"],
-                "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
+                "top1": r["top1"], "top5": r["top5"], "val_loss": r["loss"], "lr": lr,
             })
         self.save_last()
-        if self.info.is_main:
-            write_results(self.out_dir, "linprobe", self.history, self._summary()[1])
+        self.write_results()
 
-    # ---------------------------------------------------------------- state
     def save_last(self) -> None:
-        """``checkpoint-last.pt`` (every rank calls it); mid-epoch it also holds the epoch's partial sums."""
-        mid_epoch = self.state.batch_in_epoch(self.steps_per_epoch) > 0
-        partial = self.stats.state_dict() if mid_epoch else None  # a collective: every rank
-        self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "history": self.history, "config": self.config,
-            "layers": self.layers, "classes": self.data.classes, "partial": partial,
-        })
+        self.save_state({"format": CHECKPOINT_FORMAT, "version": 1, "history": self.history, "config": self.config,
+                         "layers": self.layers, "classes": self.data.classes})
 
-    def _summary(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        final = [r for r in self.history if r["epoch"] == self.state.epoch]
-        best = {}
+    def describe(self) -> str:
+        return (f"linear probe of layers {self.layers} on {len(self.data.train)} train / {len(self.data.val)} val "
+                f"images, {self.data.num_classes} classes, {self.steps_per_epoch} steps/epoch")
+
+    def summary(self) -> dict[str, Any]:
+        best: dict[int, dict[str, Any]] = {}
         for r in self.history:
             if r["layer"] not in best or r["top1"] > best[r["layer"]]["top1"]:
                 best[r["layer"]] = r
         table = [
             {**layer_columns(self.geometry, r["layer"]), "top1": r["top1"], "top5": r["top5"], "loss": r["val_loss"],
              "best_top1": best[r["layer"]]["top1"], "best_epoch": best[r["layer"]]["epoch"]}
-            for r in final
+            for r in self.history if r["epoch"] == self.state.epoch
         ]
-        summary = {
+        return {
             "task": "linprobe", "config": self.config, "encoder": {
                 "format": self.enc.format, "image_size": self.enc.image_size, "patch_size": self.enc.patch_size,
                 "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": self.geometry.depth,
@@ -223,23 +203,7 @@ class _Probe(EpochTrainer):
             "num_val": len(self.data.val), "epochs_done": self.state.epoch, "steps": self.state.step,
             "final": table, "history": self.history,
         }
-        return table, summary
 
-    def run(self) -> dict[str, Any]:
-        with claimed_run_dir(self.out_dir, "linprobe", self.info):
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
-        cfg, state = self.cfg, self.state
-        log.info("linear probe of layers %s on %d train / %d val images, %d classes, %d steps/epoch",
-                 self.layers, len(self.data.train), len(self.data.val), self.data.num_classes, self.steps_per_epoch)
-        write_run_config(cfg, self.out_dir, self.info.is_main)
-        t0 = time.perf_counter()
-        self.run_epochs()
-        table, summary = self._summary()
-        summary["time_s"] = time.perf_counter() - t0
-        if self.info.is_main:
-            write_results(self.out_dir, "linprobe", self.history, summary)
-            print_table(table, title=f"linear probe ({cfg.recipe}, pool={cfg.pool}) after {state.epoch} epochs")
-        return summary
-
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        print_table(summary["final"], title=f"linear probe ({self.cfg.recipe}, pool={self.cfg.pool}) after "
+                                            f"{self.state.epoch} epochs")

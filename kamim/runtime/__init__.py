@@ -27,10 +27,10 @@ from .rng import gather_rng_states, restore_rng, rng_state, seed_all, set_rng_st
 from .sampler import ResumableBatchSampler, SeededDataset, sample_seed
 from .schedule import EpochRunConfig, clamped_warmup, cosine_scheduler, epoch_scheduler, micro_batch_size, stop_epoch
 from .state import EpochStats, NonFiniteLossError, TrainState, nonfinite_state
-from .step import StepResult, TrainStep, agreed_signal
+from .step import StepResult, TrainStep, agreed_signal, stopped
 
 __all__ = [
-    "TrainStep", "StepResult", "agreed_signal", "EpochTrainer", "TrainState", "EpochStats", "NonFiniteLossError", "nonfinite_state",
+    "TrainStep", "StepResult", "agreed_signal", "stopped", "EpochTrainer", "TrainState", "EpochStats", "NonFiniteLossError", "nonfinite_state",
     "AMP_MODES", "amp_dtype_of", "autocast", "LossScaler", "NonFiniteGradient",
     "rng_state", "seed_all", "set_rng_state", "gather_rng_states", "restore_rng",
     "cosine_scheduler", "EpochRunConfig", "epoch_scheduler", "stop_epoch", "micro_batch_size", "clamped_warmup",

@@ -8,6 +8,7 @@ writes ``checkpoint-last.pt`` after the current optimizer step and raises ``Inte
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,22 @@ class EpochTrainer:
         raise NotImplementedError
 
     def save_last(self) -> None:
-        """Write ``checkpoint-last.pt`` (every rank calls it), also mid-epoch."""
+        """Write ``checkpoint-last.pt`` (every rank calls it), also mid-epoch: :meth:`save_state`."""
         raise NotImplementedError
+
+    def save_state(self, extra: Mapping[str, Any]) -> None:
+        """``checkpoint-last.pt``: the state and ``extra`` (every rank calls it); mid-epoch also the
+        epoch's partial statistics, which :meth:`restore` gives back."""
+        mid_epoch = self.state.batch_in_epoch(self.steps_per_epoch) > 0
+        partial = self.stats.state_dict() if mid_epoch else None  # a collective: every rank
+        self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main,
+                        {**extra, "partial": partial})
+
+    def restore(self, ckpt: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`save_state`: weights, optimizer, schedule, RNG, counters
+        and the epoch's partial statistics (bit-exact at the same world size)."""
+        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.seed)
+        self.stats.load_state_dict(ckpt.get("partial"), self.info.rank)
 
     def after_step(self, result: StepResult) -> None:
         """Called after each optimizer step (e.g. an EMA update)."""

@@ -47,7 +47,7 @@ from .amp import NonFiniteGradient
 from .checkpoint import on_disk
 from .state import NonFiniteLossError, TrainState
 
-__all__ = ["TrainStep", "StepResult", "agreed_signal"]
+__all__ = ["TrainStep", "StepResult", "agreed_signal", "stopped"]
 
 
 def agreed_signal(signum: int | None, device: torch.device) -> int:
@@ -57,6 +57,12 @@ def agreed_signal(signum: int | None, device: torch.device) -> int:
         return int(signum or 0)
     anyone = kdist.all_reduce_sum(torch.tensor([float(signum or 0)], device=device)).item() > 0
     return int(signum) if signum else (int(signal.SIGTERM) if anyone else 0)
+
+
+def stopped(signum: int, step: int, last: Path) -> Interrupted:
+    """What a run raises after writing ``last`` on a stop signal received during ``step``."""
+    return Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved "
+                               f"({last}); rerun the same command to resume")
 
 
 @dataclass(frozen=True)
@@ -171,5 +177,4 @@ class TrainStep:
             signum = agreed_signal(stop.signum, self.device)
             if signum:
                 save()
-                raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {state.step}; "
-                                  f"checkpoint saved ({self.last}); rerun the same command to resume")
+                raise stopped(signum, state.step, self.last)
