@@ -505,12 +505,50 @@ def convert_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _build(model_name: str, kwargs: Mapping[str, Any], skip_init: bool = False) -> nn.Module:
-    """``timm.create_model(pretrained=False)`` with one-line errors.
+def offline_model_name(name: str, allow_download: bool = False) -> str:
+    """The timm name to build for ``name`` without reaching the network.
+
+    A Hugging Face Hub name (``hf-hub:ORG/NAME[@REVISION]``) is built from the ``config.json`` in the
+    local Hugging Face cache (as timm's ``local-dir:`` source); when it is not there, a one-line
+    ``FileNotFoundError`` names what to download. ``allow_download=True`` hands the name to timm, which
+    fetches the config. Other names are returned unchanged.
+    """
+    from timm.models import parse_model_name
+
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as e:
+        raise CheckpointError(f"model name {name!r}: {e}") from None
+    if source != "hf-hub" or allow_download:
+        return name
+    import huggingface_hub
+
+    repo, _, revision = model_id.partition("@")
+    cached = huggingface_hub.try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"model '{name}' is not in the local Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}): "
+            f"download its config first (hf download {repo} config.json) or pass --allow-download")
+    try:
+        model_args = json.loads(Path(cached).read_text()).get("model_args") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{cached}: not a timm model config ({e})") from None
+    fetching = sorted(set(map(str, model_args)) & FETCHING_TIMM_KWARGS)
+    if fetching:
+        raise CheckpointError(f"{cached}: refusing model_args {', '.join(fetching)} (they make timm open or fetch "
+                              f"files)")
+    return f"local-dir:{Path(cached).parent}"
+
+
+def _build(model_name: str, kwargs: Mapping[str, Any], skip_init: bool = False,
+           allow_download: bool = False) -> nn.Module:
+    """``timm.create_model(pretrained=False)`` with one-line errors; a Hub name only from the local
+    cache unless ``allow_download`` (:func:`offline_model_name`).
 
     ``skip_init`` skips timm's weight initialisation (``weight_init="skip"``; seconds for a ViT-B on CPU)
     where the model supports it, for weights that are about to be overwritten by a checkpoint.
     """
+    model_name = offline_model_name(model_name, allow_download)
     if skip_init and "weight_init" not in kwargs:
         with contextlib.suppress(TypeError):  # architectures without the option are built normally
             return timm.create_model(model_name, pretrained=False, weight_init="skip", **kwargs)
@@ -622,6 +660,7 @@ def load_encoder(
     checkpoint_key: str | None = None,
     manifest: str | Path | None = None,
     drop_path_rate: float | None = None,
+    allow_download: bool = False,
     **model_kwargs: Any,
 ) -> LoadedEncoder:
     """Load an encoder checkpoint of any supported format into a timm model (``num_classes=0``, eval).
@@ -644,6 +683,9 @@ def load_encoder(
         manifest: manifest file to resolve names with (default: the repository's).
         drop_path_rate: stochastic depth rate passed to ``timm.create_model`` (finetuning); default: the
             architecture's (0 for inference).
+        allow_download: let timm fetch the config of a Hugging Face Hub ``model_name``
+            (``hf-hub:ORG/NAME``); by default it is read from the local cache only, and nothing reaches
+            the network.
         **model_kwargs: passed to ``timm.create_model`` (override inferred kwargs, e.g. ``drop_path_rate``).
 
     Raises:
@@ -658,7 +700,7 @@ def load_encoder(
     if resolved.kind == "timm":
         kwargs = {**model_kwargs, "num_classes": 0}
         kwargs.update({k: v for k, v in (("img_size", img_size), ("num_heads", num_heads)) if v is not None})
-        model = _build(resolved.name, kwargs).eval().to(device)
+        model = _build(resolved.name, kwargs, allow_download=allow_download).eval().to(device)
         report = {"loaded": 0, "converted": 0, "ignored": {}, "missing": [], "unexpected": [], "resampled": {},
                   "verified_buffers": 0, "notes": ["random initialisation (pretrained=False)"]}
         return LoadedEncoder.of(model, "timm-name", resolved.name, None, report,
@@ -684,12 +726,12 @@ def load_encoder(
         kwargs["img_size"] = img_size
     if num_heads is not None and conv.format in ("timm", "kamim-pretrain", "kamim-encoder"):
         kwargs["num_heads"] = num_heads  # formats whose converter does not infer the heads
-    model = _build(conv.model_name, kwargs, skip_init=True)
+    model = _build(conv.model_name, kwargs, skip_init=True, allow_download=allow_download)
     state, report = _match_state_dict(model, conv, allow, strict, img_size is not None, where)
     if report["missing"] or not _buffers_finite(model, state):
         # strict=False: what the checkpoint lacks gets timm's own initialisation; likewise any buffer
         # an architecture only fills in its weight init.
-        model = _build(conv.model_name, kwargs)
+        model = _build(conv.model_name, kwargs, allow_download=allow_download)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) != set(report["missing"]):
         raise RuntimeError(f"internal error: key check and load_state_dict disagree ({result})")

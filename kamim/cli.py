@@ -229,7 +229,11 @@ def _add_eval_arguments(f: "ConfigFlags") -> None:
     f.add("--data", metavar="PATH", type=_labelled_data,
           help="folder with train/ and val/ class folders, NAME:ROOT torchvision dataset, demo-photos or demo-digits")
     _add_out_argument(f.p, "run directory (results, checkpoints, config.yaml)")
-    f.add("--model-name", key="load_options.model_name", help="timm model to build for a plain state dict")
+    f.add("--model-name", key="load_options.model_name",
+          help="timm model to build for a plain state dict (an hf-hub: name is read from the local Hugging Face "
+               "cache)")
+    f.add("--allow-download", key="load_options.allow_download", action="store_const", const=True,
+          help="let timm download the config of an hf-hub: --model-name (nothing reaches the network without it)")
     f.add("--num-heads", key="load_options.num_heads", type=int,
           help="attention heads when the checkpoint cannot tell")
     f.add("--encoder-img-size", key="load_options.img_size", type=_pixels, metavar="PX",

@@ -440,3 +440,55 @@ def test_repository_manifest(tmp_path):
     assert "dl.fbaipublicfiles.com/moco-v3" in str(e.value) and str(tmp_path) in str(e.value)
     with pytest.raises(FileNotFoundError, match="not a checkpoint file, a manifest entry"):
         resolve_source("definitely_not_a_model")
+
+
+def _hf_cache(root: Path, repo: str, config: dict) -> Path:
+    """A Hugging Face cache holding ``repo``'s ``config.json`` in the layout huggingface_hub writes."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_hub_model_names_are_read_from_the_local_cache_only(tmp_path, photos, monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    reached = []
+    guard = socket.getaddrinfo  # the suite's no-network guard (conftest), recording each attempt
+
+    def record(host, *args, **kwargs):
+        reached.append(host)
+        return guard(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2)
+    path = _save({"state_dict": ref.eval().state_dict()}, tmp_path / "vit.pth")
+    with pytest.raises(FileNotFoundError, match=r"^model 'hf-hub:org/tiny' is not in the local Hugging Face cache "
+                                                r"\(.*hub\): download its config first \(hf download org/tiny "
+                                                r"config.json\) or pass --allow-download$"):
+        load_encoder(path, model_name="hf-hub:org/tiny")
+    assert reached == []
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "pretrained_cfg": {},
+              "model_args": {"img_size": 32, "depth": 2}}
+    _hf_cache(tmp_path / "hub", "org/tiny", config)
+    loaded = load_encoder(path, model_name="hf-hub:org/tiny")
+    assert reached == [] and loaded.image_size == (32, 32) and len(loaded.model.blocks) == 2
+    x = _images(photos, 32)
+    torch.testing.assert_close(_features(loaded.model, x), _features(ref, x), atol=1e-5, rtol=0)
+    # a cached config whose model arguments would make timm open a file is refused
+    _hf_cache(tmp_path / "hub", "org/bad", {**config, "model_args": {"checkpoint_path": "/etc/passwd"}})
+    with pytest.raises(CheckpointError, match="refusing model_args checkpoint_path"):
+        load_encoder(path, model_name="hf-hub:org/bad")
+    # only allow_download hands the name to timm, which then goes to the hub (stopped at its first lookup)
+    class Reached(BaseException):
+        pass
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (_ for _ in ()).throw(Reached(host)))
+    with pytest.raises(Reached, match="huggingface.co"):
+        load_encoder(path, model_name="hf-hub:org/elsewhere", allow_download=True)

@@ -164,3 +164,16 @@ def test_eval_out_overlapping_an_input_is_refused(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_hub_model_name_is_never_fetched_without_allow_download(setup, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    capsys.readouterr()
+    assert main(["knn", *_common(setup, tmp_path / "k", "--model-name", "hf-hub:org/x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kamim: error: model 'hf-hub:org/x' is not in the local Hugging Face cache "
+                   f"({tmp_path / 'empty-cache'}): download its config first (hf download org/x config.json) or "
+                   f"pass --allow-download"], err
+    assert not (tmp_path / "k").exists()
