@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -190,14 +191,32 @@ class OutputLock:
         self.release()
 
 
+# the longest folder name (bytes) whose lock and staging names beside it are ".NAME" plus a suffix;
+# a longer legal name (up to the file system's 255 bytes) gets a shortened, still unique stem
+_STEM_BYTES = 200
+
+
+def sibling_stem(out: Path) -> str:
+    """``.NAME``: how the lock file and the staging folders beside the output folder ``out`` begin.
+    A name longer than 200 bytes is shortened to its first 180 bytes, ``~`` and 16 hex digits of its
+    SHA-1, so that ``.NAME.lock`` and ``.NAME.TOKEN.partial`` fit the file system's 255 bytes."""
+    raw = os.fsencode(out.name)
+    if len(raw) <= _STEM_BYTES:
+        return f".{out.name}"
+    head = os.fsdecode(raw[:180])
+    while len(os.fsencode(head)) > 180:  # a surrogate-escaped byte may encode longer: drop it
+        head = head[:-1]
+    return f".{head}~{hashlib.sha1(raw).hexdigest()[:16]}"
+
+
 def lock_path(out: str | os.PathLike) -> Path:
     """The one lock file of the output folder ``out``: ``.NAME.lock`` beside it (a symlinked ``out``:
-    beside its target), so that it survives the folder being swapped and every command, writing in
-    place or replacing the folder, takes the same lock."""
+    beside its target; :func:`sibling_stem` for a very long name), so that it survives the folder being
+    swapped and every command, writing in place or replacing the folder, takes the same lock."""
     path = Path(out).expanduser().absolute()
     if path.is_symlink():
         path = path.resolve()
-    return path.parent / f".{path.name}.lock"
+    return path.parent / f"{sibling_stem(path)}.lock"
 
 
 def lock_output(out: str | os.PathLike, what: str | None = None) -> OutputLock:
@@ -229,15 +248,18 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _debris(out: Path) -> list[Path]:
-    """Staging folders of earlier killed runs of exactly ``out``: ``.NAME.TOKEN.partial|.old`` where
-    TOKEN has no dot (``make_temp_dir``'s), so that ``.res.v2.TOKEN.partial`` of a concurrent
-    ``--out res.v2`` is never taken for debris of ``res``. Called with ``out``'s lock held."""
-    found = []
-    for suffix in (".partial", ".old"):
-        for p in out.parent.glob(f".{out.name}.*{suffix}"):
-            token = p.name[len(out.name) + 2: -len(suffix)]
-            if token and "." not in token and p.is_dir() and not p.is_symlink():
-                found.append(p)
+    """Staging folders of earlier killed runs of exactly ``out``: ``STEM.TOKEN.partial|.old``
+    (:func:`sibling_stem`) where TOKEN has no dot (``make_temp_dir``'s), so that
+    ``.res.v2.TOKEN.partial`` of a concurrent ``--out res.v2`` is never taken for debris of ``res``.
+    Called with ``out``'s lock held."""
+    stem, found = sibling_stem(out) + ".", []
+    with os.scandir(out.parent) as entries:
+        for entry in entries:
+            for suffix in (".partial", ".old"):
+                token = entry.name[len(stem): -len(suffix)]
+                if (entry.name.startswith(stem) and entry.name.endswith(suffix) and token and "." not in token
+                        and entry.is_dir(follow_symlinks=False)):
+                    found.append(Path(entry.path))
     return sorted(found)
 
 
@@ -299,7 +321,7 @@ def staged_dir(out: str | os.PathLike, command: str, *, overwrite: bool = False,
         for path in _debris(out):
             shutil.rmtree(path, ignore_errors=True)
         try:
-            staging = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")
+            staging = make_temp_dir(out.parent, prefix=f"{sibling_stem(out)}.", suffix=".partial")
         except OSError as err:
             raise OutputDirError(f"cannot write next to --out '{out}': {err.strerror or err}") from None
         try:

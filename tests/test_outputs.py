@@ -263,3 +263,22 @@ def test_output_names_that_metadata_cannot_hold_are_refused_up_front(tmp_path, n
     with pytest.raises(OutputDirError, match=message):
         check_output_dir(tmp_path / name, "kamim pretrain")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("length", [240, 255])
+def test_the_longest_legal_output_names_are_locked_and_staged(tmp_path, length):
+    """A legal name up to the file system's 255 bytes: its lock and staging names are shortened (a
+    prefix and a hash of the whole name), stay one per folder, and killed stagings are still found."""
+    out = tmp_path / ("r" * (length - 1) + "x")
+    twin = tmp_path / ("r" * (length - 1) + "y")  # same first 180 bytes: a different lock and stem
+    assert outputs.lock_path(out) != outputs.lock_path(twin)
+    assert all(len(p.name.encode()) <= 255 for p in (outputs.lock_path(out), outputs.lock_path(twin)))
+    killed = make_temp_dir(tmp_path, prefix=outputs.sibling_stem(out) + ".", suffix=".partial")
+    other = make_temp_dir(tmp_path, prefix=outputs.sibling_stem(twin) + ".", suffix=".partial")
+    with outputs.staged_dir(out, "kamim-analyze run") as staging:
+        (staging / "a.txt").write_text("a")
+        with pytest.raises(OutputDirError, match="is in use by another process"):
+            outputs.lock_output(out)  # the in-place writers' lock is the same file
+    assert (out / "a.txt").read_text() == "a" and not killed.exists() and other.is_dir()
+    with outputs.lock_output(out), outputs.lock_output(twin):
+        pass
