@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from kamim.backbone import Geometry, model_geometry, to_hw
-from kamim.config import FETCHING_TIMM_KWARGS
+from kamim.config import FETCHING_TIMM_KWARGS, MAX_IMAGE_SIDE
 from kamim.convert import Conversion, ConversionError
 from kamim.convert.hf import convert_hf_swin, convert_hf_vit, is_hf_swin, is_hf_vit
 from kamim.convert.layouts import (
@@ -391,7 +392,7 @@ def _checked_spec(name: Any, kwargs: Any, where: str) -> tuple[str, dict[str, An
 # architecture sizes read from checkpoint metadata: each value must lie in [low, high]
 _SIZE_RULES: dict[str, tuple[float, float]] = {
     "depth": (1, 1024), "depths": (1, 1024), "num_heads": (1, 4096), "embed_dim": (1, 65536),
-    "patch_size": (1, 4096), "img_size": (1, 16384), "mlp_ratio": (1e-3, 1024), "window_size": (1, 4096),
+    "patch_size": (1, 4096), "img_size": (1, MAX_IMAGE_SIDE), "mlp_ratio": (1e-3, 1024), "window_size": (1, 4096),
     "reg_tokens": (0, 4096), "in_chans": (1, 64),
 }
 
@@ -549,14 +550,18 @@ def _build(model_name: str, kwargs: Mapping[str, Any], skip_init: bool = False,
     where the model supports it, for weights that are about to be overwritten by a checkpoint.
     """
     model_name = offline_model_name(model_name, allow_download)
-    if skip_init and "weight_init" not in kwargs:
-        with contextlib.suppress(TypeError):  # architectures without the option are built normally
-            return timm.create_model(model_name, pretrained=False, weight_init="skip", **kwargs)
     try:
+        if skip_init and "weight_init" not in kwargs:
+            with contextlib.suppress(TypeError):  # architectures without the option are built normally
+                return timm.create_model(model_name, pretrained=False, weight_init="skip", **kwargs)
         return timm.create_model(model_name, pretrained=False, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as e:
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError, MemoryError) as e:
         shown = {k: v for k, v in kwargs.items() if k != "norm_layer"}
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        size = re.search(r"tried to allocate (\d+) bytes", msg)
+        if size or isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            need = f" ({int(size.group(1)) / 2**30:.1f} GiB in one tensor)" if size else ""
+            msg = f"not enough memory{need}; a smaller img_size needs less"
         raise CheckpointError(f"cannot build timm model '{model_name}' with {shown}: {msg}") from None
 
 

@@ -54,13 +54,18 @@ def _csv_list(kind: type) -> Callable[[str], list]:
 
 
 def _pixels(text: str) -> int:
-    """An image side in pixels: an int of at least 16 (a smaller one cannot hold a single ViT patch)."""
+    """An image side in pixels: an int of at least 16 (a smaller one cannot hold a single ViT patch)
+    and at most ``MAX_IMAGE_SIDE``."""
+    from kamim.config import MAX_IMAGE_SIDE
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
     if value < 16:
         raise argparse.ArgumentTypeError(f"expected at least 16 pixels, got {value}")
+    if value > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGE_SIDE} pixels, got {value}")
     return value
 
 

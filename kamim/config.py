@@ -56,6 +56,9 @@ LOSS_NORMALIZE = ("mask", "weight")
 #: checkpoint's metadata supplies model arguments (kamim.checkpoints too)
 FETCHING_TIMM_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
                                   "cache_dir", "pretrained_strict"})
+#: the largest image side (pixels) a command or a checkpoint's metadata may ask for (a ViT-B/16 at this
+#: size has a million tokens per image)
+MAX_IMAGE_SIDE = 16384
 # Fallbacks used only if kamim.keypoints / kamim.models.presets cannot be imported.
 _DEFAULT_DETECTORS = ("fast", "sift", "orb")
 _DEFAULT_RENDERS = ("ring", "point", "disk")

@@ -492,3 +492,22 @@ def test_hub_model_names_are_read_from_the_local_cache_only(tmp_path, photos, mo
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (_ for _ in ()).throw(Reached(host)))
     with pytest.raises(Reached, match="huggingface.co"):
         load_encoder(path, model_name="hf-hub:org/elsewhere", allow_download=True)
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch):
+    """timm's allocation failure (here injected with torch's CPU allocator message) names the model,
+    its arguments and the size, instead of a traceback."""
+    path = tmp_path / "encoder.safetensors"
+    safetensors.torch.save_file(_tiny_vit().state_dict(), path, metadata={
+        "format": "kamim-encoder", "model_name": "vit_tiny_patch16_224", "method": "simmim",
+        "kwargs": json.dumps(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4))})
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 60000000384 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(timm, "create_model", no_memory)
+    with pytest.raises(CheckpointError, match=r"^cannot build timm model 'vit_\w+' with \{.*'img_size': 100000.*\}: "
+                                              r"not enough memory \(55.9 GiB in one tensor\); a smaller img_size "
+                                              r"needs less$"):
+        load_encoder(path, img_size=100000)

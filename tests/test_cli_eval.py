@@ -96,6 +96,10 @@ def test_small_inputs_that_used_to_fail_late_or_silently(setup, tmp_path, capsys
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "expected at least 16 pixels" in err[0], err
+    with pytest.raises(SystemExit) as exc:
+        main(["knn", *_common(setup, tmp_path / "k", "--encoder-img-size", "100000")])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == ("kamim: error: argument --encoder-img-size: expected at most 16384 "
+                                               "pixels, got 100000")
     assert not (tmp_path / "k").exists()
     # --epochs 1 with the default 10 warmup epochs: the warmup is clamped, and the log says so
     with caplog.at_level("WARNING", logger="kamim.linprobe"):
