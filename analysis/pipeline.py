@@ -13,6 +13,7 @@ Bad input raises :class:`UsageError` (a ``ValueError``) with a one-line message 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -397,6 +398,9 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         size = (image_sizes or {}).get(name, image_size) if image_sizes else image_size
         loaded.update(load_models([ModelSpec(name, source)], image_size=size, device=device))
     geometries = {name: _geometry(name, enc, analyses) for name, enc in loaded.items()}
+    batch = min(batch_size, n_files, images or n_files)  # the largest batch the loader makes
+    for name, geometry in geometries.items():
+        check_memory(name, geometry, batch, analyses, device)
 
     if "attribution" in analyses:
         why = _why_no_attribution(data, next(iter(loaded.values())).image_size, images=images,
@@ -434,6 +438,13 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
                                    **opts)
             except (ValueError, TypeError, KeyError) as err:
                 raise UsageError(f"model {name}: {one_line(err)}") from None
+            except (RuntimeError, MemoryError) as err:  # torch's allocators: CPU RuntimeError, CUDA OOM
+                if not (isinstance(err, MemoryError) or "can't allocate memory" in str(err)
+                        or "out of memory" in str(err)):
+                    raise
+                raise UsageError(f"model {name}: out of memory during the analysis pass of batches of {batch} "
+                                 f"images at {enc.image_size[0]}x{enc.image_size[1]} px; use a smaller "
+                                 f"--batch-size or --image-size") from None
             if getattr(dataset, "classes", None):
                 res.arrays["class_names"] = list(dataset.classes)
             res.save(staging / "raw" / _slug(name))
@@ -502,6 +513,41 @@ def _geometry(name: str, enc: Any, analyses: Sequence[str]) -> Any:
                          f"ViT or Swin with a fixed image size")
     check_geometry(name, geometry, analyses)
     return geometry
+
+
+def check_memory(name: str, geometry: Any, batch_size: int, analyses: Sequence[str], device: str) -> None:
+    """Refuse, before the pass, a batch whose analysis pass cannot fit in the memory ``device`` has
+    left, by the lower bound :func:`analysis.runner.pass_bytes` (so a run that would fit is never
+    refused), with the bound and a --batch-size or --image-size under it."""
+    from analysis.registry import get
+    from analysis.runner import pass_bytes
+    from kamim import available_memory
+
+    needs = set().union(*(get(a).needs for a in analyses))
+    need, free = pass_bytes(geometry, batch_size, needs), available_memory(device)
+    if free is None or need <= free:
+        return
+    fits = next((b for b in range(batch_size - 1, 0, -1) if pass_bytes(geometry, b, needs) <= free), 0)
+    if fits:
+        hint = f"use --batch-size {fits} or less"
+    else:
+        (h, w), (ph, pw) = geometry.img_size, geometry.patch_size
+        sizes = (s for s in range(h - ph, 0, -ph) if pass_bytes(
+            dataclasses.replace(geometry, img_size=(s, s * w // h), grid=(s // ph, s * w // h // pw)), 1, needs) <= free)
+        side = next(sizes, None) if geometry.to_dict()["kind"] == "vit" else None
+        hint = f"use --batch-size 1 and --image-size {side} or less" if side else "use a smaller --image-size"
+    (h, w) = geometry.img_size
+    raise UsageError(f"model {name}: the analysis pass needs at least {_bytes(need)} for a batch of {batch_size} "
+                     f"images at {h}x{w} px ({geometry.grid[0] * geometry.grid[1] + geometry.num_prefix_tokens} "
+                     f"tokens per image); {device} has {_bytes(free)} available: {hint}")
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes in GiB, MiB or KiB with one decimal."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _why_no_attribution(data: PathLike, img_size: Sequence[int], *, images: Optional[int],

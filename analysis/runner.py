@@ -64,6 +64,7 @@ __all__ = [
     "RunOptions",
     "run_analyses",
     "capture_request",
+    "pass_bytes",
     "cross_model_cka",
     "iterate_images",
     "uniform_attention_distance",
@@ -215,6 +216,27 @@ def _progress(loader: Iterable, max_images: int | None, enabled: bool, desc: str
 
 # --------------------------------------------------------------------------------------------
 # run_analyses
+
+
+def pass_bytes(geometry: Any, batch_size: int, needs: Iterable[str], bytes_per_value: int = 4) -> int:
+    """A lower bound of the memory one batch of the analysis pass holds at its peak, to refuse a run that
+    cannot fit before it starts: what the union of registry ``needs`` captures over every block (a ViT's
+    attention maps ``B x heads x N x N``, token tensors ``B x N x D``), plus the largest transients of
+    one block (its MLP's hidden tokens; with attention captured, the unfused path's scores before the
+    softmax, whose output is the captured map). Weights and the analyses' own temporaries are not
+    counted: ``bench/bench_analysis_memory.py`` measures the pass at 1.0x (rollout) to 2.9x (the four
+    attention statistics) this at 288 and 384 px."""
+    needs, b, v = set(needs), int(batch_size), int(bytes_per_value)
+    if geometry.to_dict()["kind"] != "vit":  # Swin: windowed attention, memory linear in the tokens
+        stage = [b * gh * gw * dim * v for (gh, gw), dim in zip(geometry.stage_grids, geometry.stage_dims)]
+        held = sum(depth * t for depth, t in zip(geometry.stage_depths, stage)) if "tokens" in needs else 0
+        return held + 4 * max(stage)
+    n, heads, dim, depth = geometry.num_tokens, geometry.num_heads, geometry.embed_dim, geometry.depth
+    scores, tokens = b * heads * n * n * v, b * n * dim * v
+    held = (depth + 1) * scores if "attention" in needs else 0  # fused attention (SDPA) holds no scores
+    held += depth * tokens * sum(k in needs for k in ("pre_attention", "post_attention", "tokens"))
+    held += tokens if "embedding" in needs else 0
+    return held + 4 * tokens
 
 
 def capture_request(needs: Iterable[str], num_prefix_tokens: int | None = None) -> dict[str, Any] | None:

@@ -25,8 +25,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "kamim.data": ("EvalTransform", "ImageFolderDataset", "build_dataset", "collate_skip_bad", "data_loader",
                    "find_images", "loader_workers"),
     "kamim.data.demo": ("kamim_data_dir", "demo_photographs", "write_demo_folder", "write_labelled_demo"),
-    # configuration
+    # configuration and the machine
     "kamim.config": ("Config", "load_config"),
+    "kamim.doctor": ("available_memory",),
     # training and evaluation
     "kamim.engine.pretrain": ("pretrain",),
     "kamim.eval.linprobe": ("linear_probe",),
@@ -43,7 +44,7 @@ __all__ = [  # literal, so that tools read it without importing (a test keeps it
     "weights_from_density", "patch_weights", "reconstruction_loss", "MaskGenerator", "create_pretrain_model",
     "create_encoder", "load_encoder", "LoadedEncoder", "EvalTransform", "ImageFolderDataset",
     "build_dataset", "collate_skip_bad", "data_loader", "find_images", "loader_workers", "kamim_data_dir", "demo_photographs",
-    "write_demo_folder", "write_labelled_demo", "Config", "load_config", "pretrain", "linear_probe",
+    "write_demo_folder", "write_labelled_demo", "Config", "load_config", "available_memory", "pretrain", "linear_probe",
     "finetune", "knn_evaluate", "run_knn", "MaskedImages", "evaluate_reconstruction", "load_pretrain_model",
     "plot_reconstructions", "run_reconstruct", "sweep",
 ]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["PACKAGES", "available_cpus", "cpu_model", "environment_report", "package_version"]
+__all__ = ["PACKAGES", "available_cpus", "available_memory", "cpu_model", "environment_report", "package_version"]
 
 #: report key -> module whose ``__version__`` is reported
 PACKAGES = {
@@ -27,6 +27,34 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def available_memory(device: str = "cpu", meminfo: str = "/proc/meminfo",
+                     cgroup: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes this process can still allocate on ``device`` (None where it cannot be told).
+
+    CUDA: the device's free memory (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` of
+    ``meminfo``, capped by the cgroup v2 limit of a container or job (``memory.max - memory.current``).
+    """
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    free: Optional[int] = None
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path(cgroup, "memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:

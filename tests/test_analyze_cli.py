@@ -422,3 +422,40 @@ def test_paper_figures_from_run_directories_include_the_reconstructions(pretrain
     recon = pd.read_csv(out / "fig_reconstructions.csv")
     assert set(recon["model"]) == {"SimMIM", "KAMIM"} and (out / "fig_reconstructions.png").is_file()
     assert "Reconstructions skipped" not in (out / "report.html").read_text()
+
+
+def test_pass_memory_lower_bound_is_the_captured_maps_and_one_blocks_transients():
+    from analysis.runner import pass_bytes
+    from kamim.backbone import ViTGeometry
+
+    g = ViTGeometry(img_size=(32, 32), patch_size=(8, 8), grid=(4, 4), num_prefix_tokens=1, depth=2, num_heads=3,
+                    embed_dim=16)
+    scores, tokens = 2 * 3 * 17 * 17 * 4, 2 * 17 * 16 * 4  # batch 2: B x heads x N x N, B x N x D floats
+    assert pass_bytes(g, 2, {"attention"}) == 2 * scores + scores + 4 * tokens  # + the scores before softmax
+    assert pass_bytes(g, 2, {"tokens", "embedding"}) == 2 * tokens + tokens + 4 * tokens  # fused attention
+    assert pass_bytes(g, 2, {"inputs"}) == 4 * tokens
+
+
+def test_a_pass_that_cannot_fit_in_memory_is_refused_before_it_starts(assets, tmp_path, capsys, monkeypatch):
+    """The bound, the memory left and a batch size under it, before any output is written; with too
+    little for one image, the largest --image-size that fits."""
+    import kamim
+    from analysis.registry import get
+    from analysis.runner import pass_bytes
+    from kamim import load_encoder
+
+    geometry = load_encoder(assets["a"]).geometry
+    needs = get("attention-distance").needs
+    monkeypatch.setattr(kamim, "available_memory", lambda device: pass_bytes(geometry, 4, needs) - 1)
+    argv = ["run", "--model", f"a={assets['a']}", "--data", assets["data"], "--out", tmp_path / "o",
+            "--analyses", "attention-distance", *FAST]
+    rc, _, err = _run(argv, capsys)
+    assert pass_bytes(geometry, 4, needs) == 3 * 9248 + 4 * 8704  # (2 blocks + 1) x 4 x 2 x 17 x 17, MLP hidden
+    assert rc == 2 and err.strip() == (
+        "kamim-analyze: error: model a: the analysis pass needs at least 61.1 KiB for a batch of 4 images at 32x32 "
+        "px (17 tokens per image); cpu has 61.1 KiB available: use --batch-size 3 or less")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(kamim, "available_memory", lambda device: pass_bytes(geometry, 1, needs) - 1)
+    rc, _, err = _run([*argv, "--image-size", "64"], capsys)
+    # one 32 px image needs one byte more than there is: 24 px (9 tokens) is the largest size under it
+    assert rc == 2 and err.strip().endswith("use --batch-size 1 and --image-size 24 or less"), err

@@ -63,3 +63,18 @@ def test_doctor_command_prints_one_line_each(report, monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split(":", 1)[0] for ln in lines] == KEYS
     assert [ln.split(":", 1)[1].strip() for ln in lines] == list(report.values())
+
+
+def test_available_memory_is_meminfo_capped_by_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert doctor.available_memory("cpu", str(meminfo), str(cgroup)) == 20000000 * 1024  # no cgroup files
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("5000\n")
+    assert doctor.available_memory("cpu", str(meminfo), str(cgroup)) == 20000000 * 1024  # unlimited
+    (cgroup / "memory.max").write_text(f"{8 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    assert doctor.available_memory("cpu", str(meminfo), str(cgroup)) == 7 * 2**30  # the job's limit
+    assert doctor.available_memory("cpu", str(tmp_path / "none"), str(tmp_path / "none")) is None
