@@ -106,12 +106,12 @@ def _add_common(f: "ConfigFlags") -> None:
     f.add("--device", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     f.add("--seed", type=int, help="seed of image subset, t-SNE, ...")
     f.add("--num-workers", "--workers", type=int, metavar="W",
-          help="data-loading worker processes (null: min(4, CPUs)); more than the CPUs are clamped")
+          help="data loader workers (default: min(4, CPUs available)); more than the CPUs are clamped")
     f.p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="analysis option, a shorthand of --set options.KEY=VALUE (repeatable; VALUE is YAML, "
                      "meanings in analysis.runner.RunOptions), e.g. tsne_samples=500, similarity_kind=cosine, "
                      f"map_queries=[[1,2]]; keys: {', '.join(CLI_OPTIONS)}")
-    f.add("--quiet", key="progress", action="store_const", const=False, help="no progress bars")
+    f.add("--no-progress", "--quiet", key="progress", action="store_const", const=False, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint cache (default: checkpoints/demo/ of the repository)")
     demo.add_argument("--fast", action="store_true",
                       help="shorter training and fewer images (a quick smoke run)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bars")
     return parser
 
 

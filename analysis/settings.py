@@ -42,7 +42,7 @@ class AnalyzeConfig:
     batch_size: int = 32
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     seed: int = 0  # image subset, t-SNE, ...
-    num_workers: Optional[int] = 0  # loader workers; null: min(4, CPUs available)
+    num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
     progress: bool = True
     options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
 
@@ -74,7 +74,7 @@ class PaperFiguresConfig:
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
-    num_workers: Optional[int] = 0
+    num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
     progress: bool = True
     options: dict = field(default_factory=dict)
 

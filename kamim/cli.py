@@ -106,7 +106,8 @@ def _pretrain_config(args: argparse.Namespace):
     """The validated pretraining ``Config`` of ``--config`` + ``--set`` (checked before torch is imported)."""
     from kamim.config import load_config
 
-    return load_config(args.config, args.overrides)
+    extra = ["run.progress=false"] if getattr(args, "no_progress", False) else []
+    return load_config(args.config, [*extra, *args.overrides])
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -119,6 +120,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="image folder, NAME:ROOT torchvision dataset or 'demo' (default: the config's data.path)")
     _add_out_argument(p, "run directory")
     _add_resume_argument(p)
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (a shorthand of --set run.progress=false)")
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -256,7 +259,7 @@ def _add_execution_arguments(f: "ConfigFlags", batch_help: str) -> None:
     f.add("--amp", choices=("auto", "bf16", "fp16", "none"),
           help="autocast; auto: bf16 on CUDA and on CPUs that multiply bf16 natively, else none (the resolved "
                "choice is logged and recorded in the results)")
-    f.add("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
+    f.add("--no-progress", "--quiet", key="progress", action="store_const", const=False, help="no progress bars")
 
 
 def _add_training_arguments(f: "ConfigFlags") -> None:

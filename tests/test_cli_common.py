@@ -230,6 +230,9 @@ def test_num_workers_default_is_written_once_and_clamped_where_loaders_are_built
     for command in ("linprobe", "finetune", "knn", "reconstruct"):
         assert _default(kamim_cli.build_parser(), command, "num_workers") is None
         assert field_default(COMMAND_CONFIGS[command], "num_workers") is None
+    for command in ("run", "paper-figures"):  # the same default in kamim-analyze
+        assert _default(analyze_cli.build_parser(), command, "num_workers") is None
+        assert field_default(ANALYZE_CONFIGS[command], "num_workers") is None
     with pytest.raises(SystemExit):
         kamim_cli.main(["knn", "--help"])
     assert "--num-workers NUM_WORKERS data loader workers per process (default: min(4, CPUs available))" in \
@@ -328,3 +331,20 @@ def test_version_in_both_tools(main, prog, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+def test_progress_and_workers_options_have_the_same_names_in_both_tools(capsys):
+    """--no-progress (alias --quiet) and --num-workers (kamim-analyze also takes --workers)."""
+    for main, argv in ((kamim_cli.main, ["pretrain"]), (kamim_cli.main, ["knn"]), (kamim_cli.main, ["reconstruct"]),
+                       (analyze_cli.main, ["run"]), (analyze_cli.main, ["paper-figures"]), (analyze_cli.main, ["demo"])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--no-progress, --quiet" in text, argv
+        assert ("--num-workers" in text) == (argv[0] not in ("pretrain", "demo")), argv
+    from kamim.cli import _pretrain_config
+
+    args = kamim_cli.build_parser().parse_args(["pretrain", "--config", "tiny_kamim", "--out", "o", "--quiet"])
+    assert _pretrain_config(args).run.progress is False
+    args = kamim_cli.build_parser().parse_args(["pretrain", "--config", "tiny_kamim", "--out", "o"])
+    assert _pretrain_config(args).run.progress is True
