@@ -227,13 +227,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.plugin:
         extra["plugins"] = [str(Path(p).expanduser().absolute()) for p in args.plugin]
     cfg = _config(args, **extra)
-    from analysis.pipeline import analyze
+    from analysis.pipeline import analyze, preflight
+
+    data = resolve_data(cfg.data)
+    plugins = {f"plugin {p}": p for p in cfg.plugins}
+    preflight(cfg.models, data, args.out, overwrite=args.overwrite, inputs=plugins)  # before torch is imported
     from analysis.registry import load_plugin
 
     for plugin in cfg.plugins:
         load_plugin(plugin)
-    res = analyze(cfg.models, resolve_data(cfg.data), args.out, analyses=cfg.analyses,
-                  image_size=cfg.image_size, inputs={f"plugin {p}": p for p in cfg.plugins},
+    res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size, inputs=plugins,
                   **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ __all__ = [
     "check_geometry", "staged_output", "staged_output_check", "load_models", "make_loader", "analyze",
 ]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".tar", ".ckpt", ".pkl")
 PathLike = Union[str, Path]
 
 
@@ -122,6 +120,28 @@ def staged_output_check(out: PathLike, command: str, overwrite: bool = False,
         raise UsageError(str(err)) from None
 
 
+def preflight(models: Mapping[str, str], data: PathLike, out: PathLike, command: str = "kamim-analyze run",
+              overwrite: bool = False, inputs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What :func:`analyze` refuses before it imports torch (the CLI calls it first, so these cost a
+    fraction of a second): no models, a ``--data`` folder or a checkpoint path that does not exist, an
+    ``--out`` the output rule refuses. Returns the input paths ``out`` may not overlap."""
+    from kamim import looks_like_path
+    from kamim.inputs import missing_data_folder
+
+    if not models:
+        raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
+    if not Path(data).expanduser().is_dir():
+        raise UsageError(f"--data: {missing_data_folder(data, labelled=False)}")
+    for name, source in models.items():
+        # anything else may be a timm or manifest name (which can contain dots: "vit_base_patch16_224.mae")
+        if looks_like_path(source) and not Path(source).expanduser().exists():
+            raise UsageError(f"model {name}: checkpoint not found: '{source}'")
+    inputs = {"--data folder": data, **{f"checkpoint of model {name}": src for name, src in models.items()},
+              **dict(inputs or {})}
+    staged_output_check(out, command, overwrite, inputs)
+    return inputs
+
+
 @contextlib.contextmanager
 def staged_output(out: PathLike, command: str = "kamim-analyze run", overwrite: bool = False,
                   inputs: Optional[Mapping[str, Any]] = None) -> Iterator[Path]:
@@ -160,16 +180,13 @@ def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
     ``image_size`` rebuilds every model for that resolution (position embeddings resampled).
     Errors name the model and its source in one line.
     """
-    from kamim import load_encoder
+    from kamim import load_encoder, looks_like_path
 
     check_unique_names([s.name for s in specs])
     loaded = {}
     for spec in specs:
         src = Path(spec.source).expanduser()
-        # Anything that is not an existing path may be a timm or manifest name (which can contain
-        # dots, e.g. "vit_base_patch16_224.mae"); only file-like names are reported as missing.
-        if not src.exists() and (src.suffix.lower() in CHECKPOINT_SUFFIXES
-                                 or "/" in spec.source or os.sep in spec.source):
+        if not src.exists() and looks_like_path(spec.source):  # else a timm or manifest name
             raise UsageError(f"model {spec.name}: checkpoint not found: '{spec.source}'")
         try:
             enc = load_encoder(str(src) if src.exists() else spec.source, device=device,
@@ -382,16 +399,12 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     _positive("--image-size", image_size)
     _positive("--workers", workers, allow_zero=True)
     device = _check_device(device)
-    if not models:
-        raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
+    inputs = preflight(models, data, out, command, overwrite, inputs)  # before loading anything
     try:
         n_files = len(find_images(data))
     except (FileNotFoundError, NotADirectoryError) as err:
         raise UsageError(f"--data: {one_line(err)}") from None
     notes = list(notes)
-    inputs = {"--data folder": data, **{f"checkpoint of model {name}": src for name, src in models.items()},
-              **dict(inputs or {})}
-    staged_output_check(out, command, overwrite, inputs)  # before loading anything
 
     loaded: dict[str, Any] = {}
     for name, source in models.items():  # one by one so that per-model resolutions apply

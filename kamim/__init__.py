@@ -21,6 +21,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     # models and checkpoints
     "kamim.models": ("create_pretrain_model", "create_encoder"),
     "kamim.checkpoints": ("load_encoder", "LoadedEncoder"),
+    "kamim.inputs": ("looks_like_path",),
     # data
     "kamim.data": ("EvalTransform", "ImageFolderDataset", "build_dataset", "collate_skip_bad", "data_loader",
                    "find_images", "loader_workers"),
@@ -42,7 +43,7 @@ _WHERE = {name: mod for mod, names in _MODULES.items() for name in names}
 __all__ = [  # literal, so that tools read it without importing (a test keeps it equal to _MODULES)
     "__version__", "keypoint_map", "detect_keypoints", "KeypointMapper", "patch_density",
     "weights_from_density", "patch_weights", "reconstruction_loss", "MaskGenerator", "create_pretrain_model",
-    "create_encoder", "load_encoder", "LoadedEncoder", "EvalTransform", "ImageFolderDataset",
+    "create_encoder", "load_encoder", "LoadedEncoder", "looks_like_path", "EvalTransform", "ImageFolderDataset",
     "build_dataset", "collate_skip_bad", "data_loader", "find_images", "loader_workers", "kamim_data_dir", "demo_photographs",
     "write_demo_folder", "write_labelled_demo", "Config", "load_config", "available_memory", "pretrain", "linear_probe",
     "finetune", "knn_evaluate", "run_knn", "MaskedImages", "evaluate_reconstruction", "load_pretrain_model",

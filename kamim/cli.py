@@ -278,8 +278,11 @@ def _add_training_arguments(f: "ConfigFlags") -> None:
 def _eval_config(args: argparse.Namespace):
     """An evaluation config: ``--out`` is its ``output_dir``, ``--overwrite`` its ``overwrite``."""
     from kamim.config import parsed_config
+    from kamim.inputs import preflight
 
-    return parsed_config(args, output_dir=str(args.out), **({"overwrite": True} if args.overwrite else {}))
+    cfg = parsed_config(args, output_dir=str(args.out), **({"overwrite": True} if args.overwrite else {}))
+    preflight(cfg, args.command)  # a missing path or a refused --out: one line before torch is imported
+    return cfg
 
 
 def _add_linprobe(sub: argparse._SubParsersAction) -> None:

@@ -245,7 +245,7 @@ def test_failed_run_leaves_existing_output_untouched(assets, tmp_path, capsys):
     _no_leftovers(tmp_path)
 
 
-def test_argparse_errors_are_one_line_exit_2(capsys):
+def test_argparse_errors_are_one_line_exit_2(capsys, tmp_path):
     assert cli.main(["run", "--data", "x", "--out", "y"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kamim-analyze: error: no models: give --model NAME=CHECKPOINT (or models: {NAME: CHECKPOINT})"]
@@ -253,7 +253,7 @@ def test_argparse_errors_are_one_line_exit_2(capsys):
         cli.main(["run", "--bogus"])
     assert exc.value.code == 2
     if not torch.cuda.is_available():
-        assert cli.main(["run", "--model", "A=test_vit", "--data", ".", "--out", "o",
+        assert cli.main(["run", "--model", "A=test_vit", "--data", ".", "--out", str(tmp_path / "o"),
                          "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
 

@@ -57,6 +57,41 @@ def test_kamim_help_and_argument_errors_do_not_import_torch():
     assert not any(seen.values()), seen  # the first True is the culprit
 
 
+def test_inputs_and_outputs_that_cannot_work_are_refused_before_torch_is_imported(tmp_path):
+    """A missing --data folder or checkpoint path and an --out the output rule refuses: one line, no torch."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "val").mkdir()
+    ckpt = tmp_path / "enc.safetensors"
+    ckpt.write_bytes(b"x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("mine")
+    out = str(tmp_path / "out")
+    kamim_cases = [
+        ["knn", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nope"), "--out", out],
+        ["linprobe", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data), "--out", out],
+        ["finetune", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(foreign)],
+        ["knn", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(data / "train")],
+        ["reconstruct", "--checkpoints", f"a={tmp_path / 'nope'}/run", "--data", str(data), "--out", out],
+    ]
+    analyze_cases = [
+        ["run", "--model", f"a={ckpt}", "--data", str(tmp_path / "nope"), "--out", out],
+        ["run", "--model", f"a={tmp_path / 'nope.pt'}", "--data", str(data), "--out", out],
+        ["run", "--model", f"a={ckpt}", "--data", str(data), "--out", str(foreign)],
+    ]
+    for module, cases in (("kamim.cli", kamim_cases), ("analysis.cli", analyze_cases)):
+        seen = _torch_imported(module, cases)
+        assert not any(seen.values()), seen
+    expected = [f"labelled data folder not found: '{tmp_path / 'nope'}' (expected train/ and val/ inside)",
+                f"checkpoint not found: '{tmp_path / 'nope.pt'}'", "holds files this command did not write",
+                "lies inside the --data folder", f"checkpoint not found: '{tmp_path / 'nope'}/run'"]
+    for argv, text in zip(kamim_cases, expected):
+        proc = subprocess.run([sys.executable, "-m", "kamim.cli", *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and text in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() and (foreign / "mine.txt").read_text() == "mine"
+
+
 def test_analyze_help_and_argument_errors_do_not_import_torch():
     seen = _torch_imported("analysis.cli", _help_and_usage_errors(
         ANALYZE_COMMANDS, ["run", "--data", "x", "--out", "y"]))

@@ -153,7 +153,7 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     args = _common(setup, tmp_path / "x")
     args[args.index("--data") + 1] = str(bad)
     assert "zebra" in err(["-q", "knn", *args])
-    assert "not a checkpoint file" in err(["-q", "finetune", "--checkpoint", str(tmp_path / "missing.pt"),
+    assert "checkpoint not found: '" in err(["-q", "finetune", "--checkpoint", str(tmp_path / "missing.pt"),
                                            "--data", str(setup["data"]), "--out", str(tmp_path / "x")])
     assert "mask_ratio" in err(["-q", "reconstruct", "--checkpoints", str(setup["run"]), "--data", "x",
                                 "--out", str(tmp_path / "x"), "--mask-ratio", "1.5"])

@@ -393,7 +393,9 @@ def build_labelled_splits(root: str | os.PathLike, train_transform: Transform | 
         return LabelledSplit(train, val, train.classes)
     base = Path(folder).expanduser()
     if not base.is_dir():
-        raise FileNotFoundError(f"labelled data folder not found: '{base}' (expected train/ and val/ inside)")
+        from kamim.inputs import missing_data_folder
+
+        raise missing_data_folder(base, labelled=True)
     for sub in ("train", "val"):
         if not (base / sub).is_dir():
             raise FileNotFoundError(f"'{base}' has no {sub}/ subfolder (expected train/ and val/ class folders)")

@@ -19,6 +19,7 @@ from typing import Any
 from kamim import distributed as kdist
 from kamim import outputs
 from kamim.distributed import DistInfo
+from kamim.inputs import check_output_dir, run_inputs  # re-exported: the engines take them from here
 from kamim.serialization import json_safe, remove_stale_temp_files
 
 __all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir",
@@ -46,36 +47,6 @@ def distributed_session(device: str) -> Iterator[DistInfo]:
     finally:
         if created:
             kdist.cleanup()
-
-
-def check_output_dir(path: str | os.PathLike, task: str, overwrite: bool = False,
-                     inputs: Mapping[str, Any] | None = None) -> Path:
-    """``path`` as a Path if ``kamim TASK`` may write into it (:func:`kamim.outputs.check_output_dir`:
-    new, empty or an earlier ``kamim TASK`` output, whose results file ``TASK.json`` also marks it;
-    not one of the ``inputs`` paths, nor inside or around one)."""
-    return outputs.check_output_dir(path, f"kamim {task}", overwrite=overwrite, legacy=(f"{task}.json",),
-                                    inputs=inputs)
-
-
-def run_inputs(cfg: Any) -> dict[str, Any]:
-    """The input paths of an evaluation config (its data, its checkpoint or checkpoints) for the output
-    rule; an in-memory model, or a name that is no path (timm, manifest), is skipped there."""
-    inputs: dict[str, Any] = {"--data folder": cfg.data}
-    sources = getattr(cfg, "checkpoints", None)
-    if sources is None:
-        sources = [getattr(cfg, "checkpoint", None)]
-    elif isinstance(sources, Mapping):
-        sources = list(sources.values())
-    elif isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    for i, source in enumerate(sources):
-        if not isinstance(source, (str, os.PathLike)):
-            continue
-        text = str(source)
-        _, sep, path = text.partition("=")  # NAME=PATH of reconstruct
-        inputs[f"checkpoint {i + 1}" if len(sources) > 1 else "checkpoint"] = \
-            path if sep and not Path(text).exists() else text
-    return inputs
 
 
 @contextlib.contextmanager
