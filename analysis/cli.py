@@ -229,9 +229,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args, **extra)
     from analysis.pipeline import analyze, preflight
 
-    data = resolve_data(cfg.data)
     plugins = {f"plugin {p}": p for p in cfg.plugins}
-    preflight(cfg.models, data, args.out, overwrite=args.overwrite, inputs=plugins)  # before torch is imported
+    preflight(cfg.models, cfg.data, args.out, overwrite=args.overwrite, inputs=plugins)  # before torch is imported
+    data = resolve_data(cfg.data)
     from analysis.registry import load_plugin
 
     for plugin in cfg.plugins:

@@ -126,11 +126,11 @@ def preflight(models: Mapping[str, str], data: PathLike, out: PathLike, command:
     fraction of a second): no models, a ``--data`` folder or a checkpoint path that does not exist, an
     ``--out`` the output rule refuses. Returns the input paths ``out`` may not overlap."""
     from kamim import looks_like_path
-    from kamim.inputs import missing_data_folder
+    from kamim.inputs import DATA_NAMES, missing_data_folder
 
     if not models:
         raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
-    if not Path(data).expanduser().is_dir():
+    if str(data) not in DATA_NAMES and not Path(data).expanduser().is_dir():  # a demo name: made on first use
         raise UsageError(f"--data: {missing_data_folder(data, labelled=False)}")
     for name, source in models.items():
         # anything else may be a timm or manifest name (which can contain dots: "vit_base_patch16_224.mae")
