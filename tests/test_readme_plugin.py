@@ -153,7 +153,9 @@ def test_bad_plugins_are_one_line_errors(clean_registry, tmp_path, capsys):
     broken.write_text("raise RuntimeError('oops')\n")
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
-    base = ["run", "--model", "A=test_vit", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]
+    (tmp_path / "data").mkdir()
+    base = ["run", "--model", "A=test_vit", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--quiet"]
     for plugin, message in [(tmp_path / "nope.py", "no such file"), (broken, "failed: RuntimeError: oops"),
                             (empty, "registers no analysis"), (tmp_path / "x.txt", "is not a .py file")]:
         assert main([*base, "--plugin", str(plugin)]) == 2
