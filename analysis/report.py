@@ -21,8 +21,8 @@ import pandas as pd
 __all__ = ["library_versions", "summary_table", "render_report", "write_report"]
 
 PathLike = Union[str, Path]
-_LIBRARIES = ("kamim", "torch", "timm", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib",
-              "seaborn", "opencv-python-headless", "captum", "safetensors")
+_LIBRARIES = ("kamim", "torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib",
+              "seaborn", "opencv-python-headless", "pillow", "captum", "safetensors")
 
 # Headline metrics of the summary table: (tidy metric name, column title).
 SUMMARY_METRICS = (

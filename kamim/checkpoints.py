@@ -715,6 +715,10 @@ def load_encoder(
     assert path is not None
     where = str(path)
     entry = resolved.entry or {}
+    digest = sha256_file(path)
+    if entry.get("sha256") and digest != str(entry["sha256"]).lower():
+        raise CheckpointError(f"{where}: its sha256 {digest} is not the {entry['sha256']} of manifest entry "
+                              f"'{resolved.name}': not the published file (download it again from {entry['source']})")
     obj, metadata = read_checkpoint(path)
     conv = convert_checkpoint(
         obj, metadata, model_name=model_name, where=where, checkpoint_key=checkpoint_key,
@@ -745,7 +749,7 @@ def load_encoder(
               "notes": conv.notes}
     if conv.method:
         report["method"] = conv.method
-    return LoadedEncoder.of(model, conv.format, where, sha256_file(path), report,
+    return LoadedEncoder.of(model, conv.format, where, digest, report,
                             {"model_name": conv.model_name, "kwargs": kwargs}, conv.method)
 
 

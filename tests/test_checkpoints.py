@@ -427,6 +427,15 @@ def test_manifest_entry_loads_and_checks_format(tmp_path, photos):
     _assert_vit_parity(enc, hf.vit, _images(photos, 32), depth=2)
     with pytest.raises(CheckpointError, match="expects format 'mae' but the file is 'hf-vit'"):
         load_encoder("wrong", manifest=manifest)
+    # an entry's sha256 is verified: the published digest loads, any other file is refused
+    digest = hashlib.sha256((tmp_path / "tiny_mim.pth").read_bytes()).hexdigest()
+    manifest.write_text(yaml.safe_dump({"checkpoints": {"ok": dict(entry, sha256=digest.upper()),
+                                                        "tampered": dict(entry, sha256="0" * 64)}}))
+    assert load_encoder("ok", manifest=manifest).sha256 == digest
+    with pytest.raises(CheckpointError, match=rf"tiny_mim.pth: its sha256 {digest} is not the 0{{64}} of manifest "
+                                              r"entry 'tampered': not the published file \(download it again from "
+                                              r"local\)$"):
+        load_encoder("tampered", manifest=manifest)
 
 
 def test_repository_manifest(tmp_path):

@@ -259,3 +259,13 @@ def test_cross_cka_axes_follow_each_model():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]
     assert ax.collections[0].get_clim() == (0.0, 1.0)
+
+
+def test_report_library_versions_name_every_library_behind_the_numbers():
+    import importlib.metadata
+
+    from analysis.report import library_versions
+
+    versions = library_versions()
+    for name in ("torch", "torchvision", "timm", "pillow", "numpy", "scikit-learn", "captum"):
+        assert versions[name] == importlib.metadata.version(name), name
