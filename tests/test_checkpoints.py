@@ -444,6 +444,10 @@ def test_repository_manifest(tmp_path):
                  "dino_vit_base", "dino_vit_small"):
         assert name in entries, name
     assert entries["mae_vit_base"]["source"].startswith("https://dl.fbaipublicfiles.com/mae/")
+    for name, entry in entries.items():  # every entry: the file's own address and a checksum field
+        assert entry["source"].startswith("https://") and "sha256" in entry, name
+        if name.startswith(("kamim_", "simmim_")):  # the authors' per-file links, not their repository
+            assert entry["source"].startswith("https://drive.google.com/file/d/"), name
     with pytest.raises(FileNotFoundError) as e:
         resolve_source("moco_v3_vit_base", checkpoint_dir=tmp_path)
     assert "dl.fbaipublicfiles.com/moco-v3" in str(e.value) and str(tmp_path) in str(e.value)
