@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from analysis.names import ANALYSES, CLI_OPTIONS
-from kamim.errors import ArgumentParser, run_command
+from kamim.errors import ArgumentParser, configure_logging, run_command
 
 if TYPE_CHECKING:
     from analysis.pipeline import AnalyzeOutput
@@ -269,6 +269,7 @@ _COMMANDS = {"run": _cmd_run, "paper-figures": _cmd_paper, "demo": _cmd_demo}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``kamim-analyze``; returns the exit code (:mod:`kamim.errors`)."""
     args = build_parser().parse_args(argv)
+    configure_logging()
     return run_command(PROG, _COMMANDS[args.command], args)
 
 

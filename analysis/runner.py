@@ -205,13 +205,13 @@ def iterate_images(loader: Iterable, max_images: int | None = None) -> Iterator[
 
 
 def _progress(loader: Iterable, max_images: int | None, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from kamim.progress import progress
 
     total = max_images
     dataset = getattr(loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         total = len(dataset) if total is None else min(total, len(dataset))
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled)
+    return progress(total=total, unit="img", desc=desc, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------

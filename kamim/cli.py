@@ -14,13 +14,12 @@ argument errors are fast. Run multi-GPU with ``torchrun --nproc_per_node N -m ka
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from kamim.errors import ArgumentParser, run_command
+from kamim.errors import ArgumentParser, configure_logging, run_command
 
 if TYPE_CHECKING:
     from kamim.config import ConfigFlags
@@ -461,8 +460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``kamim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if (args.quiet or not _is_main()) else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.quiet)
     return run_command(PROG, args.func, args)
 
 

@@ -26,7 +26,8 @@ import sys
 import textwrap
 from typing import Any, Callable, NoReturn, Optional
 
-__all__ = ["USER_ERRORS", "ArgumentParser", "debug_enabled", "exit_code", "format_error", "run_command"]
+__all__ = ["USER_ERRORS", "ArgumentParser", "configure_logging", "debug_enabled", "exit_code", "format_error",
+           "run_command"]
 
 #: exception types that are the user's input (or environment), not a bug: one line, exit 2
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
@@ -135,6 +136,16 @@ def format_error(prog: str, err: BaseException) -> str:
         text = _oneline(str(err))
         return f"{prog}: interrupted" + (f": {text}" if text else "")
     return f"{prog}: error: {_message(err)}"
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """Both tools log ``HH:MM:SS logger: message`` lines to stderr: INFO and up (start-up lines, progress
+    lines in a log, warnings), WARNING and up with ``quiet`` or on a torchrun rank other than 0."""
+    import logging
+
+    main = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.WARNING if (quiet or not main) else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def run_command(prog: str, func: Callable[[Any], Optional[int]], args: Any) -> int:

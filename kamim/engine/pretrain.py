@@ -370,13 +370,6 @@ class _Trainer:
             tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
             config=to_dict(cfg),
         )
-        from tqdm.auto import tqdm
-
-        # tqdm's disable=None: a bar on terminals only; elsewhere (batch jobs, pipes) rows go to the log.
-        bar = tqdm(
-            total=lengths.stop_step, initial=self.step, disable=None if (self.main and cfg.run.progress) else True,
-            desc=f"{cfg.method} {cfg.model.arch}", dynamic_ncols=True, unit="step",
-        )
         log.info(
             "pretraining %s/%s on %d images: %d steps/epoch, schedule %d steps (warmup %d), stopping at %d, "
             "world %d, micro-batch %d x %d accumulation",
@@ -384,6 +377,12 @@ class _Trainer:
             lengths.warmup_steps, lengths.stop_step, self.info.world_size, self.sampler.micro_batch_size,
             cfg.optim.accum_steps,
         )
+        from kamim.progress import progress
+
+        # after the start-up line, which would otherwise break a terminal's bar: a live bar on a terminal,
+        # a progress line every few seconds in a log; with run.progress=false, the metric rows are logged
+        bar = progress(total=lengths.stop_step, initial=self.step, desc=f"{cfg.method} {cfg.model.arch}", unit="step",
+                       enabled=self.main and cfg.run.progress)
         self.train_model.train()
         window_losses: list[float] = []
         window_images = 0

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
+from kamim.progress import progress as progress_bar
 from kamim.backbone import (
     LayerSpec, Pool, check_input_size, default_layer, expected_input_size, feature_dims, is_token_model, layer_features,
     num_layers, resolve_layers, unwrap,
@@ -136,7 +136,7 @@ def extract_dataset_features(
         label_chunks: list[torch.Tensor] = []
     dev = torch.device(device)
     why = _DIVERGED + (", or float16 autocast overflowed (use bf16 or no amp)" if amp_dtype == torch.float16 else "")
-    for b, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+    for b, batch in enumerate(progress_bar(loader, desc=desc, unit="batch", enabled=progress)):
         if isinstance(batch, dict) and "image" not in batch:
             continue  # every image of this batch was unreadable (kamim.data.collate_skip_bad)
         images, labels = unpack_labelled(batch)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from kamim.progress import progress as progress_bar
 from kamim.distributed import all_reduce_sum, is_main_process
 from kamim.backbone import layer_columns
 from kamim.checkpoints import resolve_encoder
@@ -150,7 +150,7 @@ def knn_evaluate(
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
     starts = range(0, query_features.shape[0], query_chunk_size)
-    for start in tqdm(starts, desc="k-NN", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc="k-NN", unit="chunk", enabled=progress):
         q = query_features[start:start + query_chunk_size]
         target = query_labels[start:start + query_chunk_size].to(device)
         sims, idx = knn_topk(train_features, q, max(ks), train_chunk_size, device)

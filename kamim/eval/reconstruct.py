@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
+from kamim.progress import progress as progress_bar
 from kamim import distributed as kdist
 from kamim.config import ReconstructConfig, from_dict
 from kamim.data import build_dataset
@@ -282,7 +282,7 @@ def evaluate_reconstruction(
     device = torch.device(device)
     keys = ("psnr", "ssim", "psnr_masked", "mse_masked")
     sums = {name: torch.zeros(len(keys) + 1, dtype=torch.float64, device=device) for name in models}
-    for batch in tqdm(loader, desc="reconstruct", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="reconstruct", unit="batch", enabled=progress):
         if "image" not in batch:
             continue  # every image of the batch was unreadable
         images = batch["image"].to(device, non_blocking=True)

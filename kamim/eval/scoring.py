@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from timm.utils import accuracy
 from torch import nn
-from tqdm.auto import tqdm
 
+from kamim.progress import progress as progress_bar
 from kamim.distributed import all_reduce_sum
 from kamim.precision import autocast
 
@@ -45,7 +45,7 @@ def evaluate_logits(
     """Top-1/top-5 accuracy (%) and mean cross-entropy of every named output of ``heads(images)``,
     exact over ranks (counts summed; shards must be disjoint)."""
     sums: dict[Any, torch.Tensor] = {}
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
         if isinstance(batch, dict) and "image" not in batch:
             continue  # every image of the batch was unreadable
         images, target = unpack_labelled(batch)

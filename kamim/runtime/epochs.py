@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from kamim.progress import progress
 from kamim import distributed as kdist
 from kamim.distributed import DistInfo
 from kamim.interrupt import StopRequest, graceful_stop
@@ -90,8 +90,8 @@ class EpochTrainer:
         if done == 0:
             self.stats.reset(max(g["lr"] for g in state.optimizer.param_groups))
         self.train_step.module.train()
-        bar = tqdm(total=spe, initial=done, desc=f"{self.task} epoch {state.epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.cfg.progress and self.info.is_main), leave=False, dynamic_ncols=True)
+        bar = progress(total=spe, initial=done, desc=f"{self.task} epoch {state.epoch + 1}/{self.cfg.epochs}",
+                       unit="step", enabled=self.cfg.progress and self.info.is_main)
 
         def after(result: StepResult) -> None:
             self.after_step(result)
