@@ -216,7 +216,8 @@ def _print_summary(out: AnalyzeOutput) -> None:
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
         print(summary.to_string(index=False) if not summary.empty else "(no per-layer metrics)")
-    print(f"\nwrote {len(figures)} figures, metrics.csv, metrics.json and report.html to {out_dir}")
+    print(f"\nwrote {len(figures)} figure{'' if len(figures) == 1 else 's'}, metrics.csv, metrics.json and report.html "
+          f"to {out_dir}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

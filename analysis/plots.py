@@ -162,9 +162,14 @@ def model_label(name: str, result: Any) -> str:
     return f"{name} · {resolution_label(result.geometry)}"
 
 
-def _suptitle(fig: Figure, title: str, results: Mapping[str, Any]) -> None:
-    n_images = sorted({int(r.images) for r in results.values() if _is_int(r.images)})
-    suffix = f" ({'/'.join(map(str, n_images))} images)" if n_images else ""
+def _suptitle(fig: Figure, title: str, results: Mapping[str, Any], shown: Optional[int] = None) -> None:
+    """``title`` with the number of images behind it: ``(N images)`` for statistics over the images,
+    ``(K of N images)`` for a figure that shows ``shown`` of them."""
+    n_images = "/".join(map(str, sorted({int(r.images) for r in results.values() if _is_int(r.images)})))
+    if shown is not None:
+        suffix = f" ({shown} of {n_images} images)" if n_images else f" ({shown} images)"
+    else:
+        suffix = f" ({n_images} images)" if n_images else ""
     fig.suptitle(title + suffix)
 
 
@@ -405,8 +410,9 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
         style = palette[name]
         hf_ax.plot(np.arange(amp.shape[0]), amp[:, -1], label=model_label(name, r),
                    markersize=5, **style.line_kwargs())
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:-1]),
-                 label="depth (0 = patch embedding)", shrink=0.85)
+    # below the spectra: to their right, its label would collide with the last panel's y label
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:-1]), location="bottom",
+                 label="depth (0 = patch embedding)", shrink=0.5, aspect=40)
     hf_ax.set_xlabel("depth (0 = patch embedding)")
     hf_ax.set_xticks(range(0, max_depth + 1))
     hf_ax.set_ylabel("Δ log amplitude at frequency π")
@@ -450,6 +456,17 @@ def plot_tsne(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = N
     source = next(iter(results.values())).arrays.get("tsne_label_kind", "class")
     _suptitle(fig, f"t-SNE of last-layer patch tokens (coloured by {source})", results)
     return _finish(fig, out)
+
+
+def _target_text(target: Any, index: int, result: Any, by_label: bool) -> str:
+    """The title of an attribution panel: the attributed class, and the true one where they differ."""
+    name = _class_text(target, None, result)
+    if by_label:
+        return f"label {name}"
+    labels = result.arrays.get("labels")
+    if labels is None or index >= len(labels) or int(labels[index]) < 0 or int(labels[index]) == int(target):
+        return f"predicted {name}"
+    return f"predicted {name} (label {_class_text(labels[index], None, result)})"
 
 
 def _class_text(label: Any, class_names: Optional[Sequence[str]], result: Any) -> str:
@@ -624,10 +641,8 @@ def plot_attention_maps(results: Mapping[str, Any], *, image: int = 0,
         if im is not None:
             cb = fig.colorbar(im, ax=list(ax_row), shrink=0.8, pad=0.01)
             cb.ax.tick_params(labelsize="xx-small")
-    fig.text(0.995, 0.005, "colour: attention × number of patches (1 = uniform attention)",
-             ha="right", va="bottom", fontsize="x-small")
-    _suptitle(fig, "Attention maps of query patches (mean over heads; box = query patch)",
-              results)
+    fig.supxlabel("colour: attention × number of patches (1 = uniform attention)", fontsize="x-small")
+    _suptitle(fig, "Attention maps of query patches (mean over heads; box = query patch)", results, shown=1)
     return _finish(fig, out)
 
 
@@ -666,7 +681,7 @@ def plot_rollout(results: Mapping[str, Any], *, max_images: int = 4,
     if im is not None:
         fig.colorbar(im, ax=list(axes.ravel()), shrink=0.7,
                      label="relevance × number of patches (1 = uniform)")
-    _suptitle(fig, "Attention rollout (class-token relevance of each patch)", results)
+    _suptitle(fig, "Attention rollout (class-token relevance of each patch)", results, shown=n_img)
     return _finish(fig, out)
 
 
@@ -686,6 +701,9 @@ def plot_attribution(results: Mapping[str, Any], *, max_images: int = 4,
             if method == "target":
                 continue
             rows.append((name, r, method, np.asarray(maps, dtype=np.float64), target))
+    # what is attributed: the class the classifier predicts (a linear probe fitted on the data for an
+    # encoder without a head) or the true label; a prediction that differs from the label says both
+    by_label = all(r.options.get("attribution_target", "prediction") == "label" for r in results.values())
     if not rows:
         raise ValueError("no attribution maps in the results")
     n_img = min(max_images, min(row[3].shape[0] for row in rows))
@@ -699,12 +717,12 @@ def plot_attribution(results: Mapping[str, Any], *, max_images: int = 4,
             im = _overlay(ax_row[j], _gray(imgs[j]), maps[j], cmap="RdBu_r", alpha=0.7, vmin=-lim, vmax=lim,
                           interpolation="bilinear")
             if j < len(target):
-                ax_row[j].set_title(f"target {_class_text(target[j], None, r)}",
-                                    fontsize="x-small")
+                ax_row[j].set_title(_target_text(target[j], j, r, by_label), fontsize="x-small")
         ax_row[0].set_ylabel(f"{name}\n{resolution_label(r.geometry).split(',')[0]}\n{method}",
                              fontsize="x-small", color=palette[name].color)
         fig.colorbar(im, ax=list(ax_row), shrink=0.8, label="attribution")
-    _suptitle(fig, "Input attributions (captum)", results)
+    what = "of the true class" if by_label else "of the predicted class"
+    _suptitle(fig, f"Input attributions {what} (captum)", results, shown=n_img)
     return _finish(fig, out)
 
 

@@ -207,7 +207,8 @@ def test_out_holding_user_files_is_refused_and_kept(assets, tmp_path, capsys):
     _no_leftovers(tmp_path)
     old = os.umask(0o022)
     try:  # --overwrite writes into it and keeps the user's files; the outputs follow the umask
-        assert _run(argv + ["--overwrite"], capsys)[0] == 0
+        rc, stdout, _ = _run(argv + ["--overwrite"], capsys)
+        assert rc == 0 and f"wrote 1 figure, metrics.csv, metrics.json and report.html to {out}" in stdout
         assert (out / "notes.txt").read_text() == "my notes" and (out / "sub" / "data.txt").read_text() == "my data"
         assert (out / "nmi.png").is_file()
         (out / "nmi.png").write_bytes(b"stale")  # the command's own file: replaced by the next run

@@ -269,3 +269,49 @@ def test_report_library_versions_name_every_library_behind_the_numbers():
     versions = library_versions()
     for name in ("torch", "torchvision", "timm", "pillow", "numpy", "scikit-learn", "captum"):
         assert versions[name] == importlib.metadata.version(name), name
+
+
+def test_figures_of_example_images_say_how_many_they_show(real_results):
+    """Statistics say over how many images; figures of a few images say how many of how many."""
+    from analysis import plots
+
+    assert plots.plot_attention_maps(real_results)._suptitle.get_text().endswith("(1 of 4 images)")
+    assert plots.plot_rollout(real_results, max_images=2)._suptitle.get_text().endswith("(2 of 4 images)")
+    assert plots.plot_tsne(real_results)._suptitle.get_text().endswith("(4 images)")
+
+
+def test_attribution_panels_name_the_attributed_class_and_the_label_where_they_differ(real_results):
+    from analysis import plots
+
+    fig = plots.plot_attribution(real_results, max_images=4)  # map_images=2: two were attributed
+    assert fig._suptitle.get_text() == "Input attributions of the predicted class (captum) (2 of 4 images)"
+    r = real_results["A"]
+    targets, labels = r.arrays["attribution"]["target"], r.arrays["labels"][:2]
+    expected = [f"predicted {int(t)}" + ("" if int(t) == int(y) else f" (label {int(y)})")
+                for t, y in zip(targets, labels)]
+    assert [ax.get_title() for ax in fig.axes[:2]] == expected
+    assert any("(label" in e for e in expected) or all(int(t) == int(y) for t, y in zip(targets, labels))
+
+
+def test_reconstruction_title_stays_clear_of_the_column_headers(tmp_path):
+    """The caller's title (paper-figures adds one) gets room above the column headers."""
+    from kamim.eval.reconstruct import plot_reconstructions
+    from kamim.masking import MaskGenerator
+    from kamim.models import create_pretrain_model
+    from kamim.eval.reconstruct import MaskedImages
+    from kamim.data import ImageFolderDataset, EvalTransform, write_demo_folder
+
+    data = write_demo_folder(tmp_path / "demo", crops_per_photo=1, max_side=64)
+    model = create_pretrain_model("simmim", "vit_pico", img_size=32).eval()
+    masked = MaskedImages(ImageFolderDataset(data, EvalTransform(32)),
+                          MaskGenerator(input_size=32, mask_patch_size=16, model_patch_size=8, mask_ratio=0.5), 0)
+    fig = plot_reconstructions({"a": model}, masked, [0, 1], None, "cpu")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.suptitle("Reconstructions at mask ratio 0.5")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    headers = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert headers and all(title.y0 >= h.y1 for h in headers)

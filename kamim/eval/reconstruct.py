@@ -335,7 +335,8 @@ def plot_reconstructions(
     columns = {"original": original, "masked": original * (1 - pm) + 0.5 * pm}
     for name, model in models.items():
         columns[name] = paste_reconstruction(original, unnormalize(reconstruct(model, images, mask)), pm)
-    fig = Figure(figsize=(cell_inches * len(columns), cell_inches * len(samples)))
+    # constrained layout: a title added by the caller (fig.suptitle) gets its own room above the headers
+    fig = Figure(figsize=(cell_inches * len(columns), cell_inches * len(samples)), layout="constrained")
     axes = fig.subplots(len(samples), len(columns), squeeze=False)
     for c, (title, imgs) in enumerate(columns.items()):
         for r in range(len(samples)):
@@ -345,7 +346,6 @@ def plot_reconstructions(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
