@@ -345,6 +345,120 @@ class AnalyzeOutput:
 
 ExtraStep = Callable[[Path, dict[str, Any], dict[str, Any], list[str]], dict[str, list[Path]]]
 
+#: ``raw/run.json``: what a run's figures and report need besides its per-model results
+RUN_RECORD = "run.json"
+#: settings that must agree between runs combined by :func:`plot_results` (unless ``allow_mixed``)
+COMPARED_SETTINGS = ("data", "data files", "images", "seed", "resolution", "options")
+
+
+@dataclass
+class RunRecord:
+    """The run-level part of an analysis output (``raw/run.json``): the analyses, the settings and
+    per-model facts the report shows, the notes, the title, the figure file names and the figures made
+    from the models themselves (``extra``: paper-figures' reconstructions), which a redraw keeps."""
+
+    analyses: tuple[str, ...]
+    settings: dict[str, Any]
+    models: dict[str, dict[str, Any]]
+    notes: list[str]
+    title: str = "Representation analysis"
+    figure_names: dict[str, str] = field(default_factory=dict)
+    extra_figures: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int], seed: int, batch_size: int,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+    """Where one model's numbers come from: its checkpoint and sha256, the data folder with a hash of
+    its file list, the images, seed, resolution and options, the library versions."""
+    import hashlib
+
+    from analysis.report import library_versions
+
+    root = Path(getattr(dataset, "root", data)).expanduser().absolute()
+    files = sorted(str(Path(p).relative_to(root)) for p, _ in getattr(dataset, "samples", []))
+    return {"source": str(enc.source), "sha256": enc.sha256, "format": enc.format, "data": str(root),
+            "data files": hashlib.sha256("\n".join(files).encode()).hexdigest(), "images": images, "seed": seed,
+            "resolution": list(enc.image_size), "batch_size": batch_size, "options": dict(options),
+            "versions": library_versions()}
+
+
+def save_run(raw: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any], record: RunRecord) -> None:
+    """Write every model's results (``raw/<model>/``), the cross-model CKA results
+    (``raw/cross/<a>--<b>/``) and ``raw/run.json``, before anything is drawn."""
+    import dataclasses as dc
+    import json
+
+    from kamim.serialization import atomic_write_text, json_safe
+
+    raw.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name, res in results.items():
+        res.save(raw / _slug(name))
+        models[name] = _slug(name)
+    pairs = []
+    for (a, b), res in cross.items():
+        res.save(raw / "cross" / f"{_slug(a)}--{_slug(b)}")
+        pairs.append([a, b, f"cross/{_slug(a)}--{_slug(b)}"])
+    atomic_write_text(json.dumps(json_safe({**dc.asdict(record), "results": models, "cross": pairs}), indent=1),
+                      raw / RUN_RECORD)
+
+
+def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], Any], RunRecord, Path]:
+    """The results, cross-model results and record of an analysis output folder (or its ``raw/``);
+    one-line :class:`UsageError` for a folder that holds none."""
+    from analysis.results import AnalysisResult
+
+    folder = Path(source).expanduser()
+    raw = folder / "raw" if (folder / "raw" / RUN_RECORD).is_file() else folder
+    if not (raw / RUN_RECORD).is_file():
+        raise UsageError(f"'{source}' holds no saved analysis results (expected {Path('raw') / RUN_RECORD} "
+                         f"inside: an output of kamim-analyze run)")
+    import json
+
+    meta = json.loads((raw / RUN_RECORD).read_text())
+    results = {name: AnalysisResult.load(raw / sub) for name, sub in meta["results"].items()}
+    cross = {(a, b): AnalysisResult.load(raw / sub) for a, b, sub in meta.get("cross", [])}
+    record = RunRecord(tuple(meta["analyses"]), dict(meta["settings"]), dict(meta["models"]), list(meta["notes"]),
+                       meta.get("title", "Representation analysis"), dict(meta.get("figure_names") or {}),
+                       dict(meta.get("extra_figures") or {}))
+    return results, cross, record, raw.parent
+
+
+def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any],
+           record: RunRecord) -> tuple[dict[str, list[Path]], Any, Any]:
+    """Draw every figure of ``record.analyses``, the cross-model CKA figure, ``metrics.csv/.json``,
+    ``summary.csv`` and ``report.html`` into ``staging`` from results alone (no model, no data);
+    returns (figure files by key, the tidy metrics, the summary)."""
+    import pandas as pd
+
+    from analysis import plots
+    from analysis.report import summary_table, write_report
+    from kamim.serialization import atomic_write_text
+
+    metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
+    palette = plots.ModelPalette(results)
+    figures: dict[str, list[Path]] = {}
+    for analysis_name in record.analyses:
+        stem = record.figure_names.get(analysis_name, analysis_name.replace("-", "_"))
+        plots.plot_analysis(analysis_name, results, palette=palette, out=staging / stem)
+        figures[analysis_name] = _figure_files(staging / stem)
+    if cross:
+        metrics = pd.concat([metrics] + [r.table for r in cross.values()], ignore_index=True)
+        stem = record.figure_names.get("cross-cka", "cross_cka")
+        plots.plot_cross_cka({k: r.arrays["cka"] for k, r in cross.items()},
+                             {n: r.geometry.depth for n, r in results.items()}, out=staging / stem)
+        figures["cross-cka"] = _figure_files(staging / stem)
+    figures.update({k: [staging / p for p in v] for k, v in record.extra_figures.items()})
+    atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
+    atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
+    summary = summary_table(results)
+    atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
+    write_report(staging / "report.html", results, figures, settings=record.settings, models=record.models,
+                 titles=plots.FIGURE_TITLES,
+                 tables={"All metrics (first rows; full table in metrics.csv)": metrics},
+                 notes=record.notes, title=record.title)
+    return figures, metrics, summary
+
 
 def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             analyses: Union[str, Sequence[str]] = "all", images: Optional[int] = None,
@@ -383,14 +497,10 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     an earlier output of ``command`` (recorded in ``out/.kamim-output.json``) unless ``overwrite``,
     and may not be, contain or lie inside ``data`` or a checkpoint (see :mod:`kamim.outputs`).
     """
-    import pandas as pd
     import torch
 
-    from analysis import plots
-    from analysis.report import summary_table, write_report
     from analysis.runner import run_analyses
     from kamim import find_images
-    from kamim.serialization import atomic_write_text
 
     asked_all = (analyses == "all") if isinstance(analyses, str) else ("all" in analyses)
     analyses = parse_analyses(analyses)
@@ -460,43 +570,22 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
                                  f"--batch-size or --image-size") from None
             if getattr(dataset, "classes", None):
                 res.arrays["class_names"] = list(dataset.classes)
-            res.save(staging / "raw" / _slug(name))
+            res.provenance = _provenance(enc, dataset, data, images=images, seed=seed, batch_size=batch_size,
+                                         options={**dict(options or {})})
             results[name] = res
             if loader.num_skipped:
                 notes.append(f"{name}: {loader.num_skipped} unreadable image(s) skipped.")
 
-        metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
-        palette = plots.ModelPalette(results)
-        figures: dict[str, list[Path]] = {}
-        for analysis_name in analyses:
-            stem = figure_names.get(analysis_name, analysis_name.replace("-", "_"))
-            plots.plot_analysis(analysis_name, results, palette=palette, out=staging / stem)
-            figures[analysis_name] = _figure_files(staging / stem)
-
+        cross: dict[tuple[str, str], Any] = {}
         sizes = {tuple(enc.image_size) for enc in loaded.values()}
         if cross_cka and "cka" in analyses and 2 <= len(loaded) <= 4:
             if len(sizes) == 1:
                 cross = _cross_model_cka(loaded, data, images=images, batch_size=batch_size,
                                          workers=workers, seed=seed, device=device,
                                          progress=progress)
-                metrics = pd.concat([metrics] + [r.table for r in cross.values()],
-                                    ignore_index=True)
-                stem = figure_names.get("cross-cka", "cross_cka")
-                plots.plot_cross_cka({k: r.arrays["cka"] for k, r in cross.items()},
-                                     {n: g.depth for n, g in geometries.items()},
-                                     out=staging / stem)
-                figures["cross-cka"] = _figure_files(staging / stem)
             else:
                 notes.append("Cross-model CKA skipped: the models were evaluated at different "
                              "resolutions (pass --image-size to compare them on the same inputs).")
-        if extra is not None:
-            figures.update(extra(staging, results, loaded, notes))
-
-        atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
-        atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
-        summary = summary_table(results)
-        atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
-
         settings = {
             "analyses": ", ".join(analyses), "data": str(Path(data).expanduser().absolute()),
             "images in folder": n_files, "images analysed per model": ", ".join(
@@ -506,16 +595,17 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             "batch size": batch_size, "device": device, "seed": seed,
             **{f"option {k}": v for k, v in (options or {}).items()},
         }
-        write_report(staging / "report.html", results, figures, settings=settings,
-                     models=_model_info(loaded, geometries), titles=plots.FIGURE_TITLES,
-                     tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                     notes=notes, title=title)
+        extra_figures = extra(staging, results, loaded, notes) if extra is not None else {}
+        record = RunRecord(tuple(analyses), settings, _model_info(loaded, geometries), list(notes), title,
+                           figure_names, {k: [str(p.relative_to(staging)) for p in v] for k, v in extra_figures.items()})
+        save_run(staging / "raw", results, cross, record)  # everything `kamim-analyze plot` redraws from
+        figures, metrics, summary = render(staging, results, cross, record)
         rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
         files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
     out_dir = Path(out).expanduser().absolute()
     return AnalyzeOutput(out_dir, results,
                          {k: [out_dir / p for p in v] for k, v in rel_figures.items()},
-                         metrics, summary, [out_dir / f for f in files], notes)
+                         metrics, summary, [out_dir / f for f in files], record.notes)
 
 
 def _geometry(name: str, enc: Any, analyses: Sequence[str]) -> Any:

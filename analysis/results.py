@@ -143,6 +143,9 @@ class AnalysisResult:
     images: int
     analyses: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    #: where the numbers come from (set by ``kamim-analyze run``): the checkpoint and its sha256, the data
+    #: folder and the hash of its file list, the resolution, the run's settings, the library versions
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.arrays = {k: _to_numpy(v) for k, v in self.arrays.items()}
@@ -154,7 +157,7 @@ class AnalysisResult:
     def meta(self) -> dict[str, Any]:
         geometry = self.geometry.to_dict() if hasattr(self.geometry, "to_dict") else self.geometry
         return _jsonable({"model": self.model_name, "images": self.images, "analyses": list(self.analyses),
-                          "geometry": geometry, "options": self.options})
+                          "geometry": geometry, "options": self.options, "provenance": self.provenance})
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``table.csv``, ``table.json``, ``arrays.npz`` and ``meta.json`` atomically into ``directory``."""
@@ -179,4 +182,5 @@ class AnalysisResult:
 
         return cls(model_name=meta["model"], table=table, arrays=load_arrays(directory / "arrays.npz"),
                    geometry=geometry_from_dict(meta["geometry"]), images=int(meta["images"]),
-                   analyses=tuple(meta["analyses"]), options=meta.get("options", {}))
+                   analyses=tuple(meta["analyses"]), options=meta.get("options", {}),
+                   provenance=meta.get("provenance", {}))
