@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
           "resized twice)")
     _add_common(f)
 
+    plot = sub.add_parser(
+        "plot", help="redraw figures and report from saved results; combine runs",
+        description="Redraw every figure, metrics table and report.html from the results saved by earlier runs "
+                    "(OUT/raw/), without models or data; several results folders are combined into one comparison. "
+                    "Runs on other data, images, seed, resolution or options are refused unless --allow-mixed.",
+        epilog="example: kamim-analyze plot runs/analysis-a runs/analysis-b --out runs/analysis-ab")
+    plot.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="output folders of kamim-analyze run")
+    _add_out(plot, "OUT_DIR")
+    plot.add_argument("--allow-mixed", action="store_true",
+                      help="combine runs that differ in data, images, seed, resolution or options (said in the report)")
+    plot.add_argument("--title", default=None, help="report title (default: the first run's)")
+
     demo = sub.add_parser("demo", help="offline demo: pretrain tiny models, analyse them",
                           description="Offline demo on a fresh machine: pretrains tiny SimMIM, "
                           "KAMIM and MoCo v3 ViTs on photographs shipped with scikit-image/"
@@ -264,7 +276,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "paper-figures": _cmd_paper, "demo": _cmd_demo}
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from analysis.pipeline import plot_results
+
+    _print_summary(plot_results(args.results, args.out, allow_mixed=args.allow_mixed, overwrite=args.overwrite,
+                                title=args.title))
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "paper-figures": _cmd_paper, "plot": _cmd_plot, "demo": _cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -608,6 +608,92 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
                          metrics, summary, [out_dir / f for f in files], record.notes)
 
 
+def _compared(results: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The values of :data:`COMPARED_SETTINGS` in one run, read from its models' provenance (a run may
+    hold several, e.g. paper-figures' per-model resolutions), each list sorted by its repr."""
+    values: dict[str, list[Any]] = {}
+    for key in COMPARED_SETTINGS:
+        found = {repr(r.provenance.get(key)): r.provenance.get(key) for r in results.values()}
+        values[key] = [found[k] for k in sorted(found)]
+    return values
+
+
+def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: bool = False, overwrite: bool = False,
+                 title: Optional[str] = None, command: str = "kamim-analyze plot") -> AnalyzeOutput:
+    """Redraw every figure, table and the report of one or more saved analysis outputs into ``out``,
+    from their saved results alone (no model, no data). Several outputs are combined into one
+    comparison of all their models.
+
+    Runs whose models were analysed on other data, images, seed, resolution or options are refused with
+    one line naming the setting and the two values, unless ``allow_mixed`` (then a note in the report says
+    so). Figures of analyses that not every run made are left out, with a note; cross-model CKA is kept
+    for pairs analysed together; figures made from the models themselves (paper-figures'
+    reconstructions) are carried over from a single source and left out, with a note, when combining.
+    """
+    import shutil
+
+    if not sources:
+        raise UsageError("no results given: pass one or more output folders of kamim-analyze run")
+    runs = [load_run(s) for s in sources]
+    inputs = {f"results {i + 1}": folder for i, (*_, folder) in enumerate(runs)}
+    staged_output_check(out, command, overwrite, inputs)
+    results: dict[str, Any] = {}
+    cross: dict[tuple[str, str], Any] = {}
+    where: dict[str, Path] = {}
+    notes: list[str] = []
+    models: dict[str, dict[str, Any]] = {}
+    for res, crs, record, folder in runs:
+        for name in res:
+            if name in results:
+                raise UsageError(f"model {name} is in both {where[name]} and {folder}: combine outputs of different "
+                                 f"models (name them with kamim-analyze run --model NAME=CHECKPOINT)")
+            where[name] = folder
+        results.update(res)
+        cross.update(crs)
+        models.update(record.models)
+        notes += [n for n in record.notes if n not in notes]
+    base = _compared(runs[0][0])
+    for res, *_, folder in runs[1:]:
+        for key, values in _compared(res).items():
+            if values != base[key]:
+                a, b = (repr(v[0]) if len(v) == 1 else repr(v) for v in (base[key], values))
+                if not allow_mixed:
+                    raise UsageError(f"the results differ in {key}: {a} ({runs[0][3]}) vs {b} ({folder}); pass "
+                                     f"--allow-mixed to combine them anyway")
+                notes.append(f"Combined with --allow-mixed: the runs differ in {key} ({runs[0][3]}: {a}; "
+                             f"{folder}: {b}).")
+    first = runs[0][2]
+    common = [a for a in first.analyses if all(a in r[2].analyses for r in runs)]
+    dropped = [a for r in runs for a in r[2].analyses if a not in common]
+    if dropped:
+        notes.append(f"Left out, not made for every model: {', '.join(sorted(set(dropped)))}.")
+    extra = first.extra_figures if len(runs) == 1 else {}
+    if len(runs) > 1 and any(r[2].extra_figures for r in runs):
+        notes.append(f"Left out when combining: {', '.join(sorted({k for r in runs for k in r[2].extra_figures}))} "
+                     f"(made from the models, not from saved results).")
+    if len(runs) > 1 and "cka" in common:
+        notes.append("Cross-model CKA only between models analysed in one run (it needs both models' tokens).")
+    settings = {**first.settings, "models from": ", ".join(f"{n}: {where[n]}" for n in results),
+                "analyses": ", ".join(common),
+                "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
+    record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra)
+    with staged_output(out, command, overwrite, inputs) as staging:
+        for key, files in extra.items():
+            for rel in files:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(runs[0][3] / rel, staging / rel)
+        save_run(staging / "raw", results, cross, record)  # the combination is itself redrawable
+        figures, metrics, summary = render(staging, results, cross, record)
+        rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
+        files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    for note in notes:  # what the combination could not keep, said on the terminal too
+        if note.startswith(("Left out", "Combined")):
+            log.warning("%s", note)
+    out_dir = Path(out).expanduser().absolute()
+    return AnalyzeOutput(out_dir, results, {k: [out_dir / p for p in v] for k, v in rel_figures.items()},
+                         metrics, summary, [out_dir / f for f in files], notes)
+
+
 def _geometry(name: str, enc: Any, analyses: Sequence[str]) -> Any:
     """The token geometry of a loaded encoder (read once by ``load_encoder``), checked against ``analyses``."""
     geometry = enc.geometry

@@ -1,6 +1,7 @@
 """`kamim-analyze` end to end on tiny ViTs and real photographs, its bad-input errors, paper figures."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import os
@@ -60,7 +61,8 @@ def _no_leftovers(parent: Path) -> None:
 
 
 @pytest.mark.parametrize("argv,expected", [
-    ([], ["run", "paper-figures", "demo"]),
+    ([], ["run", "paper-figures", "plot", "demo"]),
+    (["plot"], ["RESULTS_DIR", "--out", "--allow-mixed", "--overwrite"]),
     (["run"], ["--model", "--data", "--out", "--analyses", "--images", "--batch-size",
                "--image-size", "--device", "--seed", "--workers", "attention-distance"]),
     (["paper-figures"], ["--simmim", "--kamim", "--moco", "--data", "--out"]),
@@ -460,3 +462,69 @@ def test_a_pass_that_cannot_fit_in_memory_is_refused_before_it_starts(assets, tm
     rc, _, err = _run([*argv, "--image-size", "64"], capsys)
     # one 32 px image needs one byte more than there is: 24 px (9 tokens) is the largest size under it
     assert rc == 2 and err.strip().endswith("use --batch-size 1 and --image-size 24 or less"), err
+
+
+# ------------------------------------------------------------------------------------------ kamim-analyze plot
+PLOT_ANALYSES = "attention-distance,nmi,cka,fourier,tsne,attention-maps"
+
+
+def _figure_set(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".pdf", ".html"))
+
+
+def test_plot_redraws_every_figure_and_the_report_from_saved_results_alone(assets, tmp_path, capsys):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copy(assets["a"], a)
+    shutil.copy(assets["b"], b)
+    run = tmp_path / "run"
+    rc, _, err = _run(["run", "--model", f"A={a}", "--model", f"B={b}", "--data", assets["data"], "--out", run,
+                       "--analyses", PLOT_ANALYSES, *FAST], capsys)
+    assert rc == 0, err
+    figures, metrics = _figure_set(run), pd.read_csv(run / "metrics.csv")
+    assert "cross_cka.png" in figures
+    meta = json.loads((run / "raw" / "A" / "meta.json").read_text())["provenance"]
+    assert meta["sha256"] == hashlib.sha256(a.read_bytes()).hexdigest() and meta["versions"]["torch"]
+    assert len(meta["data files"]) == 64 and meta["resolution"] == [32, 32]
+    # the checkpoints gone, the figures, tables and report deleted: plot redraws them all
+    a.unlink()
+    b.unlink()
+    for p in run.iterdir():
+        if p.is_file() and p.suffix in (".png", ".pdf", ".html", ".csv", ".json"):
+            p.unlink()
+    rc, stdout, err = _run(["plot", run, "--out", tmp_path / "redrawn"], capsys)
+    assert rc == 0, err
+    assert _figure_set(tmp_path / "redrawn") == figures
+    assert f"wrote {len(figures) // 2} figures" in stdout  # each figure is a .pdf and a .png
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "redrawn" / "metrics.csv"), metrics)
+    # the redrawn output is itself saved results: plot it again
+    assert _run(["plot", tmp_path / "redrawn", "--out", tmp_path / "again"], capsys)[0] == 0
+    assert _figure_set(tmp_path / "again") == figures
+
+
+def test_plot_combines_separate_runs_into_the_table_of_one_run(assets, tmp_path, capsys):
+    analyses = "attention-distance,nmi,fourier"
+    common = ["--data", assets["data"], "--analyses", analyses, *FAST]
+    for name, argv in (("both", ["--model", f"A={assets['a']}", "--model", f"B={assets['b']}"]),
+                       ("a", ["--model", f"A={assets['a']}"]), ("b", ["--model", f"B={assets['b']}"])):
+        assert _run(["run", *argv, "--out", tmp_path / name, *common], capsys)[0] == 0
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "ab"], capsys)
+    assert rc == 0, err
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ab" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "both" / "metrics.csv"))
+    assert _figure_set(tmp_path / "ab") == _figure_set(tmp_path / "both")
+    # the same model twice, and runs on other images, are refused with one line
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "both", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and err.strip() == (f"kamim-analyze: error: model A is in both {tmp_path / 'a'} and "
+                                       f"{tmp_path / 'both'}: combine outputs of different models (name them with "
+                                       f"kamim-analyze run --model NAME=CHECKPOINT)")
+    fewer = list(common)
+    fewer[fewer.index("--images") + 1] = "3"
+    assert _run(["run", "--model", f"B={assets['b']}", "--out", tmp_path / "b3", *fewer], capsys)[0] == 0
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b3", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and err.strip() == (f"kamim-analyze: error: the results differ in images: 6 ({tmp_path / 'a'}) "
+                                       f"vs 3 ({tmp_path / 'b3'}); pass --allow-mixed to combine them anyway")
+    assert not (tmp_path / "x").exists()
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b3", "--out", tmp_path / "x", "--allow-mixed"], capsys)
+    assert rc == 0 and "Combined with --allow-mixed: the runs differ in images" in (tmp_path / "x" / "report.html").read_text()
+    rc, _, err = _run(["plot", tmp_path / "nothing", "--out", tmp_path / "y"], capsys)
+    assert rc == 2 and "holds no saved analysis results" in err

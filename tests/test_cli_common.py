@@ -23,7 +23,7 @@ from kamim.doctor import available_cpus
 from kamim.errors import exit_code, format_error, run_command
 
 KAMIM_COMMANDS = ["pretrain", "sweep", "presets", "linprobe", "finetune", "knn", "reconstruct", "doctor"]
-ANALYZE_COMMANDS = ["run", "paper-figures", "demo"]
+ANALYZE_COMMANDS = ["run", "paper-figures", "plot", "demo"]
 
 # Runs every argv in one fresh interpreter and reports, after each, whether torch was imported.
 _PROBE = """

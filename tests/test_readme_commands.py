@@ -48,6 +48,7 @@ SIZE = {  # command -> options appended (size only)
     "reconstruct": ["--max-images", "8", "--num-workers", "0"],
     "run": ["--images", "8"],
     "paper-figures": ["--images", "8", "--mim-image-size", "96"],
+    "plot": [],
     "demo": ["--fast"],
     "presets": [],
 }
@@ -133,7 +134,7 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     names = [" ".join(a[:2]) for a in ran]
     for expected in ("kamim-analyze demo", "kamim presets", "kamim pretrain", "torchrun --nproc_per_node",
                      "kamim linprobe", "kamim finetune", "kamim knn", "kamim reconstruct", "kamim-analyze run",
-                     "kamim-analyze paper-figures"):
+                     "kamim-analyze paper-figures", "kamim-analyze plot"):
         assert any(n.startswith(expected) for n in names), (expected, names)
 
     # each command's promised outputs
@@ -148,6 +149,11 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     assert len(pd.read_csv(runs / "lp" / "linprobe.csv")["layer"].unique()) == 6  # --layers all: vit_pico
     for out in ("analysis", "paper", "token-norm"):
         assert (runs / out / "report.html").is_file() and (runs / out / "config.yaml").is_file(), out
+    # plot: the two runs' models in one comparison, redrawn from their saved results
+    combined = pd.read_csv(runs / "analysis-all" / "metrics.csv")
+    assert set(combined["model"]) == {"simmim", "kamim", "moco", "kamim_t",  # + the first run's cross-model CKA
+                                      "simmim vs kamim", "simmim vs moco", "kamim vs moco"}
+    assert (runs / "analysis-all" / "report.html").is_file()
     # the README's Python example, sized the same way, in the same working directory
     example = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
     assert "load_encoder(" in example and "run_analyses(" in example
