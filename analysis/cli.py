@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "group kamim.analyses instead")
     f.add("--analyses", metavar="a,b,...|all",
           help=f"comma-separated analyses or 'all'; valid: {', '.join(ANALYSES)}")
+    f.add("--reuse", action="append", metavar="RESULTS_DIR",
+          help="an earlier output of kamim-analyze run (repeatable): a model whose saved results match its "
+               "checkpoint (sha256), data, images, seed, resolution, options and analyses is not analysed again")
     f.add("--image-size", type=int, metavar="S",
           help="evaluate every model at S px (position embeddings resampled); default: each model at its own "
           "resolution")
@@ -249,8 +252,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for plugin in cfg.plugins:
         load_plugin(plugin)
-    res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size, inputs=plugins,
-                  **_common_kwargs(cfg, args))
+    reuse = {f"--reuse {i + 1}": p for i, p in enumerate(cfg.reuse)}
+    res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size,
+                  inputs={**plugins, **reuse}, reuse=cfg.reuse, **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 

@@ -382,6 +382,32 @@ def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int]
             "versions": library_versions()}
 
 
+#: provenance that must be equal for saved results to stand for a new analysis of a model
+REUSE_KEYS = ("sha256", "data", "data files", "images", "seed", "resolution", "options")
+
+
+def _reusable(saved: Sequence[Any], provenance: Mapping[str, Any], analyses: Sequence[str]) -> Optional[Any]:
+    """The first of ``saved`` (results loaded from earlier outputs) made from the same checkpoint, data
+    and settings, with the same analyses; None when none is."""
+    from kamim.serialization import json_safe
+
+    want = json_safe({k: provenance.get(k) for k in REUSE_KEYS})
+    for res in saved:
+        if provenance.get("sha256") and tuple(res.analyses) == tuple(analyses) and \
+                json_safe({k: res.provenance.get(k) for k in REUSE_KEYS}) == want:
+            return res
+    return None
+
+
+def _renamed(res: Any, name: str) -> Any:
+    """``res`` under the model name ``name`` (its table's ``model`` column too)."""
+    import dataclasses as dc
+
+    table = res.table.copy()
+    table["model"] = name
+    return dc.replace(res, model_name=name, table=table)
+
+
 def save_run(raw: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any], record: RunRecord) -> None:
     """Write every model's results (``raw/<model>/``), the cross-model CKA results
     (``raw/cross/<a>--<b>/``) and ``raw/run.json``, before anything is drawn."""
@@ -471,7 +497,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
             cross_cka: bool = True, extra: Optional[ExtraStep] = None,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
-            inputs: Optional[Mapping[str, Any]] = None) -> AnalyzeOutput:
+            inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = ()) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -483,6 +509,9 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         figure_names: analysis -> file stem (default: the analysis name with ``_``).
         options: keyword options of :func:`analysis.runner.run_analyses` for every model;
             ``model_options(name, geometry)`` adds per-model ones (e.g. query positions).
+        reuse: earlier outputs (:func:`save_run`); a model whose saved results match its checkpoint's
+            sha256, the data (folder and file list), images, seed, resolution, options and analyses is
+            taken from there instead of analysed again (the log and the report say which).
         cross_cka: with ``cka`` and 2-4 models evaluated at one resolution, also compute the CKA
             between the layers of every pair of models (figure ``cross_cka``).
         extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
@@ -542,9 +571,19 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
 
             dump_config(config, staging / "config.yaml")
         results: dict[str, Any] = {}
+        saved = [r for source in reuse for r in load_run(source)[0].values()]
+        reused: list[str] = []
         for name, enc in loaded.items():
             loader, dataset = make_loader(data, enc.image_size, images=images,
                                           batch_size=batch_size, workers=workers, seed=seed)
+            provenance = _provenance(enc, dataset, data, images=images, seed=seed, batch_size=batch_size,
+                                     options={**dict(options or {}), **dict(model_options(name, geometries[name])
+                                                                            if model_options else {})})
+            match = _reusable(saved, provenance, analyses)
+            if match is not None:
+                results[name] = _renamed(match, name)
+                reused.append(name)
+                continue
             if images is not None and images > len(dataset) and name == next(iter(loaded)):  # said once
                 fewer = f"--images {images}: the folder has {len(dataset)} images, all of which are analysed."
                 notes.append(fewer)
@@ -570,12 +609,16 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
                                  f"--batch-size or --image-size") from None
             if getattr(dataset, "classes", None):
                 res.arrays["class_names"] = list(dataset.classes)
-            res.provenance = _provenance(enc, dataset, data, images=images, seed=seed, batch_size=batch_size,
-                                         options={**dict(options or {})})
+            res.provenance = provenance
             results[name] = res
             if loader.num_skipped:
                 notes.append(f"{name}: {loader.num_skipped} unreadable image(s) skipped.")
 
+        if reuse:
+            said = (f"reused the saved results of {', '.join(reused) or 'no model'}; analysed "
+                    f"{', '.join(n for n in loaded if n not in reused) or 'no model'}")
+            log.info("%s", said)
+            notes.append(f"--reuse: {said}.")
         cross: dict[tuple[str, str], Any] = {}
         sizes = {tuple(enc.image_size) for enc in loaded.values()}
         if cross_cka and "cka" in analyses and 2 <= len(loaded) <= 4:

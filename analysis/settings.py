@@ -45,6 +45,7 @@ class AnalyzeConfig:
     num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
     progress: bool = True
     options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
+    reuse: list[str] = field(default_factory=list)  # earlier outputs whose matching models are not analysed again
 
     def validate(self) -> "AnalyzeConfig":
         if not self.models:

@@ -528,3 +528,24 @@ def test_plot_combines_separate_runs_into_the_table_of_one_run(assets, tmp_path,
     assert rc == 0 and "Combined with --allow-mixed: the runs differ in images" in (tmp_path / "x" / "report.html").read_text()
     rc, _, err = _run(["plot", tmp_path / "nothing", "--out", tmp_path / "y"], capsys)
     assert rc == 2 and "holds no saved analysis results" in err
+
+
+def test_reuse_analyses_only_the_models_without_matching_saved_results(assets, tmp_path, capsys, caplog):
+    c = _export(tmp_path / "c.safetensors", 7)
+    analyses = ["--data", assets["data"], "--analyses", "attention-distance,nmi,fourier", *FAST]
+    models = ["--model", f"A={assets['a']}", "--model", f"B={assets['b']}"]
+    assert _run(["run", *models, "--out", tmp_path / "ab", *analyses], capsys)[0] == 0
+    assert _run(["run", *models, "--model", f"C={c}", "--out", tmp_path / "fresh", *analyses], capsys)[0] == 0
+    with caplog.at_level("INFO", logger="kamim.analyze"):
+        rc, _, err = _run(["run", *models, "--model", f"C={c}", "--out", tmp_path / "reused", "--reuse",
+                           tmp_path / "ab", *analyses], capsys)
+    assert rc == 0, err
+    assert "reused the saved results of A, B; analysed C" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "reused" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "fresh" / "metrics.csv"))
+    # other settings (here: the seed of the image subset) or another checkpoint: analysed again
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kamim.analyze"):
+        assert _run(["run", "--model", f"A={assets['b']}", "--model", f"B={assets['b']}", "--out", tmp_path / "x",
+                     "--reuse", tmp_path / "ab", "--seed", "1", *analyses], capsys)[0] == 0
+    assert "reused the saved results of no model; analysed A, B" in caplog.text
