@@ -45,7 +45,19 @@ if TYPE_CHECKING:
         model_geometry,
     )
     from .fourier import FourierAccumulator, LayerFourierAccumulator, delta_log_amplitude, fourier_frequencies
-    from .registry import Accumulator, Analysis, Batch, Context, load_plugin, register
+    from .demo import demo_eval_folder, ensure_demo_checkpoints, run_demo
+    from .paper import (
+        PAPER_ANALYSES,
+        PAPER_FIGURES,
+        figure_tables,
+        paper_queries,
+        reconstruction_figure,
+        reproduce_paper_figures,
+    )
+    from .pipeline import AnalyzeOutput, ModelSpec, analyze, load_models, load_run, make_loader, plot_results
+    from .plots import ModelPalette, plot_analysis, save_figure
+    from .registry import Accumulator, Analysis, Batch, Context, get, load_plugin, register
+    from .report import library_versions, summary_table, write_report
     from .results import AnalysisResult, Record, records_to_frame
     from .rollout import RolloutAccumulator, RolloutMap, attention_rollout, rollout_map
     from .runner import ANALYSES, RunOptions, cross_model_cka, run_analyses
@@ -75,9 +87,16 @@ _MODULES = {
         "geometry_from_dict", "model_geometry",
     ),
     "fourier": ("FourierAccumulator", "LayerFourierAccumulator", "delta_log_amplitude", "fourier_frequencies"),
-    # the registry's get() and names() stay qualified (analysis.registry.names()): ``analysis.names`` is
-    # the torch-free module of CLI names
-    "registry": ("Accumulator", "Analysis", "Batch", "Context", "load_plugin", "register"),
+    # the registry's names() stays qualified (analysis.registry.names()): ``analysis.names`` is the
+    # torch-free module of CLI names
+    "registry": ("Accumulator", "Analysis", "Batch", "Context", "get", "load_plugin", "register"),
+    # whole runs: analyse folders of images, redraw saved results, the demo, the paper's figures
+    "pipeline": ("analyze", "plot_results", "make_loader", "load_models", "load_run", "ModelSpec", "AnalyzeOutput"),
+    "demo": ("run_demo", "ensure_demo_checkpoints", "demo_eval_folder"),
+    "paper": ("reproduce_paper_figures", "PAPER_ANALYSES", "PAPER_FIGURES", "paper_queries", "figure_tables",
+              "reconstruction_figure"),
+    "plots": ("ModelPalette", "plot_analysis", "save_figure"),
+    "report": ("library_versions", "summary_table", "write_report"),
     "results": ("AnalysisResult", "Record", "records_to_frame"),
     "rollout": ("RolloutMap", "RolloutAccumulator", "attention_rollout", "rollout_map"),
     "runner": ("ANALYSES", "RunOptions", "cross_model_cka", "run_analyses"),

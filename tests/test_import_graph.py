@@ -207,3 +207,37 @@ def test_import_kamim_imports_no_torch():
 
     code = "import sys, kamim; from kamim import __version__; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_analysis_public_surface_resolves_without_torch_and_users_import_from_it():
+    """``import kamim, analysis`` imports no torch; every name of both ``__all__`` resolves; the README's
+    Python blocks and the notebooks import kamim and analysis names from the top level only."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    code = ("import sys, kamim, analysis; assert 'torch' not in sys.modules; "
+            "[getattr(m, n) for m in (kamim, analysis) for n in m.__all__]; print(len(analysis.__all__))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    texts = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        texts += ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    deep = sorted({m for t in texts for m in re.findall(r"^\s*from ((?:kamim|analysis)\.[\w.]+) import", t, re.M)})
+    assert not deep, f"import these from the top level (kamim / analysis) instead: {deep}"
+
+
+def test_readme_api_table_names_only_public_names():
+    import re
+
+    import analysis
+    import kamim
+
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(kamim|analysis)` \([^)]*\) \| (.*) \|$", section, re.M)
+    assert len(rows) == 5
+    for package, names in rows:
+        public = {"kamim": kamim, "analysis": analysis}[package].__all__
+        listed = [n for n in re.findall(r"`(\w+)`", names)]
+        assert listed and not [n for n in listed if n not in public], (package, listed)
