@@ -116,7 +116,7 @@ def _add_common(f: "ConfigFlags") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kamim-analyze`` argument parser with its ``run``, ``paper-figures``, ``demo`` commands."""
-    from analysis.settings import AnalyzeConfig, PaperFiguresConfig
+    from analysis.settings import AnalyzeConfig, PaperFiguresConfig, PlotConfig
     from kamim.config import ConfigFlags
 
     parser = ArgumentParser(prog=PROG, description="Representation analysis of vision transformers "
@@ -179,11 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OUT/raw/), without models or data; several results folders are combined into one comparison. "
                     "Runs on other data, images, seed, resolution or options are refused unless --allow-mixed.",
         epilog="example: kamim-analyze plot runs/analysis-a runs/analysis-b --out runs/analysis-ab")
-    plot.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="output folders of kamim-analyze run")
+    f = ConfigFlags(plot, PlotConfig)
+    plot.add_argument("results", nargs="*", metavar="RESULTS_DIR",
+                      help="output folders of kamim-analyze run (a shorthand of --set results=[...])")
     _add_out(plot, "OUT_DIR")
-    plot.add_argument("--allow-mixed", action="store_true",
-                      help="combine runs that differ in data, images, seed, resolution or options (said in the report)")
-    plot.add_argument("--title", default=None, help="report title (default: the first run's)")
+    f.add("--allow-mixed", action="store_const", const=True,
+          help="combine runs that differ in data, images, seed, resolution or options (said in the report)")
+    f.add("--title", help="report title (default: the first run's)")
 
     demo = sub.add_parser("demo", help="offline demo: pretrain tiny models, analyse them",
                           description="Offline demo on a fresh machine: pretrains tiny SimMIM, "
@@ -204,11 +206,11 @@ def _config(args: argparse.Namespace, **values: Any) -> Any:
     (``--option KEY=VALUE`` = ``--set options.KEY=VALUE``) < ``--set``; checked before torch is imported."""
     from kamim.config import parsed_config
 
-    for text in args.option:
+    for text in getattr(args, "option", ()):  # plot has no analysis options
         key, value = parse_option(text)
         values[f"options.{key}"] = value
     cfg = parsed_config(args, **values)
-    unknown = sorted(set(cfg.options) - set(CLI_OPTIONS))
+    unknown = sorted(set(getattr(cfg, "options", {})) - set(CLI_OPTIONS))
     if unknown:
         from analysis.pipeline import UsageError
 
@@ -281,10 +283,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    cfg = _config(args, **({"results": [str(Path(r).expanduser().absolute()) for r in args.results]}
+                           if args.results else {}))
     from analysis.pipeline import plot_results
 
-    _print_summary(plot_results(args.results, args.out, allow_mixed=args.allow_mixed, overwrite=args.overwrite,
-                                title=args.title))
+    _print_summary(plot_results(cfg.results, args.out, allow_mixed=cfg.allow_mixed, overwrite=args.overwrite,
+                                title=cfg.title, config=cfg))
     return 0
 
 

@@ -662,7 +662,7 @@ def _compared(results: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 
 def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: bool = False, overwrite: bool = False,
-                 title: Optional[str] = None, command: str = "kamim-analyze plot") -> AnalyzeOutput:
+                 title: Optional[str] = None, command: str = "kamim-analyze plot", config: Any = None) -> AnalyzeOutput:
     """Redraw every figure, table and the report of one or more saved analysis outputs into ``out``,
     from their saved results alone (no model, no data). Several outputs are combined into one
     comparison of all their models.
@@ -721,6 +721,10 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
     record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra)
     with staged_output(out, command, overwrite, inputs) as staging:
+        if config is not None:
+            from kamim.config import dump_config
+
+            dump_config(config, staging / "config.yaml")
         for key, files in extra.items():
             for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)

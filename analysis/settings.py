@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from kamim.config import ConfigError
 
-__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "ANALYZE_CONFIGS"]
+__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS"]
 
 
 def _check_common(cfg: Any) -> None:
@@ -88,5 +88,21 @@ class PaperFiguresConfig:
         return self
 
 
+@dataclass
+class PlotConfig:
+    """``kamim-analyze plot``: redraw and combine the saved results of earlier runs."""
+
+    COMMAND: ClassVar[str] = "kamim-analyze plot"
+
+    results: list[str] = field(default_factory=list)  # output folders of kamim-analyze run (their raw/)
+    allow_mixed: bool = False  # combine runs on other data, images, seed, resolution or options
+    title: Optional[str] = None  # report title; null: the first run's
+
+    def validate(self) -> "PlotConfig":
+        if not self.results:
+            raise ConfigError("no results: give RESULTS_DIR ... (or results: [DIR, ...])")
+        return self
+
+
 #: command -> its config dataclass
-ANALYZE_CONFIGS: dict[str, type] = {"run": AnalyzeConfig, "paper-figures": PaperFiguresConfig}
+ANALYZE_CONFIGS: dict[str, type] = {"run": AnalyzeConfig, "paper-figures": PaperFiguresConfig, "plot": PlotConfig}

@@ -496,9 +496,13 @@ def test_plot_redraws_every_figure_and_the_report_from_saved_results_alone(asset
     assert _figure_set(tmp_path / "redrawn") == figures
     assert f"wrote {len(figures) // 2} figures" in stdout  # each figure is a .pdf and a .png
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "redrawn" / "metrics.csv"), metrics)
-    # the redrawn output is itself saved results: plot it again
+    # the redrawn output is itself saved results: plot it again; its config.yaml reruns the redraw
     assert _run(["plot", tmp_path / "redrawn", "--out", tmp_path / "again"], capsys)[0] == 0
     assert _figure_set(tmp_path / "again") == figures
+    assert _run(["plot", "--config", tmp_path / "redrawn" / "config.yaml", "--out", tmp_path / "rerun"], capsys)[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "rerun" / "metrics.csv"), metrics)
+    rc, _, err = _run(["plot", "--out", tmp_path / "none"], capsys)
+    assert rc == 2 and "no results: give RESULTS_DIR" in err
 
 
 def test_plot_combines_separate_runs_into_the_table_of_one_run(assets, tmp_path, capsys):
