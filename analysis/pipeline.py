@@ -27,6 +27,7 @@ __all__ = [
     "UsageError", "ModelSpec", "AnalyzeOutput", "ExtraStep", "parse_model_spec", "parse_analyses",
     "check_unique_names", "models_from_specs", "one_line", "fit_probe_classifier",
     "check_geometry", "staged_output", "staged_output_check", "load_models", "make_loader", "analyze",
+    "preflight", "check_memory", "RunRecord", "save_run", "load_run", "render", "plot_results",
 ]
 
 PathLike = Union[str, Path]
@@ -401,17 +402,14 @@ def _reusable(saved: Sequence[Any], provenance: Mapping[str, Any], analyses: Seq
 
 def _renamed(res: Any, name: str) -> Any:
     """``res`` under the model name ``name`` (its table's ``model`` column too)."""
-    import dataclasses as dc
-
     table = res.table.copy()
     table["model"] = name
-    return dc.replace(res, model_name=name, table=table)
+    return dataclasses.replace(res, model_name=name, table=table)
 
 
 def save_run(raw: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any], record: RunRecord) -> None:
     """Write every model's results (``raw/<model>/``), the cross-model CKA results
     (``raw/cross/<a>--<b>/``) and ``raw/run.json``, before anything is drawn."""
-    import dataclasses as dc
     import json
 
     from kamim.serialization import atomic_write_text, json_safe
@@ -425,13 +423,16 @@ def save_run(raw: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, st
     for (a, b), res in cross.items():
         res.save(raw / "cross" / f"{_slug(a)}--{_slug(b)}")
         pairs.append([a, b, f"cross/{_slug(a)}--{_slug(b)}"])
-    atomic_write_text(json.dumps(json_safe({**dc.asdict(record), "results": models, "cross": pairs}), indent=1),
+    atomic_write_text(json.dumps(json_safe({**dataclasses.asdict(record), "results": models, "cross": pairs}),
+                                 indent=1),
                       raw / RUN_RECORD)
 
 
 def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], Any], RunRecord, Path]:
     """The results, cross-model results and record of an analysis output folder (or its ``raw/``);
     one-line :class:`UsageError` for a folder that holds none."""
+    import json
+
     from analysis.results import AnalysisResult
 
     folder = Path(source).expanduser()
@@ -439,8 +440,6 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     if not (raw / RUN_RECORD).is_file():
         raise UsageError(f"'{source}' holds no saved analysis results (expected {Path('raw') / RUN_RECORD} "
                          f"inside: an output of kamim-analyze run)")
-    import json
-
     meta = json.loads((raw / RUN_RECORD).read_text())
     results = {name: AnalysisResult.load(raw / sub) for name, sub in meta["results"].items()}
     cross = {(a, b): AnalysisResult.load(raw / sub) for a, b, sub in meta.get("cross", [])}

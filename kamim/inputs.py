@@ -69,14 +69,16 @@ def check_output_dir(path: str | os.PathLike, task: str, overwrite: bool = False
                                     inputs=inputs)
 
 
-def preflight(cfg: Any, task: str) -> None:
+def preflight(cfg: Any, task: str) -> Path:
     """Refuse, without importing torch, the ``--out`` of an evaluation config that the output rule
-    refuses, a ``--data`` folder that does not exist, and a checkpoint path that does not exist."""
+    refuses, a ``--data`` folder that does not exist, and a checkpoint path that does not exist;
+    returns the output folder."""
     inputs = run_inputs(cfg)
-    check_output_dir(cfg.output_dir, task, cfg.overwrite, inputs)
+    out = check_output_dir(cfg.output_dir, task, cfg.overwrite, inputs)
     data = os.fspath(cfg.data)
     if data not in DATA_NAMES and ":" not in data and not Path(data).expanduser().is_dir():
         raise missing_data_folder(Path(data).expanduser(), labelled=task != "reconstruct")
     for name, source in inputs.items():
         if name.startswith("checkpoint") and looks_like_path(source) and not Path(source).expanduser().exists():
             raise FileNotFoundError(f"checkpoint not found: '{source}'")
+    return out

@@ -47,12 +47,13 @@ from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
 from kamim.runtime import LAST_CHECKPOINT, EpochStats, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all
 from kamim.serialization import atomic_save
+from kamim.inputs import preflight
 
 from .common import LabelledTask, config_record, print_table
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
 from .features import is_token_model
-from .session import check_output_dir, distributed_session, run_inputs
+from .session import distributed_session
 
 __all__ = ["FinetuneConfig", "set_drop_path", "add_classifier", "build_finetune_optimizer", "finetune"]
 
@@ -122,7 +123,7 @@ def _model_spec(enc, num_classes: int, pool: str) -> dict | None:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns the results summary (also written to ``output_dir``)."""
     cfg = dataclasses.replace(cfg).validate()  # a copy: validate() may clamp the warmup
-    out_dir = check_output_dir(cfg.output_dir, "finetune", cfg.overwrite, run_inputs(cfg))
+    out_dir = preflight(cfg, "finetune")
     with distributed_session(cfg.device) as info:
         cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _Finetuner(cfg, out_dir, info).run()

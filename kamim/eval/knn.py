@@ -34,11 +34,12 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import KNNConfig
 from kamim.precision import amp_dtype_of, resolve_amp
 from kamim.runtime import write_run_config
+from kamim.inputs import preflight
 
 from .common import print_table, write_results
 from .data import build_labelled_data, eval_loader
 from .features import extract_dataset_features, resolve_layers
-from .session import check_output_dir, distributed_session, locked_output, run_inputs
+from .session import distributed_session, locked_output
 
 __all__ = ["knn_topk", "knn_scores", "knn_evaluate", "KNNConfig", "run_knn"]
 
@@ -171,7 +172,7 @@ def knn_evaluate(
 def run_knn(cfg: KNNConfig) -> dict:
     """Extract train/val features of every requested layer once, k-NN classify, write results."""
     cfg.validate()
-    check_output_dir(cfg.output_dir, "knn", cfg.overwrite, run_inputs(cfg))
+    preflight(cfg, "knn")
     with distributed_session(cfg.device) as info, locked_output(cfg.output_dir, info):
         cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _run_knn(cfg, info)

@@ -45,12 +45,13 @@ from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
 from kamim.runtime import EpochStats, LossScaler, TrainState, epoch_scheduler
+from kamim.inputs import preflight
 
 from .common import LabelledTask, config_record, print_table
 from .data import classification_data, training_loaders
 from .scoring import evaluate_logits
 from .features import extract_features, feature_dims, resolve_layers
-from .session import check_output_dir, distributed_session, run_inputs
+from .session import distributed_session
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_probe_optimizer", "linear_probe"]
 
@@ -105,7 +106,7 @@ def build_probe_optimizer(heads: nn.Module, opt: str, lr: float, weight_decay: f
 def linear_probe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Run (or resume) a linear probe; returns the results summary (also written to ``output_dir``)."""
     cfg = cfg.resolved()
-    out_dir = check_output_dir(cfg.output_dir, "linprobe", cfg.overwrite, run_inputs(cfg))
+    out_dir = preflight(cfg, "linprobe")
     with distributed_session(cfg.device) as info:
         cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         return _Probe(cfg, out_dir, info).run()

@@ -41,10 +41,11 @@ from kamim.models import build_pretrain_model
 from kamim.precision import amp_dtype_of, autocast, resolve_amp
 from kamim.runtime.checkpoint import LAST_CHECKPOINT, load_pretrain_checkpoint, write_run_config
 from kamim.serialization import CheckpointError, atomic_write
+from kamim.inputs import preflight
 
 from .common import print_table, write_results
 from .data import eval_loader, eval_transform
-from .session import check_output_dir, distributed_session, locked_output, run_inputs
+from .session import distributed_session, locked_output
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -381,7 +382,7 @@ def _named_checkpoints(checkpoints: Any) -> dict[str, str]:
 def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
     """Load every checkpoint, score PSNR/SSIM on identical masked images, write results and a figure."""
     cfg.validate()
-    check_output_dir(cfg.output_dir, "reconstruct", cfg.overwrite, run_inputs(cfg))
+    preflight(cfg, "reconstruct")
     with distributed_session(cfg.device) as info, locked_output(cfg.output_dir, info):
         cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))  # recorded as resolved
         amp = amp_dtype_of(cfg.amp, info.device)

@@ -2,9 +2,9 @@
 
 * :func:`distributed_session` sets up torch.distributed for the body and tears down only what it
   created (a sweep under torchrun keeps its one process group across runs).
-* :func:`check_output_dir` / :func:`claimed_run_dir` apply the output-folder rule of every command
-  (:mod:`kamim.outputs`: new, empty or this command's own earlier output) and hold an exclusive lock
-  on the run directory for the run's lifetime, so two processes never write into one folder.
+* :func:`claimed_run_dir` / :func:`locked_output` hold an exclusive lock on the run directory for the
+  run's lifetime, so two processes never write into one folder (the folder itself was checked by
+  :func:`kamim.inputs.preflight`: new, empty or this command's own earlier output).
 * :data:`RESUME_SAFE_KEYS` / :func:`config_changes`: which config keys may change between a run and
   its resumption, and which ones did.
 """
@@ -19,11 +19,9 @@ from typing import Any
 from kamim import distributed as kdist
 from kamim import outputs
 from kamim.distributed import DistInfo
-from kamim.inputs import check_output_dir, run_inputs  # re-exported: the engines take them from here
 from kamim.serialization import json_safe, remove_stale_temp_files
 
-__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "check_output_dir", "claimed_run_dir",
-           "locked_output", "run_inputs"]
+__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "claimed_run_dir", "locked_output"]
 
 # config keys that may change between a run and its resumption
 RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options",
