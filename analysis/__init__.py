@@ -11,7 +11,7 @@ The names below are imported on first use (PEP 562), so that ``import analysis.c
 """
 from __future__ import annotations
 
-import importlib
+from kamim.lazy import lazy_exports
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -106,18 +106,6 @@ _MODULES = {
     ),
     "tokens": ("AttentionShift", "Reservoir", "TSNEAccumulator", "PrePostAccumulator", "pre_post_pca", "tsne_embedding"),
 }
-_EXPORTS = {name: module for module, exported in _MODULES.items() for name in exported}
+_EXPORTS = {name: f".{module}" for module, exported in _MODULES.items() for name in exported}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -384,7 +384,7 @@ def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int]
 
 
 #: provenance that must be equal for saved results to stand for a new analysis of a model
-REUSE_KEYS = ("sha256", "data", "data files", "images", "seed", "resolution", "options")
+REUSE_KEYS = ("sha256", *COMPARED_SETTINGS)
 
 
 def _reusable(saved: Sequence[Any], provenance: Mapping[str, Any], analyses: Sequence[str]) -> Optional[Any]:

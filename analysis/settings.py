@@ -16,19 +16,32 @@ from kamim.config import ConfigError
 __all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS"]
 
 
-def _check_common(cfg: Any) -> None:
-    if cfg.images is not None and cfg.images < 1:
-        raise ConfigError(f"images must be >= 1 (or null: all), got {cfg.images}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0 (or null: min(4, CPUs)), got {cfg.num_workers}")
-    if not isinstance(cfg.options, dict):
-        raise ConfigError(f"options must be a mapping of analysis options, got {cfg.options!r}")
+@dataclass(kw_only=True)
+class _AnalysisRun:
+    """The settings every analysing command shares (keyword-only, so a command's own fields come first
+    in its config and its file)."""
+
+    images: Optional[int] = None  # at most this many images per model; null: all
+    batch_size: int = 32
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+    seed: int = 0  # image subset, t-SNE, ...
+    num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
+    progress: bool = True
+    options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
+
+    def _check_run(self) -> None:
+        if self.images is not None and self.images < 1:
+            raise ConfigError(f"images must be >= 1 (or null: all), got {self.images}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 (or null: min(4, CPUs)), got {self.num_workers}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a mapping of analysis options, got {self.options!r}")
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(_AnalysisRun):
     """``kamim-analyze run``: any number of models on the images of one folder."""
 
     COMMAND: ClassVar[str] = "kamim-analyze run"
@@ -38,13 +51,6 @@ class AnalyzeConfig:
     plugins: list[str] = field(default_factory=list)  # Python files registering analyses (analysis.registry)
     analyses: Any = "all"  # "all" or a list of analysis names
     image_size: Optional[int] = None  # every model at this size; null: each at its own
-    images: Optional[int] = None  # at most this many images per model; null: all
-    batch_size: int = 32
-    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
-    seed: int = 0  # image subset, t-SNE, ...
-    num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
-    progress: bool = True
-    options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
     reuse: list[str] = field(default_factory=list)  # earlier outputs whose matching models are not analysed again
 
     def validate(self) -> "AnalyzeConfig":
@@ -55,12 +61,12 @@ class AnalyzeConfig:
                 raise ConfigError(f"plugin {plugin!r} is not a .py file")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
-        _check_common(self)
+        self._check_run()
         return self
 
 
 @dataclass
-class PaperFiguresConfig:
+class PaperFiguresConfig(_AnalysisRun):
     """``kamim-analyze paper-figures``: the KAMIM paper's representation figures."""
 
     COMMAND: ClassVar[str] = "kamim-analyze paper-figures"
@@ -71,20 +77,13 @@ class PaperFiguresConfig:
     data: str  # validation images (the paper: Imagenette val)
     mim_image_size: Optional[int] = None  # null: the paper's 192 px
     moco_image_size: Optional[int] = None  # null: the checkpoint's own (224 px for the released ViT-B/16)
-    images: Optional[int] = None
-    batch_size: int = 32
-    device: str = "auto"
-    seed: int = 0
-    num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
-    progress: bool = True
-    options: dict = field(default_factory=dict)
 
     def validate(self) -> "PaperFiguresConfig":
         for name in ("mim_image_size", "moco_image_size"):
             v = getattr(self, name)
             if v is not None and v < 16:
                 raise ConfigError(f"{name} must be at least 16 px (or null), got {v}")
-        _check_common(self)
+        self._check_run()
         return self
 
 

@@ -6,8 +6,7 @@ there when modules move. Names are imported on first use (PEP 562), so ``import 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kamim.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -53,14 +52,4 @@ __all__ = [  # literal, so that tools read it without importing (a test keeps it
 ]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kamim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals(), __all__)

@@ -553,3 +553,12 @@ def test_reuse_analyses_only_the_models_without_matching_saved_results(assets, t
         assert _run(["run", "--model", f"A={assets['b']}", "--model", f"B={assets['b']}", "--out", tmp_path / "x",
                      "--reuse", tmp_path / "ab", "--seed", "1", *analyses], capsys)[0] == 0
     assert "reused the saved results of no model; analysed A, B" in caplog.text
+    # a matching model under another name is reused under the new name
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kamim.analyze"):
+        assert _run(["run", "--model", f"first={assets['a']}", "--out", tmp_path / "renamed", "--reuse",
+                     tmp_path / "ab", *analyses], capsys)[0] == 0
+    assert "reused the saved results of first; analysed no model" in caplog.text
+    renamed = pd.read_csv(tmp_path / "renamed" / "metrics.csv")
+    expected = pd.read_csv(tmp_path / "ab" / "metrics.csv").query("model == 'A'").assign(model="first")
+    pd.testing.assert_frame_equal(renamed, expected.reset_index(drop=True))

@@ -14,7 +14,7 @@ including those inside functions and ``TYPE_CHECKING`` blocks).
      7    facade       kamim (the package __init__: the public surface)
      8    cli          kamim.cli, analysis.cli
      -    support      kamim.errors, serialization, outputs, distributed, interrupt, precision,
-                       metrics_log, config, optim, doctor, inputs, progress: importable from every layer below the
+                       metrics_log, config, optim, doctor, inputs, progress, lazy: importable from every layer below the
                        CLIs; they import only other support modules (and ``kamim.__version__``).
 
 A kamim module imports only modules of its own rank or lower (same-rank siblings not at all), and
@@ -40,10 +40,10 @@ LAYERS = {  # prefix -> (rank, layer)
 }
 FACADE = "kamim"
 SUPPORT = {f"kamim.{m}" for m in ("errors", "serialization", "outputs", "distributed", "interrupt", "precision",
-                                  "metrics_log", "config", "optim", "doctor", "inputs", "progress")}
+                                  "metrics_log", "config", "optim", "doctor", "inputs", "progress", "lazy")}
 ANALYSIS_RECIPES = {"analysis.pipeline", "analysis.paper", "analysis.demo", "analysis.cli", "analysis.settings"}
 ANALYSIS_CORE_ALLOWED = {"kamim.keypoints", "kamim.weights", "kamim.backbone", "kamim.serialization",
-                         "kamim.precision", "kamim.progress"}
+                         "kamim.precision", "kamim.progress", "kamim.lazy"}
 SHIMS = {"kamim.engine.sweep", "kamim.engine.sweep_grid", "kamim.engine.sampler"}
 
 

@@ -154,6 +154,10 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     assert set(combined["model"]) == {"simmim", "kamim", "moco", "kamim_t",  # + the first run's cross-model CKA
                                       "simmim vs kamim", "simmim vs moco", "kamim vs moco"}
     assert (runs / "analysis-all" / "report.html").is_file()
+    # plot of a paper-figures output keeps the figure made from the models (the reconstructions)
+    done = _run(["kamim-analyze", "plot", "runs/paper", "--out", "runs/paper-redrawn"], work, env)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (runs / "paper").glob("*.png")} == {p.name for p in (runs / "paper-redrawn").glob("*.png")}
     # the README's Python example, sized the same way, in the same working directory
     example = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
     assert "load_encoder(" in example and "run_analyses(" in example

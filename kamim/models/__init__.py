@@ -6,8 +6,7 @@ readable without importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kamim.lazy import lazy_exports
 
 _WHERE = {
     "METHODS": "kamim.models.presets", "PRESETS": "kamim.models.presets", "create_encoder": "kamim.models.presets",
@@ -29,14 +28,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kamim.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
