@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import yaml
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "MaskConfig", "KamimConfig", "MoCoConfig",
     "OptimConfig", "RunConfig", "ConfigError", "load_config", "list_presets", "preset_path",
-    "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff",
+    "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff", "dotted_get",
     "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
     "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
     "field_help", "ConfigFlags", "parsed_config", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
@@ -65,11 +66,12 @@ _DEFAULT_RENDERS = ("ring", "point", "disk")
 _DEFAULT_ARCHS = ("vit_t", "vit_s", "vit_b", "swin_t", "swin_b", "vit_pico", "swin_pico")
 
 # Keys that may differ between a run and its resumption: they change how a run is executed or
-# logged, not what it computes.
+# logged, not what it computes. Pretraining's keys are dotted, the evaluation recipes' flat.
 RESUME_SAFE_KEYS = frozenset({
     "data.path", "data.num_workers", "run.device", "run.log_every", "run.ckpt_every_steps",
     "run.keep_step_checkpoints", "run.max_steps", "run.compile", "run.tensorboard", "run.wandb",
     "run.wandb_project", "run.progress",
+    "num_workers", "device", "progress", "resume", "stop_epoch", "load_options", "overwrite",
 })
 
 
@@ -737,12 +739,27 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``ignore`` skipped)."""
-    fa, fb = _flatten(a), _flatten(b)
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, compared as plain JSON (tuples as
+    lists); a key in ``ignore``, or under one (``load_options.x``), is skipped."""
+    from kamim.serialization import json_safe
+
+    fa, fb = _flatten(dict(a)), _flatten(dict(b))
     skip = set(ignore)
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return sorted(k for k in set(fa) | set(fb) if k not in skip and norm(fa.get(k)) != norm(fb.get(k)))
+
+    def kept(key: str) -> bool:
+        return not any(p in skip for p in itertools.accumulate(key.split("."), lambda x, y: f"{x}.{y}"))
+
+    return sorted(k for k in set(fa) | set(fb) if kept(k) and json_safe(fa.get(k)) != json_safe(fb.get(k)))
+
+
+def dotted_get(d: Mapping[str, Any], key: str) -> Any:
+    """``d["a"]["b"]`` for ``key="a.b"`` (None where a part is missing)."""
+    for part in key.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 # --------------------------------------------------------------------------- validation

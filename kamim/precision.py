@@ -89,16 +89,19 @@ def resolve_amp(amp: str, device: torch.device | str) -> str:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-def amp_dtype_of(amp: str, device: torch.device | str, warn: bool = True) -> torch.dtype | None:
+def amp_dtype_of(amp: str, device: torch.device | str, warn: bool = True, key: str = "amp") -> torch.dtype | None:
     """``bf16`` -> bfloat16, ``fp16`` -> float16 (CUDA only), ``none`` -> None (full precision).
 
     bf16 on a CPU without native bf16 logs a one-time warning (:func:`warn_if_slow_bf16`)
-    unless ``warn=False`` (e.g. on non-zero ranks).
+    unless ``warn=False`` (e.g. on non-zero ranks). ``key`` names the setting in the one-line
+    ``ConfigError`` for an invalid value.
     """
+    from kamim.config import ConfigError
+
     if amp not in AMP_MODES:
-        raise ValueError(f"amp {amp!r} is not valid; expected one of {', '.join(AMP_MODES)}")
+        raise ConfigError(f"{key} {amp!r} is not valid; expected one of {', '.join(AMP_MODES)}")
     if amp == "fp16" and torch.device(device).type != "cuda":
-        raise ValueError(f"amp=fp16 needs a CUDA device (device is {device}); use bf16 or none")
+        raise ConfigError(f"{key}=fp16 needs a CUDA device (device is {device}); use bf16 or none")
     if warn:
         warn_if_slow_bf16(amp, device)
     return _DTYPES[amp]

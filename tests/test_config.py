@@ -175,3 +175,7 @@ def test_config_diff_ignores_execution_keys():
     assert config_diff(a, b) == []
     c = to_dict(load_config("tiny_kamim", ["kamim.temperature=0.5", "optim.batch_size=32"]))
     assert config_diff(a, c) == ["kamim.temperature", "optim.batch_size"]
+    # evaluation recipes' flat keys, and everything under an ignored key
+    assert config_diff({"device": "cpu", "load_options": {"strict": True}, "lr": (1, 2)},
+                       {"device": "cuda", "load_options": {"strict": False}, "lr": [1, 2]}) == []
+    assert config_diff({"load_options_x": 1}, {"load_options_x": 2}) == ["load_options_x"]

@@ -103,6 +103,22 @@ def test_resume_matches_uninterrupted_run(small_crops, tmp_path):
         linear_probe(_cfg(_vit(2), small_crops, tmp_path / "b", layers="1", epochs=2, batch_size=16, resume="auto"))
 
 
+def test_resume_is_refused_when_the_data_changed_the_schedule(small_crops, tmp_path):
+    """A probe resumed after its train folder gained images would follow the old LR schedule: refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_crops, data)
+    kw = dict(layers="1", epochs=2, batch_size=8)  # 32 train images: 4 steps per epoch, 8 in all
+    linear_probe(_cfg(_vit(2), data, tmp_path / "b", stop_epoch=1, **kw))
+    cls = sorted((data / "train").iterdir())[0]
+    for i, img in enumerate(sorted(cls.iterdir())):  # 8 more images: 5 steps per epoch, 10 in all
+        shutil.copy(img, cls / f"copy{i}{img.suffix}")
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-last.pt: its LR schedule is 8 steps "
+                                         r"\(warmup 0\), this config gives 10 \(warmup 0\)"):
+        linear_probe(_cfg(_vit(2), data, tmp_path / "b", resume="auto", **kw))
+
+
 def test_bad_inputs(small_crops, tmp_path):
     with pytest.raises(ValueError, match=r"valid layers are 1\.\.2"):
         linear_probe(_cfg(_vit(2), small_crops, tmp_path / "x", layers="5"))

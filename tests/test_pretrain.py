@@ -95,7 +95,7 @@ def test_sampler_resume_skips_consumed_batches_and_epochs_differ():
 
 
 def test_sampler_errors():
-    with pytest.raises(ValueError, match="global batch size 10 is not divisible by world size 4 x accumulation steps 1"):
+    with pytest.raises(ValueError, match="batch_size=10 is not divisible by world size 4 x accumulation steps 1"):
         ResumableBatchSampler(100, 10, rank=0, world_size=4)
     with pytest.raises(ValueError, match="the dataset has 5 images, fewer than one global batch of 8"):
         ResumableBatchSampler(5, 8)

@@ -43,18 +43,18 @@ import torch.nn as nn
 
 from kamim import distributed as kdist
 from kamim.backbone import model_geometry
-from kamim.config import Config, ConfigError, OptimConfig, config_diff, save_config, to_dict
+from kamim.config import Config, ConfigError, OptimConfig, save_config, to_dict
 from kamim.interrupt import graceful_stop
 from kamim.metrics_log import MetricsLogger
 from kamim.models import build_pretrain_model
 from kamim.optim import fused_kwargs
 from kamim.outputs import check_output_dir, lock_output, mark_output_dir
-from kamim.precision import warn_if_slow_bf16
+from kamim.precision import amp_dtype_of
 from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
     NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
     encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint,
-    nonfinite_state, rng_state, seed_all, set_rng_state, stopped,
+    micro_batch_size, nonfinite_state, resume_checkpoint, rng_state, seed_all, set_rng_state, stopped,
 )
 from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files
 
@@ -194,27 +194,11 @@ class _Trainer:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
         self.main = info.is_main
-        if cfg.run.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"run.amp=fp16 needs a CUDA device (device is {self.device}); use bf16 or none")
-        if self.main:
-            warn_if_slow_bf16(cfg.run.amp, self.device)
+        amp_dtype_of(cfg.run.amp, self.device, warn=self.main, key="run.amp")  # fail fast, warn once
         o = cfg.optim
-        if o.batch_size % (info.world_size * o.accum_steps):
-            raise ConfigError(
-                f"optim.batch_size={o.batch_size} is not divisible by world size {info.world_size} x "
-                f"optim.accum_steps={o.accum_steps}"
-            )
-        self.resume_path = find_resume_checkpoint(out_dir, resume)
-        self.ckpt = load_pretrain_checkpoint(self.resume_path) if self.resume_path else None
-        if self.ckpt is not None:
-            diff = config_diff(self.ckpt["config"], to_dict(cfg))
-            if diff:
-                old = self.ckpt["config"]
-                show = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(to_dict(cfg), k)!r})" for k in diff[:5])
-                raise ConfigError(
-                    f"cannot resume from {self.resume_path}: the config differs in {show}; "
-                    f"use a new --out directory or --resume none"
-                )
+        micro_batch_size(o.batch_size, info.world_size, o.accum_steps, key="optim.batch_size")
+        self.resume_path, self.ckpt = resume_checkpoint(
+            out_dir, resume, CHECKPOINT_FORMAT, "pretraining", to_dict(cfg), CHECKPOINT_VERSION) or (None, None)
 
         # Same initial weights on every rank (DDP would broadcast them anyway); training-time
         # randomness (drop path, ...) then differs per rank.
@@ -279,16 +263,7 @@ class _Trainer:
 
     # ---------------------------------------------------------------- state
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        saved = ckpt["scheduler"]
-        old_len = (saved.get("t_initial"), saved.get("warmup_t"))
-        if old_len != (self.scheduler.t_initial, self.scheduler.warmup_t):
-            # the restored scheduler would keep the old length: refuse rather than log one schedule
-            # and run another (run.max_steps_schedule ties the schedule to run.max_steps)
-            raise ConfigError(
-                f"cannot resume from {self.resume_path}: its LR schedule is {sum(old_len)} steps (warmup "
-                f"{old_len[1]}), this config gives {self.lengths.total_steps} (warmup {self.lengths.warmup_steps}); "
-                f"keep run.max_steps when run.max_steps_schedule=true, or start a new --out directory")
-        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.run.seed)
+        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.run.seed, self.resume_path)
         self.num_skipped = int(ckpt.get("num_skipped", 0))
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.final_loss = ckpt.get("final_loss")
@@ -451,14 +426,6 @@ class _Trainer:
             },
             self.out_dir / SUMMARY_FILE,
         )
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 def _atomic_link_or_copy(src: Path, dst: Path) -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from kamim import outputs
-from kamim.runtime import EpochRunConfig, EpochTrainer, find_resume_checkpoint, write_run_config
-from kamim.serialization import CheckpointError, atomic_write_json, atomic_write_text, json_safe, safe_load
+from kamim.runtime import EpochRunConfig, EpochTrainer, resume_checkpoint, write_run_config
+from kamim.serialization import atomic_write_json, atomic_write_text, json_safe
 
 from .features import unpack_labelled
-from .session import RESUME_SAFE_KEYS, claimed_run_dir, config_changes
+from .session import claimed_run_dir
 
-__all__ = ["config_record", "load_resume_checkpoint", "LabelledTask", "write_results", "format_table", "print_table"]
+__all__ = ["config_record", "LabelledTask", "write_results", "format_table", "print_table"]
 
 log = logging.getLogger("kamim.eval")
 
@@ -51,34 +51,6 @@ def config_record(cfg: EpochRunConfig) -> dict[str, Any]:
     if isinstance(cfg.checkpoint, nn.Module):
         d["checkpoint"] = f"<in-memory {type(cfg.checkpoint).__name__}>"
     return json_safe(d)
-
-
-def load_resume_checkpoint(
-    out_dir: Path,
-    resume: Any,
-    fmt: str,
-    what: str,
-    config: Mapping[str, Any],
-    ignore: Iterable[str] = RESUME_SAFE_KEYS,
-) -> tuple[Path, dict[str, Any]] | None:
-    """(path, checkpoint) to resume from (``kamim.runtime.find_resume_checkpoint`` rules), or None.
-
-    One-line errors for a checkpoint of another ``fmt`` (``what`` names the kind in the message) and
-    for one whose stored config differs from ``config`` outside ``ignore``.
-    """
-    path = find_resume_checkpoint(out_dir, resume)
-    if path is None:
-        return None
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise CheckpointError(f"{path} is not a kamim {what} checkpoint (format '{fmt}')")
-    diff = config_changes(ckpt["config"], config, ignore=ignore)
-    if diff:
-        show = ", ".join(f"{k} ({ckpt['config'].get(k)!r} -> {config.get(k)!r})" for k in diff[:4])
-        raise ValueError(
-            f"cannot resume from {path}: the config differs in {show}; use a new output dir or resume=none"
-        )
-    return path, ckpt
 
 
 class LabelledTask(EpochTrainer):
@@ -97,11 +69,11 @@ class LabelledTask(EpochTrainer):
     def resume(self, what: str) -> dict[str, Any] | None:
         """Restore ``checkpoint-last.pt`` (``cfg.resume`` rules; ``what`` names the kind in messages);
         the checkpoint, for the task's own entries, or None when the run starts afresh."""
-        resumed = load_resume_checkpoint(self.out_dir, self.cfg.resume, self.checkpoint_format, what, self.config)
+        resumed = resume_checkpoint(self.out_dir, self.cfg.resume, self.checkpoint_format, what, self.config)
         if resumed is None:
             return None
         path, ckpt = resumed
-        self.restore(ckpt)
+        self.restore(ckpt, path)
         self.history = list(ckpt["history"])
         log.info("resumed %s from %s at epoch %d, step %d", what, path, self.state.epoch, self.state.step)
         return ckpt

@@ -201,5 +201,5 @@ def training_loaders(
     """(train loader, its sampler, val loader): :func:`train_loader` over ``data.train`` and the sharded
     :func:`eval_loader` over ``data.val`` at the per-rank micro-batch size."""
     loader, sampler = train_loader(data.train, batch_size, accum_steps, info, seed, num_workers)
-    val_loader, _ = eval_loader(data.val, micro_batch_size(batch_size, accum_steps, info), num_workers, info)
+    val_loader, _ = eval_loader(data.val, micro_batch_size(batch_size, info.world_size, accum_steps), num_workers, info)
     return loader, sampler, val_loader

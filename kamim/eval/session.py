@@ -1,37 +1,24 @@
-"""The session of one evaluation run: its process group, its output directory, its resumable config.
+"""The session of one evaluation run: its process group and its output directory.
 
 * :func:`distributed_session` sets up torch.distributed for the body and tears down only what it
   created (a sweep under torchrun keeps its one process group across runs).
 * :func:`claimed_run_dir` / :func:`locked_output` hold an exclusive lock on the run directory for the
   run's lifetime, so two processes never write into one folder (the folder itself was checked by
   :func:`kamim.inputs.preflight`: new, empty or this command's own earlier output).
-* :data:`RESUME_SAFE_KEYS` / :func:`config_changes`: which config keys may change between a run and
-  its resumption, and which ones did.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from kamim import distributed as kdist
 from kamim import outputs
 from kamim.distributed import DistInfo
-from kamim.serialization import json_safe, remove_stale_temp_files
+from kamim.serialization import remove_stale_temp_files
 
-__all__ = ["RESUME_SAFE_KEYS", "config_changes", "distributed_session", "claimed_run_dir", "locked_output"]
-
-# config keys that may change between a run and its resumption
-RESUME_SAFE_KEYS = frozenset({"num_workers", "device", "progress", "resume", "stop_epoch", "load_options",
-                              "overwrite"})
-
-
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """Keys whose values differ between two flat config dicts (compared as plain JSON: tuples as lists)."""
-    skip = set(ignore)
-    return sorted(k for k in set(old) | set(new) if k not in skip and json_safe(old.get(k)) != json_safe(new.get(k)))
+__all__ = ["distributed_session", "claimed_run_dir", "locked_output"]
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from .amp import AMP_MODES, LossScaler, NonFiniteGradient, amp_dtype_of, autocas
 from .checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE,
     encoder_prefix, export_encoder, find_resume_checkpoint, load_checkpoint, load_pretrain_checkpoint, on_disk,
-    write_run_config,
+    resume_checkpoint, write_run_config,
 )
 from .epochs import EpochTrainer
 from .rng import gather_rng_states, restore_rng, rng_state, seed_all, set_rng_state
@@ -36,6 +36,6 @@ __all__ = [
     "cosine_scheduler", "EpochRunConfig", "epoch_scheduler", "stop_epoch", "micro_batch_size", "clamped_warmup",
     "ResumableBatchSampler", "SeededDataset", "sample_seed",
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
-    "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
+    "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "resume_checkpoint", "write_run_config",
     "encoder_prefix", "export_encoder", "on_disk",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from torch import nn
 
@@ -20,7 +20,7 @@ log = logging.getLogger("kamim")
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_CHECKPOINT", "ENCODER_FILE", "SUMMARY_FILE", "CONFIG_FILE",
-    "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "write_run_config",
+    "load_checkpoint", "load_pretrain_checkpoint", "find_resume_checkpoint", "resume_checkpoint", "write_run_config",
     "encoder_prefix", "export_encoder", "on_disk",
 ]
 
@@ -68,6 +68,28 @@ def find_resume_checkpoint(out_dir: Path, resume: str | Path | bool | None) -> O
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
     return path
+
+
+def resume_checkpoint(
+    out_dir: Path, resume: Any, fmt: str, what: str, config: Mapping[str, Any], version: int | None = None,
+    ignore: Iterable[str] | None = None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) to resume from (:func:`find_resume_checkpoint` rules), or None: the one
+    resume check of every task. One-line errors for a checkpoint of another ``fmt``/``version``
+    (:func:`load_checkpoint`) and for one whose stored ``config`` differs from ``config`` outside
+    ``ignore`` (default :data:`kamim.config.RESUME_SAFE_KEYS`)."""
+    from kamim.config import RESUME_SAFE_KEYS, ConfigError, config_diff, dotted_get
+
+    path = find_resume_checkpoint(out_dir, resume)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path, fmt, what, version)
+    diff = config_diff(ckpt["config"], config, RESUME_SAFE_KEYS if ignore is None else ignore)
+    if diff:
+        show = ", ".join(f"{k} ({dotted_get(ckpt['config'], k)!r} -> {dotted_get(config, k)!r})" for k in diff[:5])
+        raise ConfigError(f"cannot resume from {path}: the config differs in {show}; "
+                          f"use a new output directory, or resume none to start over")
+    return path, ckpt
 
 
 def write_run_config(cfg: Any, out_dir: Path, main: bool = True) -> Optional[Path]:

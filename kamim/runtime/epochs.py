@@ -41,7 +41,7 @@ class EpochTrainer:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
         self.device = info.device
         self.amp = amp_dtype_of(cfg.amp, self.device)
-        self.micro_batch = micro_batch_size(cfg.batch_size, cfg.accum_steps, info)
+        self.micro_batch = micro_batch_size(cfg.batch_size, info.world_size, cfg.accum_steps)
 
     def build_step(self, module: nn.Module, **kwargs: Any) -> nn.Module:
         """``self.train_step`` over ``module`` (DDP-wrapped on several ranks, which it returns: the
@@ -74,10 +74,10 @@ class EpochTrainer:
         self.state.save(self.out_dir / LAST_CHECKPOINT, self.info.world_size, self.info.is_main,
                         {**extra, "partial": partial})
 
-    def restore(self, ckpt: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint of :meth:`save_state`: weights, optimizer, schedule, RNG, counters
-        and the epoch's partial statistics (bit-exact at the same world size)."""
-        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.seed)
+    def restore(self, ckpt: Mapping[str, Any], source: Any = "checkpoint") -> None:
+        """Continue from a checkpoint of :meth:`save_state` (read from ``source``): weights, optimizer,
+        schedule, RNG, counters and the epoch's partial statistics (bit-exact at the same world size)."""
+        self.state.load(ckpt, self.info.rank, self.info.world_size, self.cfg.seed, source)
         self.stats.load_state_dict(ckpt.get("partial"), self.info.rank)
 
     def after_step(self, result: StepResult) -> None:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .schedule import micro_batch_size
+
 __all__ = ["sample_seed", "SeededDataset", "ResumableBatchSampler"]
 
 
@@ -82,13 +84,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     ) -> None:
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if accum_steps <= 0 or global_batch_size <= 0:
-            raise ValueError(f"batch size {global_batch_size} and accum_steps {accum_steps} must be positive")
-        if global_batch_size % (world_size * accum_steps):
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by world size {world_size} x "
-                f"accumulation steps {accum_steps}"
-            )
+        self.micro_batch_size = micro_batch_size(global_batch_size, world_size, accum_steps)
         if num_samples < global_batch_size:
             raise ValueError(
                 f"the dataset has {num_samples} images, fewer than one global batch of {global_batch_size}: "
@@ -99,7 +95,6 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         self.global_batch_size = global_batch_size
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.seed = int(seed)
-        self.micro_batch_size = global_batch_size // (world_size * accum_steps)
         self.steps_per_epoch = num_samples // global_batch_size
         self.epoch = 0
         self.start_step = 0

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from kamim.config import clamped_warmup  # noqa: F401  (re-exported: the warmup rule lives with the configs)
+from kamim.config import ConfigError, clamped_warmup  # noqa: F401  (clamped_warmup re-exported)
 
 __all__ = ["cosine_scheduler", "EpochRunConfig", "epoch_scheduler", "stop_epoch", "micro_batch_size",
            "clamped_warmup"]
@@ -56,12 +56,12 @@ def stop_epoch(cfg: EpochRunConfig) -> int:
     return cfg.epochs if cfg.stop_epoch is None else min(int(cfg.stop_epoch), cfg.epochs)
 
 
-def micro_batch_size(batch_size: int, accum_steps: int, info: Any) -> int:
-    """Per-rank micro-batch of a GLOBAL ``batch_size`` (``info``: a ``kamim.distributed.DistInfo``);
-    one-line error unless it divides evenly."""
-    world_micro = info.world_size * accum_steps
-    if batch_size % world_micro:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by world size {info.world_size} x accum_steps={accum_steps}"
-        )
-    return batch_size // world_micro
+def micro_batch_size(batch_size: int, world_size: int, accum_steps: int, key: str = "batch_size") -> int:
+    """Per-rank micro-batch of a GLOBAL ``batch_size``; a one-line ``ConfigError`` (naming the setting
+    ``key``) unless it divides evenly. The one divisibility rule of every task and sampler."""
+    if batch_size <= 0 or accum_steps <= 0:
+        raise ConfigError(f"{key}={batch_size} and accumulation steps {accum_steps} must be positive")
+    if batch_size % (world_size * accum_steps):
+        raise ConfigError(f"{key}={batch_size} is not divisible by world size {world_size} x "
+                          f"accumulation steps {accum_steps}")
+    return batch_size // (world_size * accum_steps)

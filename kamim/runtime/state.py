@@ -100,9 +100,23 @@ class TrainState:
             atomic_save(ckpt, path)
         return path
 
-    def load(self, ckpt: Mapping[str, Any], rank: int, world_size: int, seed: int) -> bool:
+    def load(self, ckpt: Mapping[str, Any], rank: int, world_size: int, seed: int, source: Any = "checkpoint") -> bool:
         """Restore everything :meth:`checkpoint` stored; returns whether the RNG streams are exact
-        (same world size; otherwise fresh deterministic per-rank streams)."""
+        (same world size; otherwise fresh deterministic per-rank streams).
+
+        A one-line ``ConfigError`` naming ``source`` if the stored LR schedule has another length than
+        this run's (e.g. the data gained images): the restored scheduler would follow the old one.
+        """
+        from kamim.config import ConfigError
+
+        saved = ckpt.get("scheduler") or {}
+        old = (saved.get("t_initial"), saved.get("warmup_t"))
+        new = (getattr(self.scheduler, "t_initial", None), getattr(self.scheduler, "warmup_t", None))
+        if saved and old != new and None not in old:
+            raise ConfigError(
+                f"cannot resume from {source}: its LR schedule is {sum(old)} steps (warmup {old[1]}), this config "
+                f"gives {sum(new)} (warmup {new[1]}): the number of images or a schedule setting (e.g. run.max_steps "
+                f"with run.max_steps_schedule=true) changed; keep them, or start a new output directory")
         self.model.load_state_dict(ckpt[self.model_key], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
