@@ -28,7 +28,6 @@ Design (MAE/SimMIM engines, minus the reference KAMIM bugs listed in ANCHORS.md)
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -50,11 +49,12 @@ from kamim.models import build_pretrain_model
 from kamim.optim import fused_kwargs
 from kamim.outputs import check_output_dir, lock_output, mark_output_dir
 from kamim.precision import amp_dtype_of
+from kamim.progress import progress
 from kamim.runtime import (  # re-exported: these names were defined here before kamim.runtime
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT, SUMMARY_FILE, LossScaler,
-    NonFiniteLossError, ResumableBatchSampler, SeededDataset, TrainState, TrainStep, agreed_signal, cosine_scheduler,
+    NonFiniteLossError, ResumableBatchSampler, SeededDataset, StepResult, TrainState, TrainStep, cosine_scheduler,
     encoder_prefix, export_encoder, find_resume_checkpoint, gather_rng_states, load_pretrain_checkpoint,
-    micro_batch_size, nonfinite_state, resume_checkpoint, rng_state, seed_all, set_rng_state, stopped,
+    micro_batch_size, nonfinite_state, resume_checkpoint, rng_state, seed_all, set_rng_state,
 )
 from kamim.serialization import atomic_save, atomic_write_json, remove_stale_temp_files
 
@@ -270,7 +270,8 @@ class _Trainer:
         log.info("resumed from %s at step %d", self.resume_path, self.step)
 
     def save(self) -> Path:
-        """Checkpoint + encoder export (rank 0 writes, all ranks take part in the RNG gather)."""
+        """Checkpoint + encoder export (rank 0 writes, all ranks take part in the collectives)."""
+        self._sync_skipped()
         last = self.out_dir / LAST_CHECKPOINT
         self.state.epoch = self.step // self.lengths.steps_per_epoch
         save_id = uuid.uuid4().hex
@@ -309,15 +310,6 @@ class _Trainer:
         export_encoder(self.model, path, method=self.cfg.method, step=self.step, checkpoint_id=saved or "")
 
     # ---------------------------------------------------------------- loop
-    def _micro_batches(self) -> Iterator[dict[str, Any]]:
-        """The micro-batches from the current step to the end, epoch after epoch (the loader's workers
-        leave SIGINT/SIGTERM to this process, which stops after the current step)."""
-        epoch, start = divmod(self.step, self.lengths.steps_per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch, start)
-            yield from self.loader
-            epoch, start = epoch + 1, 0
-
     def _loss(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
         """The method's loss of one micro-batch (None: every image of it was unreadable)."""
         self._pending_skipped += int(batch.get("num_skipped", 0))
@@ -326,8 +318,39 @@ class _Trainer:
         return self.train_model(_to_device(batch, self.device))["loss"]
 
     def _sync_skipped(self) -> None:
+        """Sum the unreadable images over ranks (a collective: every rank calls it)."""
         pending, self._pending_skipped = self._pending_skipped, 0
         self.num_skipped += int(kdist.all_reduce_sum(torch.tensor([pending], device=self.device)).item())
+
+    def _save_due(self, step: int) -> bool:
+        every = self.cfg.run.ckpt_every_steps
+        return step == self.lengths.stop_step or bool(every and step % every == 0)
+
+    def _after_step(self, out: StepResult) -> None:
+        """The step-based policy: the model's hook (MoCo momentum), the bar, a metrics row every
+        ``run.log_every`` steps and at the end."""
+        cfg, lengths, step = self.cfg, self.lengths, self.step
+        hook = getattr(self.model, "on_after_optimizer_step", None)
+        if callable(hook):
+            hook(step, lengths.total_steps)
+        self.window.append(out.loss)
+        self.bar.update(1)
+        if step % cfg.run.log_every and step != lengths.stop_step:
+            return
+        self._sync_skipped()
+        now = time.perf_counter()
+        self.final_loss = loss = sum(self.window) / len(self.window)
+        row = {"step": step, "epoch": round(step / lengths.steps_per_epoch, 4), "loss": loss, "lr": out.lr,
+               "images_per_s": len(self.window) * cfg.optim.batch_size / max(now - self.t_window, 1e-9),
+               "num_skipped": self.num_skipped, "time": round(self.elapsed + now - self.t0, 3),
+               "grad_norm": out.grad_norm}
+        self.logger.log(row)
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{out.lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
+        elif self.main:
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.3e %.1f img/s", step, lengths.stop_step, row["epoch"],
+                     loss, out.lr, row["images_per_s"])
+        self.window, self.t_window = [], now
 
     def run(self) -> Path:
         cfg, lengths = self.cfg, self.lengths
@@ -340,7 +363,7 @@ class _Trainer:
 
         if self.main:
             save_config(cfg, self.out_dir / CONFIG_FILE)
-        logger = MetricsLogger(
+        self.logger = MetricsLogger(
             self.out_dir, enabled=self.main, resume_step=self.step if self.ckpt is not None else None,
             tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
             config=to_dict(cfg),
@@ -352,61 +375,23 @@ class _Trainer:
             lengths.warmup_steps, lengths.stop_step, self.info.world_size, self.sampler.micro_batch_size,
             cfg.optim.accum_steps,
         )
-        from kamim.progress import progress
-
         # after the start-up line, which would otherwise break a terminal's bar: a live bar on a terminal,
         # a progress line every few seconds in a log; with run.progress=false, the metric rows are logged
-        bar = progress(total=lengths.stop_step, initial=self.step, desc=f"{cfg.method} {cfg.model.arch}", unit="step",
-                       enabled=self.main and cfg.run.progress)
+        self.bar = progress(total=lengths.stop_step, initial=self.step, desc=f"{cfg.method} {cfg.model.arch}",
+                            unit="step", enabled=self.main and cfg.run.progress)
+        self.window, self.t_window = [], time.perf_counter()
         self.train_model.train()
-        window_losses: list[float] = []
-        window_images = 0
-        t_window = time.perf_counter()
-        micro = self._micro_batches()
-        stop_ctx = graceful_stop()
-        stop = stop_ctx.__enter__()
+        spe = lengths.steps_per_epoch
         try:
-            while self.step < lengths.stop_step:
-                out = self.train_step(itertools.islice(micro, cfg.optim.accum_steps), self._loss)
-                lr, grad_norm = out.lr, out.grad_norm
-                hook = getattr(self.model, "on_after_optimizer_step", None)
-                if callable(hook):
-                    hook(self.step, lengths.total_steps)
-                window_losses.append(out.loss)
-                window_images += cfg.optim.batch_size
-                bar.update(1)
-
-                last = self.step == lengths.stop_step
-                if self.step % cfg.run.log_every == 0 or last:
-                    self._sync_skipped()
-                    now = time.perf_counter()
-                    loss = sum(window_losses) / len(window_losses)
-                    self.final_loss = loss
-                    row = {
-                        "step": self.step, "epoch": round(self.step / lengths.steps_per_epoch, 4),
-                        "loss": loss, "lr": lr, "images_per_s": window_images / max(now - t_window, 1e-9),
-                        "num_skipped": self.num_skipped, "time": round(self.elapsed + now - self.t0, 3),
-                        "grad_norm": grad_norm,
-                    }
-                    logger.log(row)
-                    if bar.disable:
-                        if self.main:
-                            log.info("step %d/%d epoch %.2f loss %.4f lr %.3e %.1f img/s", self.step,
-                                     lengths.stop_step, row["epoch"], loss, lr, row["images_per_s"])
-                    else:
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
-                    window_losses, window_images, t_window = [], 0, now
-                signum = agreed_signal(stop.signum, self.device)
-                if last or signum or (cfg.run.ckpt_every_steps and self.step % cfg.run.ckpt_every_steps == 0):
-                    self._sync_skipped()  # a collective: every rank, unconditionally
-                    self.save()
-                if signum and not last:
-                    raise stopped(signum, self.step, self.out_dir / LAST_CHECKPOINT)
+            with graceful_stop() as stop:
+                while self.step < lengths.stop_step:
+                    self.state.epoch = self.step // spe
+                    self.train_step.epoch(self.loader, self.sampler, self._loss, stop, self.save, spe, self._after_step,
+                                          end=min(spe, lengths.stop_step - self.state.epoch * spe),
+                                          save_due=self._save_due)
         finally:
-            stop_ctx.__exit__(None, None, None)
-            micro.close()  # shuts the loader iterator (and its workers) down
-            bar.close()
-            logger.close()
+            self.bar.close()
+            self.logger.close()
         if self.num_skipped:
             log.warning("skipped %d unreadable images during training", self.num_skipped)
         self._write_summary()

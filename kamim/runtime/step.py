@@ -156,12 +156,15 @@ class TrainStep:
         save: Callable[[], None],
         steps_per_epoch: int,
         after_step: Callable[[StepResult], None] | None = None,
+        end: int | None = None,
+        save_due: Callable[[int], bool] | None = None,
     ) -> None:
-        """Train epoch ``state.epoch`` from its ``state.batch_in_epoch`` to its end.
+        """Train epoch ``state.epoch`` from its ``state.batch_in_epoch`` to its end (or to its step
+        ``end``, e.g. pretraining's ``run.max_steps``).
 
         ``sampler.set_epoch(epoch, start)`` skips the steps already done. After each step
-        ``after_step(result)`` runs; when a stop signal arrived (any rank), ``save()`` writes a
-        checkpoint and :class:`kamim.interrupt.Interrupted` is raised.
+        ``after_step(result)`` runs, then ``save()`` when ``save_due(state.step)`` says so or a stop
+        signal arrived (any rank); after a signal :class:`kamim.interrupt.Interrupted` is raised.
         """
         state = self.state
         start = state.batch_in_epoch(steps_per_epoch)
@@ -170,11 +173,12 @@ class TrainStep:
         # keep that out of the task's stream (drop path, mixup), which a mid-epoch resume restores
         with torch.random.fork_rng(devices=[]):
             batches = iter(loader)
-        for _ in range(start, steps_per_epoch):
+        for _ in range(start, steps_per_epoch if end is None else end):
             result = self(itertools.islice(batches, self.accum_steps), loss_fn)
             if after_step is not None:
                 after_step(result)
             signum = agreed_signal(stop.signum, self.device)
-            if signum:
+            if signum or (save_due is not None and save_due(state.step)):
                 save()
+            if signum:
                 raise stopped(signum, state.step, self.last)
