@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,15 @@ import torch
 from torch import nn
 
 from kamim import outputs
-from kamim.runtime import EpochRunConfig, EpochTrainer, resume_checkpoint, write_run_config
+from kamim.runtime import (
+    EpochRunConfig, EpochStats, EpochTrainer, LossScaler, TrainState, epoch_scheduler, resume_checkpoint,
+    write_run_config,
+)
 from kamim.serialization import atomic_write_json, atomic_write_text, json_safe
 
+from .data import classification_data, training_loaders
 from .features import unpack_labelled
+from .scoring import evaluate_logits
 from .session import claimed_run_dir
 
 __all__ = ["config_record", "LabelledTask", "write_results", "format_table", "print_table"]
@@ -56,26 +61,44 @@ def config_record(cfg: EpochRunConfig) -> dict[str, Any]:
 class LabelledTask(EpochTrainer):
     """An epoch-based task on labelled images (linear probing, finetuning) in its run directory.
 
-    It adds to :class:`kamim.runtime.EpochTrainer` what both tasks do alike: resuming from the run
-    directory (:meth:`resume`), a micro-batch on the device (:meth:`labelled`), the results files and
-    the run itself (:meth:`run`: lock the folder, record the config, train the epochs, write and print
-    the results). A task sets ``checkpoint_format``, ``config`` (:func:`config_record`) and
-    ``history``, and gives :meth:`describe`, :meth:`summary` and :meth:`print_summary`.
+    It adds to :class:`kamim.runtime.EpochTrainer` what both tasks do alike: the data and loaders
+    (:meth:`load_data`), the state, statistics and resume (:meth:`start`), a micro-batch on the device
+    (:meth:`labelled`), evaluation (:meth:`score`), the results files and the run itself (:meth:`run`:
+    lock the folder, record the config, train the epochs, write and print the results). A task sets
+    ``enc`` (its encoder) and ``checkpoint_format``, adds its own entries to :meth:`describe` and
+    :meth:`summary`, and gives :meth:`print_summary`.
     """
 
     checkpoint_format = ""
-    history: list[dict[str, Any]]
 
-    def resume(self, what: str) -> dict[str, Any] | None:
-        """Restore ``checkpoint-last.pt`` (``cfg.resume`` rules; ``what`` names the kind in messages);
-        the checkpoint, for the task's own entries, or None when the run starts afresh."""
-        resumed = resume_checkpoint(self.out_dir, self.cfg.resume, self.checkpoint_format, what, self.config)
-        if resumed is None:
-            return None
-        path, ckpt = resumed
-        self.restore(ckpt, path)
-        self.history = list(ckpt["history"])
-        log.info("resumed %s from %s at epoch %d, step %d", what, path, self.state.epoch, self.state.step)
+    def load_data(self, aug: str, model: nn.Module) -> None:
+        """``data`` (labelled splits at ``cfg.img_size`` or the encoder's, checked against ``model``),
+        ``loader``, ``sampler``, ``val_loader`` and ``steps_per_epoch``."""
+        cfg = self.cfg
+        self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, aug, cfg.auto_augment,
+                                        cfg.re_prob, model)
+        self.loader, self.sampler, self.val_loader = training_loaders(
+            self.data, cfg.batch_size, cfg.accum_steps, self.info, cfg.seed, cfg.num_workers)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_stats: int, what: str,
+              model_key: str = "model", **step_options: Any) -> dict[str, Any] | None:
+        """``state`` (``model``, ``optimizer``, the epoch schedule, the fp16 scaler), ``stats`` (``num_stats``
+        running sums), ``config`` and ``history``, all restored from ``checkpoint-last.pt`` when
+        resuming (``cfg.resume`` rules; ``what`` names the kind in messages); then ``train_module``, the
+        module the loss calls (:meth:`build_step` with ``step_options``). Returns the resumed
+        checkpoint, for the task's own entries, or None when the run starts afresh."""
+        cfg = self.cfg
+        self.state = TrainState(model, optimizer, epoch_scheduler(optimizer, cfg, self.steps_per_epoch),
+                                LossScaler(self.device, enabled=cfg.amp == "fp16"), model_key=model_key)
+        self.stats = EpochStats(num_stats, self.device)
+        self.config, self.history = config_record(cfg), []
+        path, ckpt = resume_checkpoint(self.out_dir, cfg.resume, self.checkpoint_format, what, self.config) or (None, None)
+        if ckpt is not None:
+            self.restore(ckpt, path)
+            self.history = list(ckpt["history"])
+            log.info("resumed %s from %s at epoch %d, step %d", what, path, self.state.epoch, self.state.step)
+        self.train_module = self.build_step(model, **step_options)
         return ckpt
 
     def labelled(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -85,13 +108,23 @@ class LabelledTask(EpochTrainer):
         images, target = unpack_labelled(batch)
         return images.to(self.device, non_blocking=True), target.to(self.device)
 
+    def score(self, heads: Callable[[torch.Tensor], Any]) -> dict[Any, dict[str, float]]:
+        """:func:`kamim.eval.scoring.evaluate_logits` of ``heads`` on the val split (the run's precision)."""
+        return evaluate_logits(heads, self.val_loader, self.device, self.amp,
+                               progress=self.cfg.progress and self.info.is_main, desc=f"{self.task} eval")
+
     def describe(self) -> str:
-        """The line logged when the run starts."""
-        raise NotImplementedError
+        """The data part of the line logged when the run starts."""
+        d = self.data
+        return (f"{len(d.train)} train / {len(d.val)} val images, {d.num_classes} classes, "
+                f"{self.steps_per_epoch} steps/epoch")
 
     def summary(self) -> dict[str, Any]:
-        """Everything ``<task>.json`` holds."""
-        raise NotImplementedError
+        """What every ``<task>.json`` holds; a task adds its own entries."""
+        d = self.data
+        return {"task": self.task, "config": self.config, "classes": d.classes, "num_train": len(d.train),
+                "num_val": len(d.val), "epochs_done": self.state.epoch, "steps": self.state.step,
+                "history": self.history}
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         """The table printed at the end."""

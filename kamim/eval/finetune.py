@@ -45,13 +45,11 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import FinetuneConfig
 from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
-from kamim.runtime import LAST_CHECKPOINT, EpochStats, LossScaler, StepResult, TrainState, epoch_scheduler, seed_all
+from kamim.runtime import LAST_CHECKPOINT, StepResult, seed_all
 from kamim.serialization import atomic_save
 from kamim.inputs import preflight
 
-from .common import LabelledTask, config_record, print_table
-from .data import classification_data, training_loaders
-from .scoring import evaluate_logits
+from .common import LabelledTask, print_table
 from .features import is_token_model
 from .session import distributed_session
 
@@ -147,22 +145,12 @@ class _Finetuner(LabelledTask):
         # drop path is a timm constructor argument; an in-memory model is rewired instead
         options = dict(cfg.load_options) if in_memory else {**cfg.load_options, "drop_path_rate": cfg.drop_path}
         self.enc = resolve_encoder(cfg.checkpoint, self.device, options, frozen=False)
-        self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, "finetune", cfg.auto_augment,
-                                        cfg.re_prob, self.enc.model)
+        self.load_data("finetune", self.enc.model)
         self.model = add_classifier(self.enc.model, self.data.num_classes, cfg.pool)
         if in_memory:
             set_drop_path(self.model, cfg.drop_path)
         self.model.to(self.device).requires_grad_(True)
         seed_all(cfg.seed + info.rank)  # same weights on every rank; per-rank drop path / mixup draws
-
-        self.loader, self.sampler, self.val_loader = training_loaders(
-            self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
-        )
-        self.steps_per_epoch = self.sampler.steps_per_epoch
-        optimizer = build_finetune_optimizer(self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas)
-        self.state = TrainState(self.model, optimizer, epoch_scheduler(optimizer, cfg, self.steps_per_epoch),
-                                LossScaler(self.device, enabled=cfg.amp == "fp16"))
-        self.stats = EpochStats(2, self.device)  # loss sum, batch count
         self.mixup = None
         if cfg.mixup_active:
             self.mixup = Mixup(
@@ -175,16 +163,12 @@ class _Finetuner(LabelledTask):
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
-        self.config = config_record(cfg)
         self.spec = _model_spec(self.enc, self.data.num_classes, cfg.pool)
-        self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
-        self.history: list[dict[str, Any]] = []
-        ckpt = self.resume("finetuning")  # RNG included: drop path / mixup continue exactly
-        if ckpt is not None:
-            self.best = dict(ckpt["best"])
-            if self.ema is not None:
-                self.ema.load_state_dict(ckpt["ema"])
-        self.train_model = self.build_step(self.model, clip_grad=cfg.clip_grad, params=self.model.parameters())
+        optimizer = build_finetune_optimizer(self.model, cfg.peak_lr(), cfg.weight_decay, cfg.layer_decay, cfg.betas)
+        ckpt = self.start(self.model, optimizer, 2, "finetuning", clip_grad=cfg.clip_grad)  # 2: loss sum, batch count
+        self.best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"top1": -1.0, "epoch": 0}
+        if ckpt and self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
 
     def loss(self, batch: Any) -> torch.Tensor | None:
         if (labelled := self.labelled(batch)) is None:
@@ -195,7 +179,7 @@ class _Finetuner(LabelledTask):
         elif self.mixup is not None:  # odd batch after unreadable images were dropped: smoothed one-hot
             off = self.cfg.label_smoothing / self.data.num_classes
             target = one_hot(target, self.data.num_classes, 1.0 - self.cfg.label_smoothing + off, off)
-        loss = self.criterion(self.train_model(images).float(), target)
+        loss = self.criterion(self.train_module(images).float(), target)
         self.stats.add(torch.stack([loss.detach().float(), torch.ones((), device=self.device)]))
         return loss
 
@@ -212,8 +196,7 @@ class _Finetuner(LabelledTask):
                 out["ema"] = self.ema.module(x)
             return out
 
-        return evaluate_logits(heads, self.val_loader, self.device, self.amp,
-                               progress=self.cfg.progress and self.info.is_main, desc="finetune eval")
+        return self.score(heads)
 
     def end_epoch(self, sums: torch.Tensor, lr: float, res: dict[str, dict[str, float]]) -> None:
         row = {"epoch": self.state.epoch, "train_loss": float(sums[0] / sums[1].clamp_min(1)), "lr": lr,
@@ -239,16 +222,13 @@ class _Finetuner(LabelledTask):
                          "ema": self.ema.state_dict() if self.ema is not None else None})
 
     def describe(self) -> str:
-        return (f"finetuning on {len(self.data.train)} train / {len(self.data.val)} val images, "
-                f"{self.data.num_classes} classes, {self.steps_per_epoch} steps/epoch, peak lr {self.cfg.peak_lr():.3g}")
+        return f"finetuning on {super().describe()}, peak lr {self.cfg.peak_lr():.3g}"
 
     def summary(self) -> dict[str, Any]:
         return {
-            "task": "finetune", "config": self.config, "model_spec": self.spec,
-            "encoder": {"format": self.enc.format, "image_size": list(self.enc.image_size)},
-            "classes": self.data.classes, "num_train": len(self.data.train), "num_val": len(self.data.val),
-            "epochs_done": self.state.epoch, "steps": self.state.step, "best": self.best,
-            "final": self.history[-1] if self.history else None, "history": self.history,
+            **super().summary(), "model_spec": self.spec,
+            "encoder": {"format": self.enc.format, "image_size": list(self.enc.image_size)}, "best": self.best,
+            "final": self.history[-1] if self.history else None,
             "checkpoints": {"best": str(self.out_dir / BEST_CHECKPOINT), "last": str(self.out_dir / LAST_CHECKPOINT)},
         }
 

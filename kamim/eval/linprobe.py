@@ -44,12 +44,9 @@ from kamim.checkpoints import resolve_encoder
 from kamim.config import LINPROBE_OPTIMIZERS, LinprobeConfig
 from kamim.optim import fused_kwargs
 from kamim.precision import resolve_amp
-from kamim.runtime import EpochStats, LossScaler, TrainState, epoch_scheduler
 from kamim.inputs import preflight
 
-from .common import LabelledTask, config_record, print_table
-from .data import classification_data, training_loaders
-from .scoring import evaluate_logits
+from .common import LabelledTask, print_table
 from .features import extract_features, feature_dims, resolve_layers
 from .session import distributed_session
 
@@ -125,24 +122,12 @@ class _Probe(LabelledTask):
         self.model = self.enc.model
         self.layers = resolve_layers(self.model, cfg.layers)
         self.geometry = self.enc.geometry  # read once by the encoder loader
-        self.data = classification_data(cfg.data, cfg.img_size or self.enc.image_size, cfg.aug, cfg.auto_augment,
-                                        cfg.re_prob, self.model)
-
+        self.load_data(cfg.aug, self.model)
         torch.manual_seed(cfg.seed)
         self.heads = ProbeHeads(feature_dims(self.model, self.layers), self.data.num_classes, cfg.batchnorm)
         self.heads.to(self.device)
-        self.loader, self.sampler, self.val_loader = training_loaders(
-            self.data, cfg.batch_size, cfg.accum_steps, info, cfg.seed, cfg.num_workers
-        )
-        self.steps_per_epoch = self.sampler.steps_per_epoch
         optimizer = build_probe_optimizer(self.heads, cfg.opt, cfg.peak_lr(), cfg.weight_decay)
-        self.state = TrainState(self.heads, optimizer, epoch_scheduler(optimizer, cfg, self.steps_per_epoch),
-                                LossScaler(self.device, enabled=cfg.amp == "fp16"), model_key="heads")
-        self.stats = EpochStats(len(self.layers) + 1, self.device)  # per-layer loss sums, batch count
-        self.config = config_record(cfg)
-        self.history: list[dict[str, Any]] = []
-        self.resume("linear-probe")
-        self.train_heads = self.build_step(self.heads)
+        self.start(self.heads, optimizer, len(self.layers) + 1, "linear-probe", model_key="heads")  # +1: batch count
 
     def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         with torch.no_grad():
@@ -154,17 +139,14 @@ class _Probe(LabelledTask):
         if (labelled := self.labelled(batch)) is None:
             return None
         images, target = labelled
-        logits = self.train_heads(self._features(images))
+        logits = self.train_module(self._features(images))
         losses = torch.stack([F.cross_entropy(logits[k].float(), target) for k in self.layers])
         self.stats.add(torch.cat([losses.detach(), torch.ones(1, device=self.device)]))
         return losses.sum()
 
     def evaluate(self) -> dict[int, dict[str, float]]:
         self.heads.eval()
-        return evaluate_logits(
-            lambda x: self.heads(self._features(x)), self.val_loader, self.device, self.amp,
-            progress=self.cfg.progress and self.info.is_main, desc="linprobe eval",
-        )
+        return self.score(lambda x: self.heads(self._features(x)))
 
     def end_epoch(self, sums: torch.Tensor, lr: float, results: dict[int, dict[str, float]]) -> None:
         count = max(float(sums[-1]), 1.0)
@@ -182,8 +164,7 @@ class _Probe(LabelledTask):
                          "layers": self.layers, "classes": self.data.classes})
 
     def describe(self) -> str:
-        return (f"linear probe of layers {self.layers} on {len(self.data.train)} train / {len(self.data.val)} val "
-                f"images, {self.data.num_classes} classes, {self.steps_per_epoch} steps/epoch")
+        return f"linear probe of layers {self.layers} on {super().describe()}"
 
     def summary(self) -> dict[str, Any]:
         best: dict[int, dict[str, Any]] = {}
@@ -195,15 +176,10 @@ class _Probe(LabelledTask):
              "best_top1": best[r["layer"]]["top1"], "best_epoch": best[r["layer"]]["epoch"]}
             for r in self.history if r["epoch"] == self.state.epoch
         ]
-        return {
-            "task": "linprobe", "config": self.config, "encoder": {
-                "format": self.enc.format, "image_size": self.enc.image_size, "patch_size": self.enc.patch_size,
-                "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": self.geometry.depth,
-            },
-            "layers": self.layers, "classes": self.data.classes, "num_train": len(self.data.train),
-            "num_val": len(self.data.val), "epochs_done": self.state.epoch, "steps": self.state.step,
-            "final": table, "history": self.history,
-        }
+        return {**super().summary(), "encoder": {
+            "format": self.enc.format, "image_size": self.enc.image_size, "patch_size": self.enc.patch_size,
+            "num_prefix_tokens": self.enc.num_prefix_tokens, "num_layers": self.geometry.depth,
+        }, "layers": self.layers, "final": table}
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         print_table(summary["final"], title=f"linear probe ({self.cfg.recipe}, pool={self.cfg.pool}) after "
