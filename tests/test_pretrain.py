@@ -356,6 +356,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
         pretrain(small_cfg("simmim", "optim.batch_size=16", "data.strict=true"), data, tmp_path / "strict")
 
 
+
+def test_a_micro_batch_of_only_unreadable_images_contributes_nothing(tmp_path):
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(4):
+        (data / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cfg = small_cfg("simmim", "optim.batch_size=4", "optim.accum_steps=2", "run.max_steps=1")
+    with pytest.warns(UserWarning, match="broken"):
+        ckpt = pretrain(cfg, data, tmp_path / "run", resume="none")
+    (row,) = read_metrics(ckpt.parent / "metrics.jsonl")
+    assert (row["num_skipped"], row["loss"], row["grad_norm"]) == (4, 0.0, 0.0)
+
 # --------------------------------------------------------------------------- outputs
 
 def test_checkpoint_contents_and_encoder_export(demo30, tmp_path):

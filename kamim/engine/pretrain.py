@@ -179,14 +179,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    for key in ("image", "view1"):
-        v = batch.get(key)
-        if isinstance(v, torch.Tensor):
-            return int(v.shape[0])
-    return 0
-
-
 # --------------------------------------------------------------------------- the loop
 
 class _Trainer:
@@ -313,7 +305,7 @@ class _Trainer:
     def _loss(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
         """The method's loss of one micro-batch (None: every image of it was unreadable)."""
         self._pending_skipped += int(batch.get("num_skipped", 0))
-        if _batch_size(batch) == 0:
+        if batch.keys() == {"num_skipped"}:  # every image unreadable (kamim.data.datasets.collate_skip_bad)
             return None
         return self.train_model(_to_device(batch, self.device))["loss"]
 
