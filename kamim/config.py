@@ -40,7 +40,7 @@ __all__ = [
     "Config", "ModelConfig", "DataConfig", "MaskConfig", "KamimConfig", "MoCoConfig",
     "OptimConfig", "RunConfig", "ConfigError", "load_config", "list_presets", "preset_path",
     "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff", "dotted_get",
-    "METHODS", "AMP_MODES", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
+    "METHODS", "AMP_MODES", "CROPS", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
     "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
     "field_help", "ConfigFlags", "parsed_config", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
     "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS", "COMMAND_CONFIGS", "SweepEval",
@@ -63,6 +63,8 @@ MAX_IMAGE_SIDE = 16384
 # Fallbacks used only if kamim.keypoints / kamim.models.presets cannot be imported.
 _DEFAULT_DETECTORS = ("fast", "sift", "orb")
 _DEFAULT_RENDERS = ("ring", "point", "disk")
+# the pretraining crops (kamim.data.transforms.MIMTransform): the reference pipeline's, or antialiased PIL
+CROPS = ("reference", "antialiased")
 _DEFAULT_ARCHS = ("vit_t", "vit_s", "vit_b", "swin_t", "swin_b", "vit_pico", "swin_pico")
 
 # Keys that may differ between a run and its resumption: they change how a run is executed or
@@ -125,12 +127,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset location and augmentation (RandomResizedCrop + horizontal flip)."""
+    """Dataset location and the SimMIM/KAMIM augmentation: RandomResizedCrop, then horizontal and
+    vertical flips (MoCo v3 has its own two-view augmentation and ignores ``crop`` and the flips).
+
+    ``crop``: ``"reference"`` reproduces the KAMIM reference pipeline exactly (the uint8 image tensor
+    cropped by ``RandomResizedCrop(antialias=False)``, bilinear; the paper presets, with
+    ``vflip: 0.5``); ``"antialiased"`` crops the PIL image with antialiasing (the tiny presets and
+    the dataclass default, as before the option existed). Keypoints are detected on the crop, so
+    the choice changes them: on identical crop boxes, BENCHMARKS.md ("Reference crop") gives the
+    share of keypoint-map pixels and the mean KAMIM-weight change per detector.
+    """
 
     path: Optional[str] = None
     crop_scale: tuple[float, float] = (0.67, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    hflip: float = 0.5  # flip probability
+    hflip: float = 0.5  # horizontal flip probability
+    vflip: float = 0.0  # vertical flip probability (the reference: 0.5)
+    crop: str = "antialiased"  # one of CROPS
     num_workers: int = 8
     strict: bool = False  # True: a corrupt image is an error instead of being skipped and counted
 
@@ -811,6 +824,8 @@ def _validate(cfg: Config) -> None:
     lo, hi = d.crop_ratio
     _check_number("data.crop_ratio", d.crop_ratio, 0 < lo <= hi, "[min, max] with 0 < min <= max")
     _check_number("data.hflip", d.hflip, 0 <= d.hflip <= 1, "in [0, 1] (a probability)")
+    _check_number("data.vflip", d.vflip, 0 <= d.vflip <= 1, "in [0, 1] (a probability)")
+    _check_choice("data.crop", d.crop, CROPS)
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
 

@@ -215,6 +215,20 @@ def test_resume_with_workers_matches_single_process_loading(demo30, tmp_path):
     _assert_state_equal(_params(straight), _params(resumed))
 
 
+def test_resume_of_a_checkpoint_written_before_a_config_key_existed(demo30, tmp_path):
+    """A checkpoint whose config lacks keys added later (data.crop, data.vflip) resumes: the missing
+    keys take their defaults, which keep the old behaviour; a real change is still refused."""
+    from kamim.serialization import atomic_save
+
+    ckpt = pretrain(small_cfg("simmim", "run.max_steps=1"), demo30, tmp_path / "r", resume="none")
+    old = safe_load(ckpt)
+    del old["config"]["data"]["crop"], old["config"]["data"]["vflip"]
+    atomic_save(old, ckpt)
+    with pytest.raises(ConfigError, match=r"the config differs in data.crop \('antialiased' -> 'reference'\)"):
+        pretrain(small_cfg("simmim", "run.max_steps=2", "data.crop=reference"), demo30, tmp_path / "r")
+    assert safe_load(pretrain(small_cfg("simmim", "run.max_steps=2"), demo30, tmp_path / "r"))["step"] == 2
+
+
 def test_resume_rejects_a_different_config(demo30, tmp_path):
     pretrain(small_cfg("simmim", "run.max_steps=1"), demo30, tmp_path / "r", resume="none")
     with pytest.raises(ConfigError, match=r"cannot resume from .*checkpoint-last.pt: the config differs in "

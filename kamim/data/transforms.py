@@ -1,9 +1,14 @@
 """Sample transforms: PIL RGB image -> dict of tensors (see the batch contract in ARCHITECTURE.md).
 
-* `MIMTransform` (SimMIM / KAMIM pretraining): RandomResizedCrop + horizontal flip on the uint8
-  image, the SimMIM mask, and, for KAMIM, per-patch keypoint densities computed on the augmented
-  uint8 crop inside the DataLoader worker; only the small (H/w_ps, W/w_ps) float16 density leaves
-  the worker, never an image-sized map.
+* `MIMTransform` (SimMIM / KAMIM pretraining): RandomResizedCrop + flips on the uint8 image, the
+  SimMIM mask, and, for KAMIM, per-patch keypoint densities computed on the augmented uint8 crop
+  inside the DataLoader worker; only the small (H/w_ps, W/w_ps) float16 density leaves the worker,
+  never an image-sized map. Two crops (:data:`CROPS`): ``"reference"`` is the KAMIM reference
+  pipeline exactly (torchvision v1 on the uint8 CHW tensor: ``RandomResizedCrop(antialias=False)``
+  bilinear, horizontal then vertical flip), so the keypoints are detected on the same pixels; ``"antialiased"`` crops the
+  PIL image with antialiasing (smoother downscaling, fewer aliasing keypoints). On identical crop
+  boxes the two give different keypoint maps and KAMIM weights (``bench/bench_crop_fidelity.py``,
+  BENCHMARKS.md).
 * `TwoViewTransform` (MoCo v3): the asymmetric BYOL/MoCo v3 augmentation pair.
 * `EvalTransform`: resize + center crop for evaluation.
 
@@ -28,8 +33,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
 from kamim.backbone import to_hw
+from kamim.config import CROPS  # the crops of MIMTransform (see module docstring)
 
-__all__ = ["EvalTransform", "MIMTransform", "TwoViewTransform", "harden_auto_augment", "posterize", "to_pil_rgb"]
+__all__ = ["CROPS", "EvalTransform", "MIMTransform", "TwoViewTransform", "harden_auto_augment", "posterize", "to_pil_rgb"]
 
 
 class _DensityFn(Protocol):
@@ -126,6 +132,9 @@ class MIMTransform:
       augmented uint8 crop (if ``keypoints``, e.g. a `kamim.keypoints.KeypointMapper`). For
       power-of-two ``weight_patch_size`` <= 32 the float16 cast is exact (densities are k/w_ps^2).
 
+    ``crop``: ``"reference"`` (uint8 tensor, no antialiasing, as the KAMIM reference) or
+    ``"antialiased"`` (PIL, antialiased); ``hflip``/``vflip``: flip probabilities, applied in that
+    order after the crop (a zero ``vflip`` draws nothing, so runs without it keep their RNG stream).
     Without mask and keypoints it is a plain RandomResizedCrop + flip classification transform.
     Images smaller than ``img_size`` are upsampled by the crop. All randomness comes from torch's
     global RNG (see module docstring).
@@ -137,6 +146,8 @@ class MIMTransform:
         crop_scale: Sequence[float] = (0.67, 1.0),
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
+        vflip: float = 0.0,
+        crop: str = "antialiased",
         mask_generator: _MaskFn | None = None,
         keypoints: _DensityFn | None = None,
         weight_patch_size: int = 8,
@@ -147,7 +158,10 @@ class MIMTransform:
         self.img_size = to_hw(img_size, "img_size")
         self.crop_scale = _range(crop_scale, "crop_scale", 1e-6, 1.0)
         self.crop_ratio = _range(crop_ratio, "crop_ratio", 1e-6, math.inf)
-        self.hflip = _prob(hflip, "hflip")
+        self.hflip, self.vflip = _prob(hflip, "hflip"), _prob(vflip, "vflip")
+        if crop not in CROPS:
+            raise ValueError(f"crop {crop!r} is not valid; expected one of {', '.join(CROPS)}")
+        self.crop_mode = crop
         h, w = self.img_size
         if keypoints is not None:
             if not callable(getattr(keypoints, "density", None)):
@@ -165,15 +179,31 @@ class MIMTransform:
         self.keypoints = keypoints
         self.weight_patch_size = int(weight_patch_size)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.crop = v2.Compose([
-            v2.RandomResizedCrop(self.img_size, scale=self.crop_scale, ratio=self.crop_ratio,
-                                 interpolation=v2.InterpolationMode(interpolation), antialias=True),
-            v2.RandomHorizontalFlip(self.hflip),
-        ])
+        if crop == "reference":
+            # torchvision's v1 transforms, as the reference: on uint8 tensors v1 resizes in float and
+            # rounds, v2 resizes uint8 natively, and the two differ by one grey level on many pixels
+            from torchvision import transforms as v1
+
+            self.crop = v1.Compose([
+                v1.PILToTensor(),
+                v1.RandomResizedCrop(self.img_size, scale=self.crop_scale, ratio=self.crop_ratio,
+                                     interpolation=v1.InterpolationMode(interpolation), antialias=False),
+                v1.RandomHorizontalFlip(self.hflip),
+                *([v1.RandomVerticalFlip(self.vflip)] if self.vflip > 0 else []),
+            ])
+        else:
+            self.crop = v2.Compose([
+                v2.RandomResizedCrop(self.img_size, scale=self.crop_scale, ratio=self.crop_ratio,
+                                     interpolation=v2.InterpolationMode(interpolation), antialias=True),
+                v2.RandomHorizontalFlip(self.hflip),
+                *([v2.RandomVerticalFlip(self.vflip)] if self.vflip > 0 else []),
+            ])
         self.to_tensor = _normalize(self.mean, self.std)
 
     def __call__(self, img: Image.Image | np.ndarray) -> dict[str, torch.Tensor]:
-        crop = self.crop(to_pil_rgb(img))  # uint8 PIL, torch RNG
+        crop = self.crop(to_pil_rgb(img))  # uint8 PIL or CHW tensor, torch RNG
+        if isinstance(crop, torch.Tensor):
+            crop = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())  # uint8 HWC, as the PIL path gives
         out = {"image": _plain(self.to_tensor(crop))}
         if self.mask_generator is not None:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
@@ -190,7 +220,8 @@ class MIMTransform:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, crop_scale={self.crop_scale}, "
-                f"crop_ratio={tuple(round(r, 4) for r in self.crop_ratio)}, hflip={self.hflip}, "
+                f"crop_ratio={tuple(round(r, 4) for r in self.crop_ratio)}, hflip={self.hflip}, vflip={self.vflip}, "
+                f"crop={self.crop_mode!r}, "
                 f"mask_generator={self.mask_generator!r}, keypoints={self.keypoints!r}, "
                 f"weight_patch_size={self.weight_patch_size})")
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from kamim import distributed as kdist
 from kamim.backbone import model_geometry
-from kamim.config import Config, ConfigError, OptimConfig, save_config, to_dict
+from kamim.config import Config, ConfigError, OptimConfig, from_dict, save_config, to_dict
 from kamim.interrupt import graceful_stop
 from kamim.metrics_log import MetricsLogger
 from kamim.models import build_pretrain_model
@@ -167,7 +167,8 @@ def build_pretrain_transform(cfg: Config, model: nn.Module):
 
             keypoints = KeypointMapper(cfg.kamim.detector, cfg.kamim.render)
         transform = MIMTransform(
-            img, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), hflip=d.hflip,
+            img, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), hflip=d.hflip, vflip=d.vflip,
+            crop=d.crop,
             mask_generator=masker, keypoints=keypoints, weight_patch_size=cfg.kamim.weight_patch_size,
         )
     return transform
@@ -190,7 +191,8 @@ class _Trainer:
         o = cfg.optim
         micro_batch_size(o.batch_size, info.world_size, o.accum_steps, key="optim.batch_size")
         self.resume_path, self.ckpt = resume_checkpoint(
-            out_dir, resume, CHECKPOINT_FORMAT, "pretraining", to_dict(cfg), CHECKPOINT_VERSION) or (None, None)
+            out_dir, resume, CHECKPOINT_FORMAT, "pretraining", to_dict(cfg), CHECKPOINT_VERSION,
+            complete=lambda stored: to_dict(from_dict(stored, validate=False))) or (None, None)
 
         # Same initial weights on every rank (DDP would broadcast them anyway); training-time
         # randomness (drop path, ...) then differs per rank.

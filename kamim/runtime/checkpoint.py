@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torch import nn
 
@@ -72,21 +72,23 @@ def find_resume_checkpoint(out_dir: Path, resume: str | Path | bool | None) -> O
 
 def resume_checkpoint(
     out_dir: Path, resume: Any, fmt: str, what: str, config: Mapping[str, Any], version: int | None = None,
-    ignore: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None, complete: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """(path, checkpoint) to resume from (:func:`find_resume_checkpoint` rules), or None: the one
     resume check of every task. One-line errors for a checkpoint of another ``fmt``/``version``
     (:func:`load_checkpoint`) and for one whose stored ``config`` differs from ``config`` outside
-    ``ignore`` (default :data:`kamim.config.RESUME_SAFE_KEYS`)."""
+    ``ignore`` (default :data:`kamim.config.RESUME_SAFE_KEYS`). ``complete`` fills the stored config
+    with the defaults of keys added since it was written (their defaults keep the old behaviour)."""
     from kamim.config import RESUME_SAFE_KEYS, ConfigError, config_diff, dotted_get
 
     path = find_resume_checkpoint(out_dir, resume)
     if path is None:
         return None
     ckpt = load_checkpoint(path, fmt, what, version)
-    diff = config_diff(ckpt["config"], config, RESUME_SAFE_KEYS if ignore is None else ignore)
+    stored = complete(ckpt["config"]) if complete is not None else ckpt["config"]
+    diff = config_diff(stored, config, RESUME_SAFE_KEYS if ignore is None else ignore)
     if diff:
-        show = ", ".join(f"{k} ({dotted_get(ckpt['config'], k)!r} -> {dotted_get(config, k)!r})" for k in diff[:5])
+        show = ", ".join(f"{k} ({dotted_get(stored, k)!r} -> {dotted_get(config, k)!r})" for k in diff[:5])
         raise ConfigError(f"cannot resume from {path}: the config differs in {show}; "
                           f"use a new output directory, or resume none to start over")
     return path, ckpt
