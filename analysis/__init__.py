@@ -49,12 +49,22 @@ if TYPE_CHECKING:
     from .paper import (
         PAPER_ANALYSES,
         PAPER_FIGURES,
+        PAPER_PREPROCESSING,
         figure_tables,
         paper_queries,
         reconstruction_figure,
         reproduce_paper_figures,
     )
-    from .pipeline import AnalyzeOutput, ModelSpec, analyze, load_models, load_run, make_loader, plot_results
+    from .pipeline import (
+        AnalyzeOutput,
+        ModelSpec,
+        Preprocessing,
+        analyze,
+        load_models,
+        load_run,
+        make_loader,
+        plot_results,
+    )
     from .plots import ModelPalette, plot_analysis, save_figure
     from .registry import Accumulator, Analysis, Batch, Context, get, load_plugin, register
     from .report import library_versions, summary_table, write_report
@@ -91,10 +101,11 @@ _MODULES = {
     # torch-free module of CLI names
     "registry": ("Accumulator", "Analysis", "Batch", "Context", "get", "load_plugin", "register"),
     # whole runs: analyse folders of images, redraw saved results, the demo, the paper's figures
-    "pipeline": ("analyze", "plot_results", "make_loader", "load_models", "load_run", "ModelSpec", "AnalyzeOutput"),
+    "pipeline": ("analyze", "plot_results", "make_loader", "load_models", "load_run", "ModelSpec", "AnalyzeOutput",
+                 "Preprocessing"),
     "demo": ("run_demo", "ensure_demo_checkpoints", "demo_eval_folder"),
-    "paper": ("reproduce_paper_figures", "PAPER_ANALYSES", "PAPER_FIGURES", "paper_queries", "figure_tables",
-              "reconstruction_figure"),
+    "paper": ("reproduce_paper_figures", "PAPER_ANALYSES", "PAPER_FIGURES", "PAPER_PREPROCESSING", "paper_queries",
+              "figure_tables", "reconstruction_figure"),
     "plots": ("ModelPalette", "plot_analysis", "save_figure"),
     "report": ("library_versions", "summary_table", "write_report"),
     "results": ("AnalysisResult", "Record", "records_to_frame"),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from analysis.names import ANALYSES, CLI_OPTIONS
+from analysis.settings import INTERPOLATIONS
 from kamim.errors import ArgumentParser, configure_logging, run_command
 
 if TYPE_CHECKING:
@@ -111,6 +112,10 @@ def _add_common(f: "ConfigFlags") -> None:
                      help="analysis option, a shorthand of --set options.KEY=VALUE (repeatable; VALUE is YAML, "
                      "meanings in analysis.runner.RunOptions), e.g. tsne_samples=500, similarity_kind=cosine, "
                      f"map_queries=[[1,2]]; keys: {', '.join(CLI_OPTIONS)}")
+    f.add("--interpolation", choices=INTERPOLATIONS,
+          help="resize interpolation of the preprocessing (timm's eval transform: short side to size / crop_pct, "
+               "centre crop)")
+    f.add("--crop-pct", type=float, metavar="F", help="resize the short side to size / F before the centre crop")
     f.add("--no-progress", "--quiet", key="progress", action="store_const", const=False, help="no progress bars")
 
 
@@ -157,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Reproduce each representation figure of the KAMIM paper "
                            "(attention maps, attention distance, NMI, Fourier, t-SNE, pre/post-"
                            "attention, reconstructions) with the paper's settings; one file per "
-                           "figure plus the numbers behind it as CSV.")
+                           "figure plus the numbers behind it as CSV. Images are preprocessed as in the "
+                           "reference notebooks: timm's eval transform with bilinear interpolation (short "
+                           "side to size / 0.875, centre crop); kamim-analyze run defaults to bicubic.")
     f = ConfigFlags(paper, PaperFiguresConfig)
     ckpt = ("checkpoint: a file of any supported format or a `kamim pretrain` run directory (its "
             "checkpoint-last.pt, with the decoder, also gives the reconstructions figure)")
@@ -220,9 +227,12 @@ def _config(args: argparse.Namespace, **values: Any) -> Any:
 
 def _common_kwargs(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments every analysing command shares, from its config."""
+    from analysis.pipeline import Preprocessing
+
     return {"images": cfg.images, "batch_size": cfg.batch_size, "device": resolve_device(cfg.device),
             "seed": cfg.seed, "workers": cfg.num_workers, "progress": cfg.progress,
-            "overwrite": args.overwrite, "options": dict(cfg.options), "config": cfg}
+            "overwrite": args.overwrite, "options": dict(cfg.options), "config": cfg,
+            "preprocessing": Preprocessing(cfg.interpolation, cfg.crop_pct)}
 
 
 def _print_summary(out: AnalyzeOutput) -> None:

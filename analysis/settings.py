@@ -13,7 +13,10 @@ from typing import Any, ClassVar, Optional
 
 from kamim.config import ConfigError
 
-__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS"]
+__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS", "INTERPOLATIONS"]
+
+#: resize interpolations of the analyses' preprocessing (analysis.pipeline.Preprocessing)
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(kw_only=True)
@@ -28,6 +31,10 @@ class _AnalysisRun:
     num_workers: Optional[int] = None  # loader workers; null: min(4, CPUs available)
     progress: bool = True
     options: dict = field(default_factory=dict)  # analysis options (analysis.runner.RunOptions)
+    # preprocessing (analysis.pipeline.Preprocessing: timm's eval transform): resize interpolation and
+    # crop_pct; run: bicubic (timm's ViT default), paper-figures: bilinear (the reference notebooks')
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
 
     def _check_run(self) -> None:
         if self.images is not None and self.images < 1:
@@ -38,6 +45,11 @@ class _AnalysisRun:
             raise ConfigError(f"num_workers must be >= 0 (or null: min(4, CPUs)), got {self.num_workers}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a mapping of analysis options, got {self.options!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation={self.interpolation!r} is not valid; expected one of: "
+                              f"{', '.join(INTERPOLATIONS)}")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"crop_pct={self.crop_pct} must be in (0, 1]")
 
 
 @dataclass
@@ -77,6 +89,7 @@ class PaperFiguresConfig(_AnalysisRun):
     data: str  # validation images (the paper: Imagenette val)
     mim_image_size: Optional[int] = None  # null: the paper's 192 px
     moco_image_size: Optional[int] = None  # null: the checkpoint's own (224 px for the released ViT-B/16)
+    interpolation: str = field(default="bilinear", kw_only=True)  # the reference notebooks' preprocessing
 
     def validate(self) -> "PaperFiguresConfig":
         for name in ("mim_image_size", "moco_image_size"):

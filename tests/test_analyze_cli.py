@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pytest
 import timm
 import torch
@@ -371,6 +372,10 @@ def test_paper_figures_end_to_end(pretrained, assets, tmp_path, capsys):
     for stem in PAPER_FIGURES.values():
         assert f'href="{stem}.png"' in html
     assert "48 px, 6×6 × 8 px" in html and "96 px, 12×12 × 8 px" in html
+    # the report says how the images were preprocessed: the reference notebooks' bilinear eval transform
+    assert "short side resized to size / 0.875 (bilinear), centre crop" in html
+    assert "the reference notebooks&#x27; preprocessing." in html
+    assert yaml.safe_load((out / "config.yaml").read_text())["interpolation"] == "bilinear"
     # the resolved settings are written with the figures, and rerunning from them gives the same numbers
     again = tmp_path / "again"
     rc, _, err = _run(["paper-figures", "--config", out / "config.yaml", "--out", again], capsys)
@@ -532,6 +537,18 @@ def test_plot_combines_separate_runs_into_the_table_of_one_run(assets, tmp_path,
     assert rc == 0 and "Combined with --allow-mixed: the runs differ in images" in (tmp_path / "x" / "report.html").read_text()
     rc, _, err = _run(["plot", tmp_path / "nothing", "--out", tmp_path / "y"], capsys)
     assert rc == 2 and "holds no saved analysis results" in err
+    # another preprocessing is another setting; a run saved before it was recorded used bicubic, 0.875
+    assert _run(["run", "--model", f"B={assets['b']}", "--out", tmp_path / "b-bilinear", *common,
+                 "--interpolation", "bilinear"], capsys)[0] == 0
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b-bilinear", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and "the results differ in preprocessing: {'interpolation': 'bicubic', 'crop_pct': 0.875}" in err
+    for meta in (tmp_path / "a" / "raw").rglob("meta.json"):
+        saved = json.loads(meta.read_text())
+        del saved["provenance"]["preprocessing"]
+        meta.write_text(json.dumps(saved))
+    assert _run(["plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "legacy"], capsys)[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "legacy" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "both" / "metrics.csv"))
 
 
 def test_reuse_analyses_only_the_models_without_matching_saved_results(assets, tmp_path, capsys, caplog):
