@@ -18,7 +18,17 @@ renormalisation is folded into the formulas (``H(a / s) = log s - sum(a log a) /
 
 Deliberate differences from the notebooks: the distance matrix is built vectorised once per
 geometry (not with O(N^2) Python loops), grids need not be square, no magic ``eps`` (exact
-``0 log 0 = 0``), and inputs are validated.
+``0 log 0 = 0``; cl-vs-mim adds ``1e-8`` to the attention before renormalising for NMI, which moves
+NMI by up to 7% when rows put almost all their mass on the class token), and inputs are validated.
+
+Rows with no attention on patches: a query row whose attention over the patch tokens sums to
+exactly zero (all its mass on prefix tokens) has no patch distribution, so it is **excluded** from
+attention distance, NMI and entropy (each is the reference formula over the remaining rows of the
+image: uniform ``p(q)`` over them, ``log`` of their count in ``H(q)``) instead of counted as a zero
+row (the notebooks' ``1e-32`` / ``1e-8`` make such rows uniform instead). An image and head with
+no remaining row has no value (NaN per image) and is left out of that head's mean over images; the
+tidy table says how many rows were excluded (metric ``<metric>-excluded-rows``, per layer and head,
+summed over images) and its ``images`` column how many images each value averages.
 """
 from __future__ import annotations
 
@@ -253,21 +263,28 @@ def _row_entropy(row_sum: Tensor, xlogx: Tensor) -> Tensor:
     return torch.where(row_sum > 0, torch.log(row_sum) - xlogx / row_sum, 0.0)
 
 
+def _valid_rows(row_sum: Tensor) -> Tensor:
+    """Rows with attention on patches, ``(B, heads)`` float64 counts (the others are excluded)."""
+    return (row_sum > 0).sum(-1, dtype=torch.float64)
+
+
 def _mean_row_entropy(row_sum: Tensor, xlogx: Tensor) -> Tensor:
-    """Mean over queries of :func:`_row_entropy`, ``(B, heads)``, summed in float64."""
-    return _row_entropy(row_sum, xlogx).sum(-1, dtype=torch.float64) / row_sum.shape[-1]
+    """Mean over the valid queries of :func:`_row_entropy`, ``(B, heads)``, summed in float64 (NaN
+    where no row is valid)."""
+    return _row_entropy(row_sum, xlogx).sum(-1, dtype=torch.float64) / _valid_rows(row_sum)
 
 
 def _nmi_from(row_sum: Tensor, xlogx: Tensor, marginal: Tensor) -> Tensor:
-    """Per-image NMI (float64) from the row statistics of one sweep."""
-    n_q = row_sum.shape[-1]
-    p_k = marginal / n_q
+    """Per-image NMI (float64) from the row statistics of one sweep, over the valid rows."""
+    n_q = _valid_rows(row_sum)  # (B, heads); excluded rows add nothing to the marginal
+    p_k = marginal / n_q[..., None]
     h_k = -p_k.clamp_min(_TINY).log_().mul_(p_k).sum(-1, dtype=torch.float64)  # H(k), 0 log 0 = 0
     # I = sum_qk p(q) A log(A / p(k)) = H(k) - mean_q H(A[q, :]) since sum_q A[q, k] = n_q p(k):
     # one entropy pass, and 0 log 0 = 0 without an eps
     mi = h_k - _mean_row_entropy(row_sum, xlogx)
     # H(k) = 0 means every query attends to the same single key: no information, NMI = 0
-    return mi / (math.log(n_q) * h_k).sqrt().clamp_min(_TINY)
+    nmi = mi / (n_q.log() * h_k).sqrt().clamp_min(_TINY)
+    return torch.where(n_q > 0, nmi, torch.nan)
 
 
 def patch_attention(attn: Tensor, num_prefix_tokens: int = 1, grid: int | Sequence[int] | None = None) -> Tensor:
@@ -325,8 +342,9 @@ class PatchAttention:
 
     @property
     def key_marginal(self) -> Tensor:
-        """``p(k) = sum_q p(q) A[q, k]`` with ``p(q)`` uniform, ``(B, heads, K)``."""
-        return self._cached("key_marginal", lambda: self._entropy_sweep().marginal / self.raw.shape[-2])
+        """``p(k) = sum_q p(q) A[q, k]`` with ``p(q)`` uniform over the rows with patch mass, ``(B, heads, K)``."""
+        return self._cached("key_marginal", lambda: self._entropy_sweep().marginal
+                            / _valid_rows(self.row_sum).float()[..., None])
 
     @property
     def head_mean(self) -> Tensor:
@@ -376,8 +394,8 @@ def _validated_sweep(attn: Tensor | PatchAttention, num_prefix_tokens: int, grid
 def _distance_per_image(attn: Tensor | PatchAttention, grid: tuple[int, int], patch_size, num_prefix_tokens: int) -> Tensor:
     sweep = _validated_sweep(attn, num_prefix_tokens, grid,
                              weights_fn=lambda device: distance_matrix(grid, patch_size, device))
-    per_query = sweep.weighted * _inverse(sweep.row_sum)  # float32, (B, heads, Q)
-    return per_query.sum(-1, dtype=torch.float64) / per_query.shape[-1]  # (B, heads)
+    per_query = sweep.weighted * _inverse(sweep.row_sum)  # float32, (B, heads, Q); 0 on excluded rows
+    return per_query.sum(-1, dtype=torch.float64) / _valid_rows(sweep.row_sum)  # (B, heads), NaN: no row
 
 
 def _nmi_per_image(attn: Tensor | PatchAttention, num_prefix_tokens: int) -> Tensor:
@@ -394,9 +412,10 @@ def attention_distance(attn: Tensor | PatchAttention, grid: int | Sequence[int],
                        num_prefix_tokens: int = 1) -> Tensor:
     """Mean attention distance in pixels per head ``(heads,)`` (float64), averaged over queries and images.
 
-    ``D[q, k]`` is the pixel distance between patch centres; per head, ``mean_q sum_k A[q, k] D[q, k]``.
+    ``D[q, k]`` is the pixel distance between patch centres; per head, ``mean_q sum_k A[q, k] D[q, k]``
+    over the rows with attention on patches (module docstring).
     """
-    return _distance_per_image(attn, _grid(grid), patch_size, num_prefix_tokens).double().mean(0)
+    return _distance_per_image(attn, _grid(grid), patch_size, num_prefix_tokens).double().nanmean(0)
 
 
 def normalized_mutual_information(attn: Tensor | PatchAttention, num_prefix_tokens: int = 1) -> Tensor:
@@ -406,12 +425,12 @@ def normalized_mutual_information(attn: Tensor | PatchAttention, num_prefix_toke
     ``NMI = I / sqrt(H(q) H(k))``: 0 for uniform attention, 1 for the identity. Computed as
     ``I = H(k) - mean_q H(A[q, :])`` from float32 entropies: absolute accuracy about 1e-6.
     """
-    return _nmi_per_image(attn, num_prefix_tokens).double().mean(0)
+    return _nmi_per_image(attn, num_prefix_tokens).double().nanmean(0)
 
 
 def attention_entropy(attn: Tensor | PatchAttention, num_prefix_tokens: int = 1) -> Tensor:
     """Mean entropy (nats) of the patch-to-patch attention rows per head ``(heads,)``, mean over images."""
-    return _entropy_per_image(attn, num_prefix_tokens).double().mean(0)
+    return _entropy_per_image(attn, num_prefix_tokens).double().nanmean(0)
 
 
 def attention_maps(attn: Tensor | PatchAttention, grid: int | Sequence[int], queries: Sequence[tuple[int, int]],
@@ -450,12 +469,15 @@ def uniform_attention_entropy(geometry) -> float:
 class MeanOverImages:
     """Streaming mean over images of a per-image statistic; ``compute()`` -> float64 tensor.
 
-    Subclasses implement ``_per_image(batch) -> (B, ...)``. The float64 sum makes the result
-    independent of how the images are split into batches.
+    Subclasses implement ``_per_image(batch) -> (B, ...)``. A NaN per-image value (no value for that
+    image, e.g. a head whose every row was excluded) is left out of that element's mean; ``counts``
+    says how many images each element averages (``images``: all images seen). The float64 sums make
+    the result independent of how the images are split into batches.
     """
 
     def __init__(self) -> None:
         self._sum: Tensor | None = None
+        self.counts: Tensor | None = None
         self.images = 0
 
     def _per_image(self, *args: Tensor) -> Tensor:
@@ -467,20 +489,23 @@ class MeanOverImages:
     def add(self, values: Tensor) -> None:
         """Accumulate precomputed per-image values ``(B, ...)``."""
         values = values.double()
-        total = values.sum(0).cpu()
+        total, count = values.nansum(0).cpu(), (~values.isnan()).sum(0).cpu()
         self._sum = total if self._sum is None else self._sum + total
+        self.counts = count if self.counts is None else self.counts + count
         self.images += values.shape[0]
 
     def merge(self, other: MeanOverImages) -> None:
         """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
         if other._sum is not None:
             self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
+            self.counts = other.counts.clone() if self.counts is None else self.counts + other.counts
         self.images += other.images
 
     def compute(self) -> Tensor:
+        """The means (NaN for an element no image had a value for)."""
         if self._sum is None or self.images == 0:
             raise ValueError(f"{type(self).__name__}: no images accumulated")
-        return self._sum / self.images
+        return self._sum / self.counts
 
 
 class AttentionDistance(MeanOverImages):
@@ -556,26 +581,37 @@ def _record(context, layer: int, head: int, metric: str, value: float, images: i
 
 class HeadMetricAccumulator:
     """One per-head attention statistic (a :class:`MeanOverImages` per layer) as tidy rows:
-    ``metric`` per (layer, head) and the mean over heads (``head = -1``)."""
+    ``metric`` per (layer, head) and the mean over heads (``head = -1``), each with the images it
+    averages, and ``<metric>-excluded-rows``: the query rows left out because they had no attention
+    on patches (summed over images; head -1: over heads too)."""
 
     def __init__(self, context, metric: str, make: Callable[[], MeanOverImages]) -> None:
         self.context, self.metric = context, metric
         self.layers = {layer: make() for layer in context.layers}
+        self.excluded: dict[int, Tensor] = {}
 
     def update(self, batch) -> None:
         for layer, acc in self.layers.items():
-            acc.update(batch.patch_attention(layer))
+            attn = batch.patch_attention(layer)
+            acc.update(attn)
+            rows = (attn.row_sum == 0).sum((0, 2)).cpu()  # (heads,)
+            self.excluded[layer] = rows + self.excluded[layer] if layer in self.excluded else rows
 
     def merge(self, other: HeadMetricAccumulator) -> None:
         for layer, acc in self.layers.items():
             acc.merge(other.layers[layer])
+            if layer in other.excluded:
+                mine = self.excluded.get(layer)
+                self.excluded[layer] = other.excluded[layer] + (0 if mine is None else mine)
 
     def finish(self):
-        records = []
+        records, excluded = [], f"{self.metric}-excluded-rows"
         for layer, acc in self.layers.items():
-            values = acc.compute()
-            records += [_record(self.context, layer, h, self.metric, v, acc.images) for h, v in enumerate(values)]
-            records.append(_record(self.context, layer, -1, self.metric, values.mean(), acc.images))
+            values, counts, rows = acc.compute(), acc.counts, self.excluded[layer]
+            records += [_record(self.context, layer, h, self.metric, v, int(counts[h])) for h, v in enumerate(values)]
+            records.append(_record(self.context, layer, -1, self.metric, values.nanmean(), acc.images))
+            records += [_record(self.context, layer, h, excluded, int(n), acc.images) for h, n in enumerate(rows)]
+            records.append(_record(self.context, layer, -1, excluded, int(rows.sum()), acc.images))
         return records, {}
 
 

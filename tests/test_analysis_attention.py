@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from analysis.attention import (
     uniform_attention_entropy,
 )
 from analysis.capture import ViTGeometry
+from analysis.results import records_to_frame
 
 
 # ---- independent references (notebook definitions, Python loops, float64 numpy) -------------
@@ -258,29 +260,72 @@ def test_layouts_and_dtypes_take_the_copy_path():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
-def test_rows_with_no_patch_mass_and_exact_zeros():
-    # query 2 of every map puts all its mass on the CLS token; key 4 gets exactly zero attention
-    attn = random_attention(2, 2, 1 + 16, seed=13)
-    attn[..., 4 + 1] = 0
-    attn[..., 2 + 1, :] = 0
-    attn[..., 2 + 1, 0] = 1
-    attn = attn / attn.sum(-1, keepdim=True)
+def _restricted_reference(attn: torch.Tensor, h: int, w: int, patch: int):
+    """cl-vs-mim's per-image distance, NMI and entropy over the rows that have patch mass only
+    (uniform p(q) over them, log of their count in H(q)); an (image, head) without one is NaN and left
+    out of the mean over images."""
     a = attn.double().numpy()[..., 1:, 1:]
-    s = a.sum(-1, keepdims=True)
-    probs = np.divide(a, s, out=np.zeros_like(a), where=s > 0)  # the empty row counts as all zeros
-    ent = -np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0).sum(-1)  # (B, H, Q)
-    pk = probs.mean(-2)
-    hk = -np.where(pk > 0, pk * np.log(np.where(pk > 0, pk, 1.0)), 0.0).sum(-1)
-    nmi = (hk - ent.mean(-1)) / np.sqrt(math.log(16) * hk)
-    got = normalized_mutual_information(attn)
-    assert torch.isfinite(got).all()
-    np.testing.assert_allclose(got.numpy(), nmi.mean(0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(attention_entropy(attn).numpy(), ent.mean(-1).mean(0), rtol=1e-5)
-    dist = (probs * ref_distance_matrix(4, 4, 16)).sum(-1).mean(-1).mean(0)
+    d = ref_distance_matrix(h, w, patch)
+    b, heads = a.shape[:2]
+    dist, nmi, ent = (np.full((b, heads), np.nan) for _ in range(3))
+    for i, j in itertools.product(range(b), range(heads)):
+        valid = a[i, j].sum(-1) > 0
+        if not valid.any():
+            continue
+        rows = a[i, j][valid] / a[i, j][valid].sum(-1, keepdims=True)
+        n = rows.shape[0]
+        dist[i, j] = np.mean([np.dot(rows[q], d[np.flatnonzero(valid)[q]]) for q in range(n)])
+        pk = rows.mean(0)
+        mi = sum(rows[q, k] * math.log(rows[q, k] / pk[k]) / n for q in range(n) for k in range(h * w) if rows[q, k] > 0)
+        hk = -sum(p * math.log(p) for p in pk if p > 0)
+        nmi[i, j] = mi / math.sqrt(math.log(n) * hk) if n > 1 and hk > 0 else 0.0
+        ent[i, j] = np.mean([-sum(p * math.log(p) for p in r if p > 0) for r in rows])
+    return np.nanmean(dist, 0), np.nanmean(nmi, 0), np.nanmean(ent, 0), (~np.isnan(dist)).sum(0)
+
+
+def test_rows_with_no_patch_mass_are_excluded_and_counted():
+    """Rows whose patch attention sums to exactly zero (all mass on the CLS token) are left out of
+    distance, NMI and entropy, which then equal the reference formulas over the remaining rows; an
+    image whose head has no row left does not count for that head; the tidy table counts them."""
+    from analysis.attention import distance_accumulator, nmi_accumulator
+
+    attn = random_attention(3, 2, 1 + 16, seed=13)
+    attn[..., 4 + 1] = 0  # key 4 gets exactly zero attention everywhere
+    attn[:, :, 2 + 1, :] = 0  # query 2 of every map, queries 5 and 7 of image 1 / head 0, and every
+    attn[1, 0, [5 + 1, 7 + 1], :] = 0  # query of image 2 / head 1 attend to the CLS token only
+    attn[2, 1, 1:, :] = 0
+    attn[:, :, 1:, 0] = torch.where(attn[:, :, 1:, 1:].sum(-1) == 0, 1.0, attn[:, :, 1:, 0])
+    attn = attn / attn.sum(-1, keepdim=True)
+    dist, nmi, ent, images = _restricted_reference(attn, 4, 4, 16)
     np.testing.assert_allclose(attention_distance(attn, 4, 16).numpy(), dist, rtol=1e-5)
+    np.testing.assert_allclose(normalized_mutual_information(attn).numpy(), nmi, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(attention_entropy(attn).numpy(), ent, rtol=1e-5)
     prepared = PatchAttention(attn, 1, 4)
     assert torch.all(prepared.row_entropy[:, :, 2] == 0)
-    torch.testing.assert_close(normalized_mutual_information(prepared), got)
+    torch.testing.assert_close(normalized_mutual_information(prepared), normalized_mutual_information(attn))
+    # counting the empty rows as zeros (the earlier convention) gives other numbers
+    zeros = np.divide(attn.double().numpy()[..., 1:, 1:], prepared.row_sum.double().numpy()[..., None],
+                      out=np.zeros((3, 2, 16, 16)), where=prepared.row_sum.numpy()[..., None] > 0)
+    assert not np.allclose((zeros * ref_distance_matrix(4, 4, 16)).sum(-1).mean(-1).mean(0), dist, rtol=1e-3)
+
+    class _Batch:
+        def patch_attention(self, layer):
+            return PatchAttention(attn, 1, 4)
+
+    geometry = SimpleNamespace(grid=(4, 4), patch_size=(16, 16), num_prefix_tokens=1)
+    context = SimpleNamespace(model_name="m", layers=(1,), geometry=geometry)
+    for make, metric, want in ((distance_accumulator, "attention-distance", dist), (nmi_accumulator, "nmi", nmi)):
+        acc, half = make(context), make(context)
+        acc.update(_Batch())
+        half.update(_Batch())
+        acc.merge(half)  # the same images twice: means unchanged, counts doubled
+        table = records_to_frame(acc.finish()[0])
+        heads = table[(table["metric"] == metric) & (table["head"] >= 0)].sort_values("head")
+        np.testing.assert_allclose(heads["value"], want, rtol=1e-5, atol=1e-7)
+        assert heads["images"].tolist() == (2 * images).tolist() == [6, 4]  # head 1 has no row in image 2
+        rows = table[table["metric"] == f"{metric}-excluded-rows"].sort_values("head")
+        # head 0: query 2 of 3 images + 2 more rows of image 1; head 1: query 2 of 2 images + all 16 of image 2
+        assert rows["value"].tolist() == [2 * 23, 2 * 5, 2 * 18] and rows["head"].tolist() == [-1, 0, 1]
 
 
 def test_row_check_covers_prefix_rows_and_prefix_columns():
