@@ -499,8 +499,12 @@ def plot_pre_post(results: Mapping[str, Any], *, palette: Optional[ModelPalette]
         uniq = np.unique(image)
         colors = sns.color_palette("husl", n_colors=max(len(uniq), 1))
         layer = int(np.asarray(pp.get("layer", r.geometry.depth)))
+        joint = str(np.asarray(pp.get("mode", "separate"))) == "joint"
+        if joint:  # one PCA fitted on both token sets: the same axes, so the shift between them shows
+            row[1].sharex(row[0])
+            row[1].sharey(row[0])
         for ax, kind, what in ((row[0], "pre", "block input (norm1)"),
-                               (row[1], "post", "attention output")):
+                               (row[1], "post", "attention output" + (", joint PCA" if joint else ""))):
             xy = np.asarray(pp[f"{kind}_xy"], dtype=np.float64)
             cent = np.asarray(pp[f"{kind}_centroids"], dtype=np.float64)
             evr = np.asarray(pp.get(f"{kind}_explained_variance_ratio", [np.nan, np.nan]))
@@ -515,8 +519,10 @@ def plot_pre_post(results: Mapping[str, Any], *, palette: Optional[ModelPalette]
             ax.set_xlabel(f"PC 1 ({100 * evr[0]:.0f}% var.)")
             ax.set_ylabel(f"PC 2 ({100 * evr[1]:.0f}% var.)")
             ax.tick_params(labelsize="x-small")
-    left.suptitle("Pre- vs post-attention tokens (PCA; colour = image, large = image centroid)",
-                  fontsize="medium")
+    modes = {str(np.asarray(_array(r, "pre_post").get("mode", "separate"))) for r in results.values()}
+    how = {"separate": "a PCA per token set", "joint": "one PCA fitted on both token sets"}
+    left.suptitle(f"Pre- vs post-attention tokens ({' / '.join(how[m] for m in sorted(modes))}; colour = image, "
+                  "large = image centroid)", fontsize="medium")
     ax = right.subplots()
     if all((r.table["metric"] == "attention-shift-ratio").any() for r in results.values()):
         plot_layer_metric(results, "attention-shift-ratio",

@@ -57,6 +57,7 @@ from .registry import Batch, Context, on_device
 from .results import AnalysisResult, Record, records_to_frame
 from .rollout import HEAD_FUSIONS
 from .similarity import ATTENTION_SIMILARITY_KINDS, CKA_ESTIMATORS, CKA_POOLS, CKAAccumulator, pool_features
+from .tokens import PRE_POST_PCA
 
 __all__ = [
     "ANALYSES",
@@ -95,7 +96,8 @@ class RunOptions:
     tsne_layer (default L), tsne_samples (reservoir size, tokens), tsne_perplexity, tsne_iterations
     (>= 250), tsne_threads (OpenMP threads of sklearn's t-SNE; None = all), tsne_color (``"class"``
     or ``"image"``).
-    pre_post_layer (default L), pre_post_images (images kept for the PCA).
+    pre_post_layer (default L), pre_post_images (images kept for the PCA), pre_post_pca (``"separate"``:
+    a PCA per token set; ``"joint"``: one PCA fitted on both sets, as the KAMIM fork).
     map_images: first M images kept for attention maps, rollout and attribution.
     map_queries: grid positions ``(row, col)``; default the centre patch.
     head_fusion: rollout head fusion. attribution_methods, attribution_model (a classifier; default
@@ -117,6 +119,7 @@ class RunOptions:
     tsne_color: str = "class"
     pre_post_layer: int | None = None
     pre_post_images: int = 8
+    pre_post_pca: str = "separate"
     map_images: int = 4
     map_queries: tuple[tuple[int, int], ...] | None = None
     head_fusion: str = "mean"
@@ -145,7 +148,7 @@ class RunOptions:
         check_pool(opts.cka_pool, CKA_POOLS, key="option cka_pool")
         choices = {"similarity_kind": ATTENTION_SIMILARITY_KINDS,
                    "cka_estimator": CKA_ESTIMATORS, "tsne_color": ("class", "image"), "head_fusion": HEAD_FUSIONS,
-                   "attribution_target": ("prediction", "label")}
+                   "attribution_target": ("prediction", "label"), "pre_post_pca": PRE_POST_PCA}
         for name, allowed in choices.items():
             if getattr(opts, name) not in allowed:
                 raise ValueError(f"option {name}={getattr(opts, name)!r} is invalid; expected one of {allowed}")

@@ -8,7 +8,9 @@
   clamped to ``(n - 1) / 3`` for small samples).
 * :func:`pre_post_pca`: PCA (sklearn) of the tokens a block's attention sees (``norm1(x)``,
   "pre-attention") and of its attention output (``attn(norm1(x))``, "post-attention"), each
-  with its own 2-component PCA (different spaces), plus per-image centroids.
+  with its own 2-component PCA (different spaces; ``mode="separate"``, the default), or one PCA
+  fitted on both token sets together (``mode="joint"``, the KAMIM fork's figure: the two clouds
+  in the same axes, so the shift between them shows), plus per-image centroids.
 * Attention shift per layer (:class:`AttentionShift`), defined on patch tokens:
   ``ratio`` = mean over tokens of ``||attn(norm1(x))|| / ||norm1(x)||`` (how large the attention
   update is relative to what it reads) and ``cosine`` = mean cosine between ``norm1(x)`` and
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .attention import MeanOverImages
 
-__all__ = ["Reservoir", "tsne_embedding", "pre_post_pca", "attention_shift", "AttentionShift", "TSNEAccumulator",
+__all__ = ["Reservoir", "tsne_embedding", "pre_post_pca", "PRE_POST_PCA", "attention_shift", "AttentionShift", "TSNEAccumulator",
            "PrePostAccumulator"]
 
 
@@ -116,12 +118,18 @@ def tsne_embedding(features: np.ndarray | Tensor, *, perplexity: float = 20.0, s
         return tsne.fit_transform(x).astype(np.float32)
 
 
+#: pre/post-attention PCA modes: a PCA per token set, or one fitted on both (the KAMIM fork's)
+PRE_POST_PCA = ("separate", "joint")
+
+
 def pre_post_pca(pre: np.ndarray | Tensor, post: np.ndarray | Tensor, num_prefix_tokens: int = 0,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+                 seed: int = 0, mode: str = "separate") -> dict[str, np.ndarray]:
     """2-component PCA of pre- and post-attention tokens ``(M, N, C)`` of ``M`` images.
 
-    Returns ``pre_xy``, ``post_xy`` ``(M * (N - prefix), 2)``, ``image`` (image index of each row),
-    ``pre_centroids``, ``post_centroids`` ``(M, 2)`` and the explained variance ratios.
+    ``mode="separate"`` fits one PCA per token set; ``"joint"`` one PCA on both sets together (the
+    same axes and explained-variance ratios for both). Returns ``pre_xy``, ``post_xy``
+    ``(M * (N - prefix), 2)``, ``image`` (image index of each row), ``pre_centroids``,
+    ``post_centroids`` ``(M, 2)``, the explained variance ratios and ``mode``.
     """
     from sklearn.decomposition import PCA
 
@@ -135,11 +143,16 @@ def pre_post_pca(pre: np.ndarray | Tensor, post: np.ndarray | Tensor, num_prefix
     m, n, c = pre.shape
     if m * n < 2:
         raise ValueError(f"PCA needs at least 2 tokens, got {m * n}")
+    if mode not in PRE_POST_PCA:
+        raise ValueError(f"mode {mode!r} is not valid; expected one of {', '.join(PRE_POST_PCA)}")
     image = np.repeat(np.arange(m), n)
-    out: dict[str, np.ndarray] = {"image": image}
+    out: dict[str, np.ndarray] = {"image": image, "mode": np.asarray(mode)}
+    joint = None
+    if mode == "joint":
+        joint = PCA(n_components=2, random_state=seed).fit(np.concatenate([pre, post]).reshape(2 * m * n, c))
     for name, x in (("pre", pre), ("post", post)):
-        pca = PCA(n_components=2, random_state=seed)
-        xy = pca.fit_transform(x.reshape(m * n, c)).astype(np.float32)
+        pca = joint or PCA(n_components=2, random_state=seed).fit(x.reshape(m * n, c))
+        xy = pca.transform(x.reshape(m * n, c)).astype(np.float32)
         out[f"{name}_xy"] = xy
         out[f"{name}_centroids"] = xy.reshape(m, n, 2).mean(1)
         out[f"{name}_explained_variance_ratio"] = pca.explained_variance_ratio_.astype(np.float32)
@@ -248,6 +261,7 @@ class PrePostAccumulator:
             records += [Record(self.context.model_name, l, -1, "attention-shift-ratio", ratio, acc.images),
                         Record(self.context.model_name, l, -1, "attention-shift-cosine", cosine, acc.images)]
         sample = self.reservoir.sample()
-        pca = pre_post_pca(sample["pre"], sample["post"], self.context.geometry.num_prefix_tokens, seed=self.context.seed)
+        pca = pre_post_pca(sample["pre"], sample["post"], self.context.geometry.num_prefix_tokens, seed=self.context.seed,
+                           mode=self.context.options.pre_post_pca)
         pca["image"] = sample["image"][pca["image"]]  # stream index of each token's image
         return records, {"pre_post": {**pca, "layer": np.asarray(self.layer)}}

@@ -213,3 +213,18 @@ def test_capture_request_is_the_union_of_the_needs():
     assert capture_request(needs) == dict(pre_attention=True, post_attention=True, block_output=True,
                                           embedding=True, num_prefix_tokens=None)
     assert SWIN_ANALYSES == registry.supported("swin") == ("cka", "tsne")
+
+
+def test_joint_pre_post_pca_option_reaches_the_saved_arrays_and_the_figure(dataset, tmp_path):
+    from analysis.plots import plot_pre_post
+
+    res = run_analyses(tiny_vit(), batches(dataset, 5), ["pre-post"], model_name="tiny", progress=False,
+                       pre_post_images=3, pre_post_pca="joint")
+    pp = res.arrays["pre_post"]
+    assert str(pp["mode"]) == "joint"
+    np.testing.assert_array_equal(pp["pre_explained_variance_ratio"], pp["post_explained_variance_ratio"])
+    fig = plot_pre_post({"tiny": res}, out=tmp_path / "pp")
+    assert "one PCA fitted on both token sets" in fig.subfigs[0]._suptitle.get_text()
+    with pytest.raises(ValueError, match="option pre_post_pca='both' is invalid"):
+        run_analyses(tiny_vit(), batches(dataset, 5), ["pre-post"], model_name="tiny", progress=False,
+                     pre_post_pca="both")

@@ -91,6 +91,27 @@ def test_pre_post_pca_centroids_and_variance():
         pre_post_pca(pre, post[:, :5])
 
 
+def test_joint_pre_post_pca_fits_one_pca_on_both_token_sets():
+    """The KAMIM fork's figure: one PCA on pre and post tokens together, so a shift of the whole cloud
+    shows; separate PCAs centre each cloud and hide it."""
+    from sklearn.decomposition import PCA
+
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(2, 1 + 16, 8, generator=g) * torch.tensor([4.0, 2.0, 1, 1, 1, 1, 1, 1])
+    post = pre + torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 3.0])  # the same cloud, shifted along a low-variance axis
+    joint = pre_post_pca(pre, post, num_prefix_tokens=1, mode="joint")
+    tokens = np.concatenate([pre[:, 1:].numpy(), post[:, 1:].numpy()]).reshape(64, 8)
+    want = PCA(n_components=2, random_state=0).fit(tokens)
+    np.testing.assert_allclose(joint["pre_xy"], want.transform(pre[:, 1:].reshape(32, 8).numpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(joint["post_xy"], want.transform(post[:, 1:].reshape(32, 8).numpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(joint["pre_explained_variance_ratio"], joint["post_explained_variance_ratio"])
+    assert str(joint["mode"]) == "joint"
+    separate = pre_post_pca(pre, post, num_prefix_tokens=1)
+    np.testing.assert_allclose(separate["pre_xy"], separate["post_xy"], atol=1e-4)  # centred: the shift is gone
+    with pytest.raises(ValueError, match="mode 'both' is not valid; expected one of separate, joint"):
+        pre_post_pca(pre, post, mode="both")
+
+
 def test_attention_shift_analytic_and_streaming():
     pre = torch.randn(4, 1 + 9, 6)
     shift = attention_shift(pre, -3 * pre, num_prefix_tokens=1)
