@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
           help=f"comma-separated analyses or 'all'; valid: {', '.join(ANALYSES)}")
     f.add("--reuse", action="append", metavar="RESULTS_DIR",
           help="an earlier output of kamim-analyze run (repeatable): a model whose saved results match its "
-               "checkpoint (sha256), data, images, seed, resolution, options and analyses is not analysed again")
+               "checkpoint (sha256), data, images, seed, resolution, preprocessing, options and analyses is not analysed again")
     f.add("--image-size", type=int, metavar="S",
           help="evaluate every model at S px (position embeddings resampled); default: each model at its own "
           "resolution")
@@ -184,14 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         "plot", help="redraw figures and report from saved results; combine runs",
         description="Redraw every figure, metrics table and report.html from the results saved by earlier runs "
                     "(OUT/raw/), without models or data; several results folders are combined into one comparison. "
-                    "Runs on other data, images, seed, resolution or options are refused unless --allow-mixed.",
+                    "Runs on other data, images, seed, resolution, preprocessing or options are refused unless --allow-mixed.",
         epilog="example: kamim-analyze plot runs/analysis-a runs/analysis-b --out runs/analysis-ab")
     f = ConfigFlags(plot, PlotConfig)
     plot.add_argument("results", nargs="*", metavar="RESULTS_DIR",
                       help="output folders of kamim-analyze run (a shorthand of --set results=[...])")
     _add_out(plot, "OUT_DIR")
     f.add("--allow-mixed", action="store_const", const=True,
-          help="combine runs that differ in data, images, seed, resolution or options (said in the report)")
+          help="combine runs that differ in data, images, seed, resolution, preprocessing or options (said in the report)")
     f.add("--title", help="report title (default: the first run's)")
 
     demo = sub.add_parser("demo", help="offline demo: pretrain tiny models, analyse them",

@@ -18,7 +18,9 @@ Settings (the paper's, following naver-ai/cl-vs-mim on which its analysis notebo
   ratio :data:`PAPER_RECONSTRUCTION_MASK_RATIO`, same images and masks for both.
 
 Output: one file per figure with stable names (:data:`PAPER_FIGURES`, PDF + PNG), the numbers
-behind each as ``<figure>.csv``, plus ``metrics.csv``/``metrics.json`` and ``report.html``.
+behind each as ``<figure>.csv``, plus ``metrics.csv``/``metrics.json`` and ``report.html``, where
+each figure's caption (:func:`paper_captions`) names the conventions of the reference notebooks it
+does not copy.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from analysis.pipeline import AnalyzeOutput, Preprocessing, UsageError, analyze
 
 __all__ = [
     "PAPER_FIGURES", "PAPER_ANALYSES", "PAPER_MIM_IMAGE_SIZE", "PAPER_QUERY_FRACTIONS",
-    "PAPER_RECONSTRUCTION_MASK_RATIO", "PAPER_PREPROCESSING", "paper_queries", "figure_tables",
+    "PAPER_RECONSTRUCTION_MASK_RATIO", "PAPER_PREPROCESSING", "paper_queries", "paper_captions", "figure_tables",
     "reconstruction_figure", "reproduce_paper_figures",
 ]
 
@@ -180,6 +182,44 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
                          for n, m in metrics.items()])
 
 
+def paper_captions(options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Each paper figure's caption: what it shows, and each convention of the reference notebooks
+    (naver-ai/cl-vs-mim and the KAMIM fork) that it deliberately does not copy. ``options``: the run's
+    analysis options (the pre/post PCA mode)."""
+    joint = dict(options or {}).get("pre_post_pca") == "joint"
+    return {
+        "attention-maps": (
+            "Attention of two query patches (the centre and one off-centre patch, at fixed fractions of each "
+            "model's grid; the paper does not list its query patches) over the patches, per block, on the first "
+            "analysed image. MoCo v3 is shown at its own resolution, not a 192 px crop resized to 224."),
+        "attention-distance": (
+            "Mean attention distance (px between patch centres, weighted by attention) per block, over every "
+            "analysed image (the notebooks analyse one batch). Rows with no attention on patches are excluded "
+            "(the notebooks' 1e-32 makes them uniform); MoCo v3 at its own resolution, not a 192 px crop resized "
+            "to 224, which would make its pixel distances incomparable."),
+        "nmi": (
+            "Normalised mutual information between query and key positions per block, over every analysed image "
+            "(the notebooks: one batch). Computed without cl-vs-mim's +1e-8 before renormalising (up to 7% on "
+            "rows with almost all mass on the class token); rows with no attention on patches are excluded."),
+        "fourier": (
+            "Δ log amplitude at the highest frequency of the token maps, at the patch embedding (depth 0) and "
+            "after every block, the same depths for every model. The KAMIM fork plots embedding + blocks 1-11 for "
+            "SimMIM/KAMIM but blocks 1-12 for MoCo v3 at the same x positions; here no model is shifted."),
+        "tsne": (
+            "t-SNE of the last block's patch tokens (a seeded sample of every analysed image), coloured by class, "
+            "block L for every model. cl-vs-mim's depth index selects block 5 of an interleaved list, and the "
+            "KAMIM fork's block 11 for SimMIM/KAMIM but a post-attention residual of block 6 for MoCo v3."),
+        "pre-post": (
+            "PCA of the last block's input tokens (after norm1) and of its attention output, on sampled images: "
+            + ("one PCA fitted on both token sets (option pre_post_pca=joint), as the KAMIM fork (which fits it "
+               "on one image)." if joint else
+               "a separate PCA per token set (option pre_post_pca=joint fits one on both, as the KAMIM fork).")),
+        "reconstructions": (
+            f"SimMIM and KAMIM reconstructions of the same images under the same seeded masks (mask ratio "
+            f"{PAPER_RECONSTRUCTION_MASK_RATIO}); mean PSNR and SSIM per model in fig_reconstructions.csv."),
+    }
+
+
 def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike, out: PathLike, *,
                             images: Optional[int] = None, batch_size: int = 32,
                             device: str = "cpu", seed: int = 0, workers: int = 0,
@@ -238,7 +278,8 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
         progress=progress, notes=notes, title="KAMIM paper figures",
         figure_names=PAPER_FIGURES, options={"tsne_color": "class", **dict(options or {})},
         model_options=model_options, cross_cka=False, extra=extra,
-        command="kamim-analyze paper-figures", overwrite=overwrite, config=config, preprocessing=preprocessing)
+        command="kamim-analyze paper-figures", overwrite=overwrite, config=config, preprocessing=preprocessing,
+        captions=paper_captions(options))
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

@@ -397,8 +397,9 @@ COMPARED_SETTINGS = ("data", "data files", "images", "seed", "resolution", "prep
 @dataclass
 class RunRecord:
     """The run-level part of an analysis output (``raw/run.json``): the analyses, the settings and
-    per-model facts the report shows, the notes, the title, the figure file names and the figures made
-    from the models themselves (``extra``: paper-figures' reconstructions), which a redraw keeps."""
+    per-model facts the report shows, the notes, the title, the figure file names, the figures made
+    from the models themselves (``extra``: paper-figures' reconstructions) and the figure captions
+    (paper-figures' conventions), which a redraw keeps."""
 
     analyses: tuple[str, ...]
     settings: dict[str, Any]
@@ -407,6 +408,7 @@ class RunRecord:
     title: str = "Representation analysis"
     figure_names: dict[str, str] = field(default_factory=dict)
     extra_figures: dict[str, list[str]] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
 
 
 def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int], seed: int, batch_size: int,
@@ -491,7 +493,7 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     cross = {(a, b): AnalysisResult.load(raw / sub) for a, b, sub in meta.get("cross", [])}
     record = RunRecord(tuple(meta["analyses"]), dict(meta["settings"]), dict(meta["models"]), list(meta["notes"]),
                        meta.get("title", "Representation analysis"), dict(meta.get("figure_names") or {}),
-                       dict(meta.get("extra_figures") or {}))
+                       dict(meta.get("extra_figures") or {}), dict(meta.get("captions") or {}))
     return results, cross, record, raw.parent
 
 
@@ -527,7 +529,7 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     write_report(staging / "report.html", results, figures, settings=record.settings, models=record.models,
                  titles=plots.FIGURE_TITLES,
                  tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                 notes=record.notes, title=record.title)
+                 notes=record.notes, title=record.title, captions=record.captions)
     return figures, metrics, summary
 
 
@@ -543,7 +545,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             cross_cka: bool = True, extra: Optional[ExtraStep] = None,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
             inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = (),
-            preprocessing: Preprocessing = Preprocessing()) -> AnalyzeOutput:
+            preprocessing: Preprocessing = Preprocessing(),
+            captions: Optional[Mapping[str, str]] = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -553,11 +556,12 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         image_size: one resolution for all models (default: each model's own); ``image_sizes``:
             per-model resolution (None = the model's own), overriding ``image_size``.
         preprocessing: how images become inputs (:class:`Preprocessing`; default bicubic, crop 0.875).
-        figure_names: analysis -> file stem (default: the analysis name with ``_``).
+        figure_names: analysis -> file stem (default: the analysis name with ``_``); ``captions``:
+            figure key -> caption text shown under it in the report (kept by redraws).
         options: keyword options of :func:`analysis.runner.run_analyses` for every model;
             ``model_options(name, geometry)`` adds per-model ones (e.g. query positions).
         reuse: earlier outputs (:func:`save_run`); a model whose saved results match its checkpoint's
-            sha256, the data (folder and file list), images, seed, resolution, options and analyses is
+            sha256, the data (folder and file list), images, seed, resolution, preprocessing, options and analyses is
             taken from there instead of analysed again (the log and the report say which).
         cross_cka: with ``cka`` and 2-4 models evaluated at one resolution, also compute the CKA
             between the layers of every pair of models (figure ``cross_cka``).
@@ -688,7 +692,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         }
         extra_figures = extra(staging, results, loaded, notes) if extra is not None else {}
         record = RunRecord(tuple(analyses), settings, _model_info(loaded, geometries), list(notes), title,
-                           figure_names, {k: [str(p.relative_to(staging)) for p in v] for k, v in extra_figures.items()})
+                           figure_names, {k: [str(p.relative_to(staging)) for p in v] for k, v in extra_figures.items()},
+                           dict(captions or {}))
         save_run(staging / "raw", results, cross, record)  # everything `kamim-analyze plot` redraws from
         figures, metrics, summary = render(staging, results, cross, record)
         rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
@@ -715,7 +720,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     from their saved results alone (no model, no data). Several outputs are combined into one
     comparison of all their models.
 
-    Runs whose models were analysed on other data, images, seed, resolution or options are refused with
+    Runs whose models were analysed on other data, images, seed, resolution, preprocessing or options are refused with
     one line naming the setting and the two values, unless ``allow_mixed`` (then a note in the report says
     so). Figures of analyses that not every run made are left out, with a note; cross-model CKA is kept
     for pairs analysed together; figures made from the models themselves (paper-figures'
@@ -767,7 +772,9 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     settings = {**first.settings, "models from": ", ".join(f"{n}: {where[n]}" for n in results),
                 "analyses": ", ".join(common),
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
-    record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra)
+    captions = first.captions if all(r[2].captions == first.captions for r in runs) else {}
+    record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra,
+                       captions)
     with staged_output(out, command, overwrite, inputs) as staging:
         if config is not None:
             from kamim.config import dump_config

@@ -107,7 +107,7 @@ class PlotConfig:
     COMMAND: ClassVar[str] = "kamim-analyze plot"
 
     results: list[str] = field(default_factory=list)  # output folders of kamim-analyze run (their raw/)
-    allow_mixed: bool = False  # combine runs on other data, images, seed, resolution or options
+    allow_mixed: bool = False  # combine runs on other data, images, seed, resolution, preprocessing or options
     title: Optional[str] = None  # report title; null: the first run's
 
     def validate(self) -> "PlotConfig":

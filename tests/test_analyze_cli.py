@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from html import escape as html_escape
 import json
 import shutil
 import os
@@ -376,6 +377,14 @@ def test_paper_figures_end_to_end(pretrained, assets, tmp_path, capsys):
     assert "short side resized to size / 0.875 (bilinear), centre crop" in html
     assert "the reference notebooks&#x27; preprocessing." in html
     assert yaml.safe_load((out / "config.yaml").read_text())["interpolation"] == "bilinear"
+    # every figure's caption names the reference conventions it does not copy; a redraw keeps them
+    from analysis.paper import paper_captions
+
+    for caption in paper_captions().values():
+        assert html_escape(caption) in html
+    assert "blocks 1-11 for SimMIM/KAMIM but blocks 1-12 for MoCo v3" in html
+    assert _run(["plot", out, "--out", tmp_path / "redrawn"], capsys)[0] == 0
+    assert html_escape(paper_captions()["nmi"]) in (tmp_path / "redrawn" / "report.html").read_text()
     # the resolved settings are written with the figures, and rerunning from them gives the same numbers
     again = tmp_path / "again"
     rc, _, err = _run(["paper-figures", "--config", out / "config.yaml", "--out", again], capsys)
