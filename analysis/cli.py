@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--reuse", action="append", metavar="RESULTS_DIR",
           help="an earlier output of kamim-analyze run (repeatable): a model whose saved results match its "
                "checkpoint (sha256), data, images, seed, resolution, preprocessing, options and analyses is not analysed again")
+    f.add("--baseline", choices=["random"],
+          help="also analyse a randomly initialised model of each architecture (seeded, named random-<arch>), "
+               "drawn and tabled like the others: the floor trained models are read against")
     f.add("--image-size", type=int, metavar="S",
           help="evaluate every model at S px (position embeddings resampled); default: each model at its own "
           "resolution")
@@ -266,7 +269,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         load_plugin(plugin)
     reuse = {f"--reuse {i + 1}": p for i, p in enumerate(cfg.reuse)}
     res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size,
-                  inputs={**plugins, **reuse}, reuse=cfg.reuse, **_common_kwargs(cfg, args))
+                  inputs={**plugins, **reuse}, reuse=cfg.reuse, baseline=cfg.baseline, **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 

@@ -37,8 +37,10 @@ PathLike = Union[str, Path]
 # display name -> tiny preset (kamim/configs/<preset>.yaml)
 DEMO_MODELS: dict[str, str] = {"SimMIM": "tiny_simmim", "KAMIM": "tiny_kamim", "MoCo v3": "tiny_moco"}
 DEMO_NOTE = ("These are small demonstration models (vit_pico, 96 px, 12×12 tokens of 8 px) pretrained "
-             "for about a minute on a few dozen demo photographs on CPU; their numbers illustrate the "
-             "analyses and are not representative of KAMIM, SimMIM or MoCo v3 at scale.")
+             "with the tiny presets for a few dozen optimizer steps (about a minute) on the 75 demo photographs; "
+             "their numbers illustrate the analyses and are not representative of KAMIM, SimMIM or MoCo v3 "
+             "at scale. random-vit_pico is the same architecture randomly initialised: curves at its level, "
+             "or on the dashed uniform-attention lines, show no learned structure.")
 _FINGERPRINT = "demo.json"
 _COMMAND = "kamim-analyze demo"
 
@@ -214,4 +216,4 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
         notes=(DEMO_NOTE,), title="KAMIM toolkit demo (small demonstration models)",
         options={"tsne_samples": settings.tsne_samples, "map_images": 2,
                  "attribution_steps": settings.attribution_steps}, extra=extra,
-        command=_COMMAND, overwrite=overwrite)
+        command=_COMMAND, overwrite=overwrite, baseline="random")

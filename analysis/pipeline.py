@@ -30,7 +30,7 @@ __all__ = [
     "check_unique_names", "models_from_specs", "one_line", "fit_probe_classifier",
     "check_geometry", "staged_output", "staged_output_check", "load_models", "make_loader", "analyze",
     "preflight", "check_memory", "RunRecord", "save_run", "load_run", "render", "plot_results",
-    "Preprocessing", "INTERPOLATIONS",
+    "Preprocessing", "INTERPOLATIONS", "BASELINES", "random_baselines",
 ]
 
 PathLike = Union[str, Path]
@@ -246,6 +246,51 @@ def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
                              f"patch size {ph}x{pw}; pick an --image-size divisible by {ph}")
         loaded[spec.name] = enc
     return loaded
+
+
+#: ``--baseline`` choices: ``random`` adds a randomly initialised model of each analysed architecture
+BASELINES = ("random",)
+
+
+def _arch_name(spec: Mapping[str, Any]) -> str:
+    """The kamim preset a timm spec builds (``vit_pico``, ``vit_b``, ...), else its timm model name."""
+    from kamim.models.presets import PRESETS
+
+    kwargs = {k: v for k, v in dict(spec.get("kwargs") or {}).items() if k not in ("num_classes", "img_size")}
+    for arch, preset in PRESETS.items():
+        if preset["model_name"] == spec.get("model_name") and all(
+                kwargs.get(k) == v for k, v in preset["kwargs"].items() if k != "img_size") and \
+                set(kwargs) <= set(preset["kwargs"]):
+            return arch
+    return str(spec.get("model_name") or "model")
+
+
+def random_baselines(loaded: Mapping[str, Any], *, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """A randomly initialised model (``timm.create_model(pretrained=False)`` under ``seed``) of every
+    architecture and resolution in ``loaded``, named ``random-<arch>``: the floor any trained model's
+    curves should be read against. One per distinct architecture; a model without a timm spec (an
+    in-memory module) has none."""
+    import timm
+    import torch
+
+    from kamim.checkpoints import LoadedEncoder
+
+    out: dict[str, Any] = {}
+    for enc in loaded.values():
+        spec = dict(enc.spec or {})
+        if not spec.get("model_name"):
+            continue
+        kwargs = {**dict(spec.get("kwargs") or {}), "num_classes": 0, "img_size": tuple(enc.image_size)}
+        name = f"random-{_arch_name(spec)}"
+        if any(kwargs == dict(o.spec["kwargs"]) and spec["model_name"] == o.spec["model_name"] for o in out.values()):
+            continue
+        if name in out:  # the same architecture at another resolution
+            name = f"{name}-{enc.image_size[0]}x{enc.image_size[1]}"
+        torch.manual_seed(seed)
+        model = timm.create_model(spec["model_name"], pretrained=False, **kwargs).eval().to(device)
+        out[name] = LoadedEncoder.of(model, "random-init", f"random init of {spec['model_name']} (seed {seed})",
+                                     None, {}, {"model_name": spec["model_name"], "kwargs": kwargs}, method="random")
+    return out
 
 
 def one_line(err: BaseException) -> str:
@@ -505,6 +550,7 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     import pandas as pd
 
     from analysis import plots
+    from analysis.baselines import uniform_sentences
     from analysis.report import summary_table, write_report
     from kamim.serialization import atomic_write_text
 
@@ -529,7 +575,7 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     write_report(staging / "report.html", results, figures, settings=record.settings, models=record.models,
                  titles=plots.FIGURE_TITLES,
                  tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                 notes=record.notes, title=record.title, captions=record.captions)
+                 notes=[*record.notes, *uniform_sentences(results)], title=record.title, captions=record.captions)
     return figures, metrics, summary
 
 
@@ -546,7 +592,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
             inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = (),
             preprocessing: Preprocessing = Preprocessing(),
-            captions: Optional[Mapping[str, str]] = None) -> AnalyzeOutput:
+            captions: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     Args:
@@ -556,6 +602,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         image_size: one resolution for all models (default: each model's own); ``image_sizes``:
             per-model resolution (None = the model's own), overriding ``image_size``.
         preprocessing: how images become inputs (:class:`Preprocessing`; default bicubic, crop 0.875).
+        baseline: ``"random"`` also analyses a randomly initialised model of each architecture
+            (:func:`random_baselines`, seeded by ``seed``), drawn and tabled like any other model.
         figure_names: analysis -> file stem (default: the analysis name with ``_``); ``captions``:
             figure key -> caption text shown under it in the report (kept by redraws).
         options: keyword options of :func:`analysis.runner.run_analyses` for every model;
@@ -600,6 +648,12 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     for name, source in models.items():  # one by one so that per-model resolutions apply
         size = (image_sizes or {}).get(name, image_size) if image_sizes else image_size
         loaded.update(load_models([ModelSpec(name, source)], image_size=size, device=device))
+    if baseline is not None:
+        if baseline not in BASELINES:
+            raise UsageError(f"--baseline {baseline!r} is not valid; expected one of {', '.join(BASELINES)}")
+        randoms = random_baselines(loaded, seed=seed, device=device)
+        check_unique_names([*loaded, *randoms])
+        loaded.update(randoms)
     geometries = {name: _geometry(name, enc, analyses) for name, enc in loaded.items()}
     batch = min(batch_size, n_files, images or n_files)  # the largest batch the loader makes
     for name, geometry in geometries.items():

@@ -217,8 +217,12 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
     """One line per model (mean over heads) vs depth, per-head values as faint markers.
 
     ``baseline``: a callable ``geometry -> value`` (or a number) drawn as a dashed horizontal line;
-    models with different geometries get one dashed line each, in the model's colour.
+    models with different geometries get one dashed line each, in the model's colour. A model whose
+    curve is indistinguishable from uniform attention (:mod:`analysis.baselines`) says so in its
+    legend entry.
     """
+    from analysis.baselines import near_uniform
+
     palette = _palette(results, palette)
     if ax is None:
         fig = _new_figure(6.0, 4.0)
@@ -232,8 +236,10 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
         if show_heads and not heads.empty:
             ax.scatter(heads["layer"], heads["value"], s=10, alpha=0.35, color=style.color,
                        marker=style.marker, linewidths=0)
-        ax.plot(mean.index, mean.values, label=model_label(name, r), markersize=5,
-                **style.line_kwargs())
+        label = model_label(name, r)
+        if baseline is not None and near_uniform(r, metric):
+            label += "\n(indistinguishable from uniform)"
+        ax.plot(mean.index, mean.values, label=label, markersize=5, **style.line_kwargs())
         depth = max(depth, int(r.geometry.depth))
     if baseline is not None:
         fn = baseline if callable(baseline) else (lambda _g, v=float(baseline): v)
@@ -340,29 +346,41 @@ def _array(result: Any, key: str) -> Any:
     return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
 
 
+def _matrix_scale(results: Mapping[str, Any]) -> tuple[Optional[float], Optional[float]]:
+    """The colour range of similarity matrices: [0, 1] for every model and figure (option
+    ``matrix_scale=shared``, the default: CKA, 1 − JSD and the cosine of attention rows all lie in
+    it, so equal colours mean equal values everywhere), or the figure's own data range
+    (``matrix_scale=figure``, for differences too small to see on the shared scale)."""
+    scales = {str(getattr(r, "options", {}).get("matrix_scale", "shared")) for r in results.values()}
+    return (None, None) if scales == {"figure"} else (0.0, 1.0)
+
+
 def plot_attention_similarity(results: Mapping[str, Any], *, out: Optional[PathLike] = None,
                               palette: Optional[ModelPalette] = None) -> Figure:
-    """Layer x layer self-attention similarity per model, one colour scale for all models."""
+    """Layer x layer self-attention similarity per model, one colour scale for all models
+    (:func:`_matrix_scale`)."""
     _palette(results, palette)
     mats = {n: _array(r, "attention_similarity") for n, r in results.items()}
+    vmin, vmax = _matrix_scale(results)
     kinds = {str(getattr(r, "options", {}).get("similarity_kind", "")) for r in results.values()}
     label = {"jsd": "1 − Jensen–Shannon divergence (bits)", "cosine": "cosine similarity"}.get(
         kinds.pop(), "attention similarity") if len(kinds) == 1 else "attention similarity"
     return plot_similarity_heatmaps(
         mats, depths={n: r.geometry.depth for n, r in results.items()},
         titles={n: model_label(n, r) for n, r in results.items()}, cbar_label=label,
-        title="Self-attention similarity across layers", cmap="viridis", out=out)
+        title="Self-attention similarity across layers", cmap="viridis", vmin=vmin, vmax=vmax, out=out)
 
 
 def plot_cka(results: Mapping[str, Any], *, out: Optional[PathLike] = None,
              palette: Optional[ModelPalette] = None) -> Figure:
-    """Layer x layer linear CKA within each model (colour scale fixed to [0, 1])."""
+    """Layer x layer linear CKA within each model (one colour scale: :func:`_matrix_scale`)."""
     _palette(results, palette)
     mats = {n: _array(r, "cka") for n, r in results.items()}
+    vmin, vmax = _matrix_scale(results)
     return plot_similarity_heatmaps(
         mats, depths={n: r.geometry.depth for n, r in results.items()},
         titles={n: model_label(n, r) for n, r in results.items()}, cbar_label="linear CKA",
-        title="Representation similarity (CKA) across layers", vmin=0.0, vmax=1.0, out=out)
+        title="Representation similarity (CKA) across layers", vmin=vmin, vmax=vmax, out=out)
 
 
 def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapping[str, int], *,

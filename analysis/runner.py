@@ -98,6 +98,8 @@ class RunOptions:
     or ``"image"``).
     pre_post_layer (default L), pre_post_images (images kept for the PCA), pre_post_pca (``"separate"``:
     a PCA per token set; ``"joint"``: one PCA fitted on both sets, as the KAMIM fork).
+    matrix_scale: colour range of the similarity matrices (CKA, attention similarity): ``"shared"``
+    ([0, 1] in every figure) or ``"figure"`` (each figure's data range).
     map_images: first M images kept for attention maps, rollout and attribution.
     map_queries: grid positions ``(row, col)``; default the centre patch.
     head_fusion: rollout head fusion. attribution_methods, attribution_model (a classifier; default
@@ -120,6 +122,7 @@ class RunOptions:
     pre_post_layer: int | None = None
     pre_post_images: int = 8
     pre_post_pca: str = "separate"
+    matrix_scale: str = "shared"
     map_images: int = 4
     map_queries: tuple[tuple[int, int], ...] | None = None
     head_fusion: str = "mean"
@@ -148,7 +151,8 @@ class RunOptions:
         check_pool(opts.cka_pool, CKA_POOLS, key="option cka_pool")
         choices = {"similarity_kind": ATTENTION_SIMILARITY_KINDS,
                    "cka_estimator": CKA_ESTIMATORS, "tsne_color": ("class", "image"), "head_fusion": HEAD_FUSIONS,
-                   "attribution_target": ("prediction", "label"), "pre_post_pca": PRE_POST_PCA}
+                   "attribution_target": ("prediction", "label"), "pre_post_pca": PRE_POST_PCA,
+                   "matrix_scale": ("shared", "figure")}
         for name, allowed in choices.items():
             if getattr(opts, name) not in allowed:
                 raise ValueError(f"option {name}={getattr(opts, name)!r} is invalid; expected one of {allowed}")

@@ -64,6 +64,7 @@ class AnalyzeConfig(_AnalysisRun):
     analyses: Any = "all"  # "all" or a list of analysis names
     image_size: Optional[int] = None  # every model at this size; null: each at its own
     reuse: list[str] = field(default_factory=list)  # earlier outputs whose matching models are not analysed again
+    baseline: Optional[str] = None  # "random": also a randomly initialised model of each architecture
 
     def validate(self) -> "AnalyzeConfig":
         if not self.models:
@@ -71,6 +72,8 @@ class AnalyzeConfig(_AnalysisRun):
         for plugin in self.plugins:
             if not str(plugin).endswith(".py"):
                 raise ConfigError(f"plugin {plugin!r} is not a .py file")
+        if self.baseline not in (None, "random"):
+            raise ConfigError(f"baseline={self.baseline!r} is not valid; expected random (or null: none)")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
         self._check_run()

@@ -159,10 +159,18 @@ def test_same_colour_per_model_across_figures(synthetic):
 
 
 def test_heatmaps_share_one_colour_scale(synthetic):
+    import copy
+
     fig = plots.plot_attention_similarity(synthetic)
     clims = [ax.collections[0].get_clim() for ax in fig.axes[:2]]  # the last axes: colourbar
-    assert clims[0] == clims[1] == (1.0, 2.0)
+    assert clims[0] == clims[1] == (0.0, 1.0)  # the scale every similarity matrix shares
     assert len(fig.axes) == 3  # one shared colourbar
+    own = {n: copy.copy(r) for n, r in synthetic.items()}
+    for r in own.values():
+        r.options = {**r.options, "matrix_scale": "figure"}
+    fig = plots.plot_attention_similarity(own)
+    clims = [ax.collections[0].get_clim() for ax in fig.axes[:2]]
+    assert clims[0] == clims[1] == (1.0, 2.0)  # the figure's data range, still one for both models
     fig = plots.plot_cka(synthetic)
     assert all(ax.collections[0].get_clim() == (0.0, 1.0) for ax in fig.axes[:2])
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]

@@ -140,6 +140,15 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     # each command's promised outputs
     runs = work / "runs"
     assert (work / "runs" / "analysis-demo" / "report.html").is_file()
+    # the demo shows a randomly initialised vit_pico beside its models, within the rule's tolerance of uniform
+    from analysis import load_run
+    from analysis.baselines import UNIFORM_BASELINES, near_uniform
+
+    demo_results = load_run(work / "runs" / "analysis-demo")[0]
+    assert list(demo_results) == ["SimMIM", "KAMIM", "MoCo v3", "random-vit_pico"]
+    assert all(near_uniform(demo_results["random-vit_pico"], m) for m in UNIFORM_BASELINES)
+    assert "random-vit_pico: attention indistinguishable from uniform" in \
+        (work / "runs" / "analysis-demo" / "report.html").read_text()
     for run in ("tiny_kamim", "kamim_vit_b"):
         assert {"checkpoint-last.pt", "encoder.safetensors", "config.yaml", "metrics.jsonl"} <= \
             {p.name for p in (runs / run).iterdir()}
