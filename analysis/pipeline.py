@@ -252,19 +252,6 @@ def load_models(specs: Sequence[ModelSpec], *, image_size: Optional[int] = None,
 BASELINES = ("random",)
 
 
-def _arch_name(spec: Mapping[str, Any]) -> str:
-    """The kamim preset a timm spec builds (``vit_pico``, ``vit_b``, ...), else its timm model name."""
-    from kamim.models.presets import PRESETS
-
-    kwargs = {k: v for k, v in dict(spec.get("kwargs") or {}).items() if k not in ("num_classes", "img_size")}
-    for arch, preset in PRESETS.items():
-        if preset["model_name"] == spec.get("model_name") and all(
-                kwargs.get(k) == v for k, v in preset["kwargs"].items() if k != "img_size") and \
-                set(kwargs) <= set(preset["kwargs"]):
-            return arch
-    return str(spec.get("model_name") or "model")
-
-
 def random_baselines(loaded: Mapping[str, Any], *, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """A randomly initialised model (``timm.create_model(pretrained=False)`` under ``seed``) of every
     architecture and resolution in ``loaded``, named ``random-<arch>``: the floor any trained model's
@@ -273,7 +260,7 @@ def random_baselines(loaded: Mapping[str, Any], *, seed: int = 0, device: str = 
     import timm
     import torch
 
-    from kamim.checkpoints import LoadedEncoder
+    from kamim import LoadedEncoder, arch_of
 
     out: dict[str, Any] = {}
     for enc in loaded.values():
@@ -281,7 +268,7 @@ def random_baselines(loaded: Mapping[str, Any], *, seed: int = 0, device: str = 
         if not spec.get("model_name"):
             continue
         kwargs = {**dict(spec.get("kwargs") or {}), "num_classes": 0, "img_size": tuple(enc.image_size)}
-        name = f"random-{_arch_name(spec)}"
+        name = f"random-{arch_of(spec) or spec['model_name']}"
         if any(kwargs == dict(o.spec["kwargs"]) and spec["model_name"] == o.spec["model_name"] for o in out.values()):
             continue
         if name in out:  # the same architecture at another resolution

@@ -18,7 +18,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "kamim.loss": ("reconstruction_loss",),
     "kamim.masking": ("MaskGenerator",),
     # models and checkpoints
-    "kamim.models": ("create_pretrain_model", "create_encoder"),
+    "kamim.models": ("create_pretrain_model", "create_encoder", "arch_of"),
     "kamim.checkpoints": ("load_encoder", "LoadedEncoder"),
     "kamim.backbone": ("Geometry", "ViTGeometry", "SwinGeometry", "model_geometry"),
     "kamim.inputs": ("looks_like_path",),
@@ -43,7 +43,7 @@ _WHERE = {name: mod for mod, names in _MODULES.items() for name in names}
 __all__ = [  # literal, so that tools read it without importing (a test keeps it equal to _MODULES)
     "__version__", "keypoint_map", "detect_keypoints", "KeypointMapper", "DETECTORS", "RENDERS", "patch_density",
     "weights_from_density", "patch_weights", "reconstruction_loss", "MaskGenerator", "create_pretrain_model",
-    "create_encoder", "load_encoder", "LoadedEncoder", "Geometry", "ViTGeometry", "SwinGeometry", "model_geometry",
+    "create_encoder", "arch_of", "load_encoder", "LoadedEncoder", "Geometry", "ViTGeometry", "SwinGeometry", "model_geometry",
     "looks_like_path", "EvalTransform", "ImageFolderDataset",
     "build_dataset", "collate_skip_bad", "data_loader", "find_images", "loader_workers", "kamim_data_dir", "demo_photographs",
     "write_demo_folder", "write_labelled_demo", "Config", "load_config", "available_memory", "pretrain", "linear_probe",

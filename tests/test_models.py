@@ -435,3 +435,16 @@ def test_gpu_step_dry_run_counts_the_same_model_flops(capsys):
     assert ours == pytest.approx(expected, rel=0.02) and ref == pytest.approx(expected, rel=0.02)
     for name in ("reference_bf16", "ours_bf16", "kamim_bf16"):
         assert re.search(rf"^{name}\s+[\d.]+ img/s .* MFU", out, re.M)
+
+
+def test_arch_of_names_the_preset_a_spec_builds_at_any_size():
+    import json
+
+    from kamim import arch_of
+
+    for arch, spec in PRESETS.items():
+        assert arch_of(spec) == arch
+        stored = json.loads(json.dumps({**spec, "kwargs": {**spec["kwargs"], "img_size": 64, "num_classes": 0}}))
+        assert arch_of(stored) == arch  # tuples read back from JSON as lists, another resolution
+    assert arch_of({"model_name": "vit_tiny_patch16_224", "kwargs": {**PRESETS["vit_pico"]["kwargs"], "depth": 3}}) is None
+    assert arch_of({"model_name": "resnet50", "kwargs": {}}) is None

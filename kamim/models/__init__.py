@@ -10,6 +10,7 @@ from kamim.lazy import lazy_exports
 
 _WHERE = {
     "METHODS": "kamim.models.presets", "PRESETS": "kamim.models.presets", "create_encoder": "kamim.models.presets",
+    "arch_of": "kamim.models.presets",
     "build_pretrain_model": "kamim.models.factory", "create_pretrain_model": "kamim.models.factory",
     "MoCoV3": "kamim.models.moco", "SimMIM": "kamim.models.simmim", "SwinEncoderForMIM": "kamim.models.simmim",
     "ViTEncoderForMIM": "kamim.models.simmim",
@@ -22,6 +23,7 @@ __all__ = [
     "SimMIM",
     "SwinEncoderForMIM",
     "ViTEncoderForMIM",
+    "arch_of",
     "build_pretrain_model",
     "create_encoder",
     "create_pretrain_model",

@@ -9,6 +9,7 @@ with ``timm.create_model(spec["model_name"], **spec["kwargs"])``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kamim.config import METHODS
@@ -16,7 +17,7 @@ from kamim.config import METHODS
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = ["PRESETS", "METHODS", "create_encoder", "preset"]
+__all__ = ["PRESETS", "METHODS", "create_encoder", "preset", "arch_of"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paper: 192 px, patch 16 (12x12 tokens); widths 192/384/768, heads 3/6/12, 12 layers.
@@ -59,6 +60,19 @@ def preset(arch: str) -> dict[str, Any]:
     if arch not in PRESETS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[arch])
+
+
+def arch_of(spec: Mapping[str, Any]) -> str | None:
+    """The preset an encoder spec (``{"model_name", "kwargs"}``, e.g. ``LoadedEncoder.spec``) builds at
+    any image size, e.g. ``"vit_pico"``; None when it is none of them (other widths, depths, ...)."""
+    def shape(kwargs: Mapping[str, Any]) -> dict[str, Any]:  # tuples as lists: specs come from JSON too
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+                if k not in ("num_classes", "img_size")}
+
+    for arch, p in PRESETS.items():
+        if p["model_name"] == spec.get("model_name") and shape(p["kwargs"]) == shape(spec.get("kwargs") or {}):
+            return arch
+    return None
 
 
 def create_encoder(arch: str, img_size: int | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
