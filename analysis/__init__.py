@@ -82,6 +82,8 @@ if TYPE_CHECKING:
         head_similarity,
         linear_cka,
     )
+    from .pca_images import PCAImagesAccumulator, oriented_components, pca_rgb
+    from .rank import RankAccumulator, SecondMoments, rankme, spectrum_alpha
     from .tokens import AttentionShift, PrePostAccumulator, Reservoir, TSNEAccumulator, pre_post_pca, tsne_embedding
 
 # public name -> submodule that defines it
@@ -116,6 +118,8 @@ _MODULES = {
         "AttentionSimilarity", "AttentionSimilarityAccumulator", "CKAAccumulator", "LayerCKAAccumulator",
         "HeadSimilarity", "attention_similarity", "head_similarity", "linear_cka",
     ),
+    "rank": ("rankme", "spectrum_alpha", "SecondMoments", "RankAccumulator"),
+    "pca_images": ("pca_rgb", "oriented_components", "PCAImagesAccumulator"),
     "tokens": ("AttentionShift", "Reservoir", "TSNEAccumulator", "PrePostAccumulator", "pre_post_pca", "tsne_embedding"),
 }
 _EXPORTS = {name: f".{module}" for module, exported in _MODULES.items() for name in exported}

@@ -4,9 +4,9 @@ Each entry says what the analysis needs captured, which geometries it supports, 
 (``analysis.<module>:<factory>``, the module that implements the analysis), its figure and title,
 and the arrays it writes into :attr:`analysis.results.AnalysisResult.arrays`. Swin models have no
 ``(N, N)`` attention over the image (windowed attention) and their stages have different grids,
-so only the block-output analyses that need neither (``cka``, ``tsne``) claim Swin; Fourier
-analysis needs one square token grid for all layers, i.e. a ViT with a square grid (refused with
-one line at accumulator construction otherwise).
+so only the block-output analyses that need neither (``cka``, ``tsne``, ``representation-rank``)
+claim Swin; Fourier analysis needs one square token grid for all layers, i.e. a ViT with a square
+grid (refused with one line at accumulator construction otherwise).
 """
 from __future__ import annotations
 
@@ -46,6 +46,20 @@ BUILTIN: tuple[Analysis, ...] = (
     Analysis("attribution", "Attributions", frozenset({"inputs", "gradients"}), _VIT,
              lazy("analysis.attribution:AttributionAccumulator"), lazy("analysis.plots:plot_attribution"),
              arrays=("attribution", *_FIRST)),
+    Analysis("representation-rank", "Representation rank", frozenset({"tokens"}), _BOTH,
+             lazy("analysis.rank:RankAccumulator"), lazy("analysis.plots:plot_representation_rank"),
+             arrays=("rank_spectrum",),
+             caption="Left: RankMe (Garrido et al. 2023), the effective rank of the images' pooled features (option "
+                     "rank_pool) after each block, uncentred. Right: α of the centred covariance spectrum "
+                     "λ_k ∝ k^−α fitted on its top half (α-ReQ); a higher RankMe and a lower α mean features that "
+                     "use more dimensions."),
+    Analysis("pca-images", "Patch-feature PCA images", frozenset({"tokens", "inputs"}), _VIT,
+             lazy("analysis.pca_images:PCAImagesAccumulator"), lazy("analysis.plots:plot_pca_images"),
+             arrays=("pca_rgb", "pca_mask", "pca_inputs", "pca_explained_variance_ratio"),
+             caption="The first three principal components of the last block's patch tokens, fitted jointly over "
+                     "the shown images, as red, green and blue (DINOv2, Fig. 1); each component's largest loading is "
+                     "positive, so colours are comparable between runs. Similar colours: patches the model "
+                     "represents alike."),
 )
 
 #: Titles of figures that belong to no single-model analysis.

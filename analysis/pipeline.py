@@ -529,6 +529,13 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     return results, cross, record, raw.parent
 
 
+def _registered_captions(analyses: Sequence[str]) -> dict[str, str]:
+    """Each analysis' own caption (:attr:`analysis.registry.Analysis.caption`), where it has one."""
+    from analysis import registry
+
+    return {a: registry.get(a).caption for a in analyses if registry.get(a).caption}
+
+
 def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any],
            record: RunRecord) -> tuple[dict[str, list[Path]], Any, Any]:
     """Draw every figure of ``record.analyses``, the cross-model CKA figure, ``metrics.csv/.json``,
@@ -562,7 +569,8 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     write_report(staging / "report.html", results, figures, settings=record.settings, models=record.models,
                  titles=plots.FIGURE_TITLES,
                  tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                 notes=[*record.notes, *uniform_sentences(results)], title=record.title, captions=record.captions)
+                 notes=[*record.notes, *uniform_sentences(results)], title=record.title,
+                 captions={**_registered_captions(record.analyses), **record.captions})
     return figures, metrics, summary
 
 

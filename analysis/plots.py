@@ -900,3 +900,43 @@ def plot_analysis(name: str, results: Mapping[str, Any], *, palette: Optional[Mo
     if name not in registry.names() or registry.get(name).plot is None:
         raise ValueError(f"no figure for analysis {name!r}; expected one of {', '.join(FIGURE_FUNCTIONS)}")
     return registry.get(name).plot(results, palette=palette, out=out, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# representation rank, patch-feature PCA images
+def plot_representation_rank(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = None,
+                             out: Optional[PathLike] = None) -> Figure:
+    """RankMe (effective rank of the pooled features) and the spectrum's decay exponent alpha per block."""
+    palette = _palette(results, palette)
+    fig = _new_figure(10.5, 4.0)
+    left, right = fig.subplots(1, 2)
+    plot_layer_metric(results, "rankme", ylabel="RankMe (effective rank)", title="Representation rank (RankMe)",
+                      show_heads=False, palette=palette, ax=left)
+    plot_layer_metric(results, "spectrum-alpha", ylabel="α of λ_k ∝ k^−α (top half of the spectrum)",
+                      title="Eigenspectrum decay (α-ReQ)", show_heads=False, palette=palette, ax=right)
+    return _finish(fig, out)
+
+
+def plot_pca_images(results: Mapping[str, Any], *, max_images: int = 4, palette: Optional[ModelPalette] = None,
+                    out: Optional[PathLike] = None) -> Figure:
+    """The first three principal components of the last block's patch tokens as RGB (DINOv2's figure),
+    fitted jointly over the shown images, beside each input; one row per model."""
+    palette = _palette(results, palette)
+    n_img = min(max_images, min(np.asarray(_array(r, "pca_rgb")).shape[0] for r in results.values()))
+    fig = _new_figure(1.9 * 2 * n_img + 0.6, 2.0 * len(results) + 0.6)
+    axes = fig.subplots(len(results), 2 * n_img, squeeze=False)
+    for ax_row, (name, r) in zip(axes, results.items()):
+        rgb = np.asarray(_array(r, "pca_rgb"), dtype=np.float32)
+        imgs = _display_images(_array(r, "pca_inputs")[:n_img])
+        h, w = r.geometry.img_size
+        evr = np.asarray(r.arrays.get("pca_explained_variance_ratio", [np.nan] * 3), dtype=np.float64)
+        for j in range(n_img):
+            ax_row[2 * j].imshow(imgs[j], extent=(0, w, h, 0))
+            ax_row[2 * j + 1].imshow(rgb[j], extent=(0, w, h, 0), interpolation="nearest")
+            ax_row[2 * j + 1].set_title(f"PC 1-3: {100 * evr.sum():.0f}% var." if j == 0 else "", fontsize="x-small")
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax_row[0].set_ylabel(model_label(name, r).replace(" · ", "\n"), fontsize="x-small", color=palette[name].color)
+    _suptitle(fig, "Patch features of the last block: first 3 principal components as RGB", results, shown=n_img)
+    return _finish(fig, out)

@@ -87,6 +87,7 @@ class Analysis:
     plot: Callable[..., Any] | None = None
     figure_stem: str = ""
     arrays: tuple[str, ...] = ()
+    caption: str = ""  # shown under the figure in the report: what is plotted and how to read it
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c.isspace() or c == "," for c in self.name):

@@ -100,6 +100,9 @@ class RunOptions:
     a PCA per token set; ``"joint"``: one PCA fitted on both sets, as the KAMIM fork).
     matrix_scale: colour range of the similarity matrices (CKA, attention similarity): ``"shared"``
     ([0, 1] in every figure) or ``"figure"`` (each figure's data range).
+    rank_pool: pooling of the features of representation-rank (``"avg"`` or ``"cls"``).
+    pca_images: images of the PCA images (fitted jointly); pca_foreground: fit the RGB components on
+    the foreground patches only (first component thresholded, DINOv2).
     map_images: first M images kept for attention maps, rollout and attribution.
     map_queries: grid positions ``(row, col)``; default the centre patch.
     head_fusion: rollout head fusion. attribution_methods, attribution_model (a classifier; default
@@ -123,6 +126,9 @@ class RunOptions:
     pre_post_images: int = 8
     pre_post_pca: str = "separate"
     matrix_scale: str = "shared"
+    rank_pool: str = "avg"
+    pca_images: int = 4
+    pca_foreground: bool = False
     map_images: int = 4
     map_queries: tuple[tuple[int, int], ...] | None = None
     head_fusion: str = "mean"
@@ -140,7 +146,7 @@ class RunOptions:
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
         opts = cls(**options)
-        for name in ("batch_size", "tsne_samples", "pre_post_images", "map_images", "cka_chunk",
+        for name in ("batch_size", "tsne_samples", "pre_post_images", "map_images", "cka_chunk", "pca_images",
                      "attribution_steps", "attribution_internal_batch_size", "tsne_iterations"):
             value = getattr(opts, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -149,6 +155,8 @@ class RunOptions:
                                               or opts.tsne_threads < 1):
             raise ValueError(f"option tsne_threads must be None or a positive int, got {opts.tsne_threads!r}")
         check_pool(opts.cka_pool, CKA_POOLS, key="option cka_pool")
+        if not isinstance(opts.pca_foreground, bool):
+            raise ValueError(f"option pca_foreground must be true or false, got {opts.pca_foreground!r}")
         choices = {"similarity_kind": ATTENTION_SIMILARITY_KINDS,
                    "cka_estimator": CKA_ESTIMATORS, "tsne_color": ("class", "image"), "head_fusion": HEAD_FUSIONS,
                    "attribution_target": ("prediction", "label"), "pre_post_pca": PRE_POST_PCA,

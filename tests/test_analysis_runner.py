@@ -212,7 +212,7 @@ def test_capture_request_is_the_union_of_the_needs():
     needs = set().union(*(registry.get(n).needs for n in ("fourier", "pre-post")))
     assert capture_request(needs) == dict(pre_attention=True, post_attention=True, block_output=True,
                                           embedding=True, num_prefix_tokens=None)
-    assert SWIN_ANALYSES == registry.supported("swin") == ("cka", "tsne")
+    assert SWIN_ANALYSES == registry.supported("swin") == ("cka", "tsne", "representation-rank")
 
 
 def test_joint_pre_post_pca_option_reaches_the_saved_arrays_and_the_figure(dataset, tmp_path):

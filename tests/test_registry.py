@@ -149,7 +149,7 @@ def _swin_geometry():
 
 
 def test_swin_support_is_what_the_analyses_claim():
-    assert registry.supported("swin") == ("cka", "tsne")
+    assert registry.supported("swin") == ("cka", "tsne", "representation-rank")
     assert set(registry.supported("vit")) == set(registry.names()) - {n for n in registry.names()
                                                                        if "vit" not in registry.get(n).geometries}
 
