@@ -82,6 +82,7 @@ if TYPE_CHECKING:
         head_similarity,
         linear_cka,
     )
+    from .norms import HighNormAccumulator, NormHistogram, high_norm_mask
     from .pca_images import PCAImagesAccumulator, oriented_components, pca_rgb
     from .rank import RankAccumulator, SecondMoments, rankme, spectrum_alpha
     from .tokens import AttentionShift, PrePostAccumulator, Reservoir, TSNEAccumulator, pre_post_pca, tsne_embedding
@@ -118,6 +119,7 @@ _MODULES = {
         "AttentionSimilarity", "AttentionSimilarityAccumulator", "CKAAccumulator", "LayerCKAAccumulator",
         "HeadSimilarity", "attention_similarity", "head_similarity", "linear_cka",
     ),
+    "norms": ("high_norm_mask", "NormHistogram", "HighNormAccumulator"),
     "rank": ("rankme", "spectrum_alpha", "SecondMoments", "RankAccumulator"),
     "pca_images": ("pca_rgb", "oriented_components", "PCAImagesAccumulator"),
     "tokens": ("AttentionShift", "Reservoir", "TSNEAccumulator", "PrePostAccumulator", "pre_post_pca", "tsne_embedding"),

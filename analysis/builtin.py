@@ -53,6 +53,12 @@ BUILTIN: tuple[Analysis, ...] = (
                      "rank_pool) after each block, uncentred. Right: α of the centred covariance spectrum "
                      "λ_k ∝ k^−α fitted on its top half (α-ReQ); a higher RankMe and a lower α mean features that "
                      "use more dimensions."),
+    Analysis("high-norm-tokens", "High-norm tokens and attention sinks", frozenset({"attention", "tokens", "embedding"}),
+             _VIT, lazy("analysis.norms:HighNormAccumulator"), lazy("analysis.plots:plot_high_norm_tokens"),
+             arrays=("norm_histogram", "norm_log_edges"),
+             caption="Left: share of each block's patch tokens by L2 norm (log scale). Right: attention of patch "
+                     "queries on the prefix tokens (class token, registers; solid) and on the high-norm patches of "
+                     "the block's input (median + norm_outlier_mads MADs of their image; dashed) (Darcet et al. 2024)."),
     Analysis("pca-images", "Patch-feature PCA images", frozenset({"tokens", "inputs"}), _VIT,
              lazy("analysis.pca_images:PCAImagesAccumulator"), lazy("analysis.plots:plot_pca_images"),
              arrays=("pca_rgb", "pca_mask", "pca_inputs", "pca_explained_variance_ratio"),

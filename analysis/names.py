@@ -17,7 +17,7 @@ ANALYSES: tuple[str, ...] = tuple(a.name for a in BUILTIN)
 RUN_OPTIONS = (
     "batch_size", "similarity_kind", "cka_pool", "cka_estimator", "cka_chunk", "tsne_layer", "tsne_samples",
     "tsne_perplexity", "tsne_iterations", "tsne_threads", "tsne_color", "pre_post_layer", "pre_post_images",
-    "pre_post_pca", "matrix_scale", "rank_pool", "pca_images", "pca_foreground",
+    "pre_post_pca", "matrix_scale", "rank_pool", "pca_images", "pca_foreground", "norm_outlier_mads",
     "map_images", "map_queries", "head_fusion", "attribution_methods", "attribution_model", "attribution_target",
     "attribution_steps", "attribution_internal_batch_size", "amp_dtype",
 )

@@ -940,3 +940,41 @@ def plot_pca_images(results: Mapping[str, Any], *, max_images: int = 4, palette:
         ax_row[0].set_ylabel(model_label(name, r).replace(" · ", "\n"), fontsize="x-small", color=palette[name].color)
     _suptitle(fig, "Patch features of the last block: first 3 principal components as RGB", results, shown=n_img)
     return _finish(fig, out)
+
+
+def plot_high_norm_tokens(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = None,
+                          out: Optional[PathLike] = None) -> Figure:
+    """Per model, the distribution of patch-token norms per block (rows: blocks, colour: share of the
+    layer's tokens, log-norm axis); last panel: attention of patch queries on prefix tokens (solid) and
+    on high-norm patches (dashed) per block."""
+    palette = _palette(results, palette)
+    n = len(results)
+    fig = _new_figure(3.2 * n + 4.2, 3.8)
+    axes = fig.subplots(1, n + 1, squeeze=False)[0]
+    for ax, (name, r) in zip(axes, results.items()):
+        hist = np.asarray(_array(r, "norm_histogram"), dtype=np.float64)
+        edges = np.asarray(_array(r, "norm_log_edges"), dtype=np.float64)
+        used = np.flatnonzero(hist.sum(0))
+        lo, hi = (used[0], used[-1] + 1) if used.size else (0, hist.shape[1])
+        share = hist[:, lo:hi] / np.maximum(hist.sum(1, keepdims=True), 1)
+        ax.imshow(share, aspect="auto", cmap="magma", interpolation="nearest", origin="lower",
+                  extent=(edges[lo], edges[hi], 0.5, hist.shape[0] + 0.5))
+        ax.set_xlabel("log10 ‖patch token‖")
+        ax.set_ylabel("depth (block)")
+        ax.set_yticks(range(1, hist.shape[0] + 1))
+        ax.set_title(model_label(name, r), fontsize="x-small", color=palette[name].color)
+    ax = axes[-1]
+    for name, r in results.items():
+        style = palette[name]
+        for metric, ls in (("sink-prefix-mass", "-"), ("sink-high-norm-mass", "--")):
+            rows = _metric_rows(r, metric)
+            ax.plot(rows["layer"], rows["value"], linestyle=ls, color=style.color, marker=style.marker,
+                    markersize=4, label=f"{name}: {'prefix tokens' if ls == '-' else 'high-norm patches'}")
+    ax.set_xlabel("depth (block)")
+    ax.set_xticks(range(1, max(int(r.geometry.depth) for r in results.values()) + 1))
+    ax.set_ylabel("attention of patch queries (mean)")
+    ax.set_title("Attention sinks", fontsize="small")
+    ax.legend(fontsize="xx-small", frameon=False)
+    ax.grid(alpha=0.3)
+    _suptitle(fig, "Patch-token norms and attention sinks", results)
+    return _finish(fig, out)

@@ -103,6 +103,7 @@ class RunOptions:
     rank_pool: pooling of the features of representation-rank (``"avg"`` or ``"cls"``).
     pca_images: images of the PCA images (fitted jointly); pca_foreground: fit the RGB components on
     the foreground patches only (first component thresholded, DINOv2).
+    norm_outlier_mads: a patch token is high-norm above its image's median norm + this many MADs.
     map_images: first M images kept for attention maps, rollout and attribution.
     map_queries: grid positions ``(row, col)``; default the centre patch.
     head_fusion: rollout head fusion. attribution_methods, attribution_model (a classifier; default
@@ -129,6 +130,7 @@ class RunOptions:
     rank_pool: str = "avg"
     pca_images: int = 4
     pca_foreground: bool = False
+    norm_outlier_mads: float = 10.0
     map_images: int = 4
     map_queries: tuple[tuple[int, int], ...] | None = None
     head_fusion: str = "mean"
