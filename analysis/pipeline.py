@@ -45,7 +45,7 @@ class Preprocessing:
     """How an image becomes a model input: resize the short side to ``size / crop_pct`` with
     ``interpolation``, centre crop ``size``, ImageNet normalisation: timm's eval transform
     (``timm.data.create_transform(size, is_training=False, interpolation=, crop_pct=)``, which
-    :class:`kamim.EvalTransform` equals pixel for pixel).
+    :class:`kamim.EvalTransform` equals up to float32 rounding: tests/test_analysis_preprocessing.py).
 
     ``kamim-analyze run`` uses bicubic (timm's default for ViTs); ``paper-figures`` uses bilinear, as
     the reference notebooks do (:data:`analysis.paper.PAPER_PREPROCESSING`): the interpolation alone
@@ -69,6 +69,7 @@ class Preprocessing:
         return EvalTransform(tuple(img_size), resize_ratio=self.crop_pct, interpolation=self.interpolation)
 
     def describe(self) -> str:
+        """The preprocessing in words (the report's settings)."""
         return (f"timm eval transform: short side resized to size / {self.crop_pct:g} ({self.interpolation}), "
                 f"centre crop, ImageNet normalisation")
 
