@@ -399,12 +399,26 @@ def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mappi
 
 # ----------------------------------------------------------------------------------------------
 # Fourier
+def _pi(f: float) -> str:
+    """A frequency in units of π as a label: ``0``, ``π``, ``5π/6``, ``0.5π`` -> ``π/2``."""
+    from fractions import Fraction
+
+    q = Fraction(f).limit_denominator(64)
+    if q == 0:
+        return "0"
+    num = "π" if q.numerator == 1 else f"{q.numerator}π"
+    return num if q.denominator == 1 else f"{num}/{q.denominator}"
+
+
 def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = None,
                  out: Optional[PathLike] = None) -> Figure:
     """Δ log amplitude vs frequency per depth (one panel per model) + high-frequency value per depth.
 
     Left panels: one curve per depth (0 = patch embedding ... L), coloured by depth. Right panel:
-    the value at the highest frequency (π) per depth, one line per model in its colour.
+    the value at the highest frequency on the half diagonal per depth, one line per model in its
+    colour. That frequency is the grid's own highest, the last of
+    :func:`analysis.fourier.fourier_frequencies` (5π/6 on a 12×12 grid, not π); the axes end there
+    and the labels say which it is.
     """
     palette = _palette(results, palette)
     n = len(results)
@@ -414,13 +428,16 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
     max_depth = max(int(r.geometry.depth) for r in results.values())
     norm = Normalize(0, max_depth)
     hf_ax = axes[-1]
+    highest = {}
     for ax, (name, r) in zip(axes[:-1], results.items()):
         amp = np.asarray(_array(r, "fourier"), dtype=np.float64)
         freqs = np.asarray(_array(r, "fourier_freqs"), dtype=np.float64)  # units of pi
+        highest[name] = float(freqs[-1])
         for d, curve in enumerate(amp):
             ax.plot(freqs, curve, color=cmap(norm(d)), linewidth=1.2)
-        ax.set_xlim(0, 1)
-        ax.set_xticks([0, 0.5, 1.0], ["0", "0.5π", "π"])
+        ax.set_xlim(0, freqs[-1])
+        ticks = [0.0, 0.5, float(freqs[-1])] if freqs[-1] > 0.6 else [0.0, float(freqs[-1])]
+        ax.set_xticks(ticks, [_pi(t) for t in ticks])
         ax.set_xlabel("frequency")
         ax.set_ylabel("Δ log amplitude")
         ax.set_title(model_label(name, r), fontsize="small")
@@ -433,8 +450,10 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
                  label="depth (0 = patch embedding)", shrink=0.5, aspect=40)
     hf_ax.set_xlabel("depth (0 = patch embedding)")
     hf_ax.set_xticks(range(0, max_depth + 1))
-    hf_ax.set_ylabel("Δ log amplitude at frequency π")
-    hf_ax.set_title("High-frequency amplitude", fontsize="small")
+    shared = set(highest.values())
+    at = _pi(shared.pop()) if len(shared) == 1 else "each grid's highest"
+    hf_ax.set_ylabel(f"Δ log amplitude at frequency {at}")
+    hf_ax.set_title(f"Highest frequency ({at})", fontsize="small")
     hf_ax.grid(alpha=0.3)
     hf_ax.legend(fontsize="x-small", frameon=False)
     _suptitle(fig, "Fourier analysis of feature maps", results)

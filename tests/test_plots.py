@@ -185,6 +185,13 @@ def test_fourier_curves_and_high_frequency(synthetic):
     assert list(line.get_xdata()) == [0, 1, 2, 3, 4]
     assert np.allclose(line.get_ydata(), synthetic["SimMIM"].arrays["fourier"][:, -1])
     assert len(fig.axes[0].lines) == 5  # one curve per depth, embedding included
+    # the axes end at the grid's highest frequency (an 8x8 grid: 3π/4, not π) and say which it is
+    assert fig.axes[0].get_xlim() == (0.0, 0.75)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "π/2", "3π/4"]
+    assert hf.get_ylabel() == "Δ log amplitude at frequency 3π/4"
+    from analysis.fourier import fourier_frequencies
+
+    assert plots._pi(float(fourier_frequencies(12)[-1])) == "5π/6" and plots._pi(1.0) == "π"
 
 
 def test_attention_maps_mark_query_at_pixel_position(real_results):
