@@ -282,9 +282,9 @@ def _nmi_from(row_sum: Tensor, xlogx: Tensor, marginal: Tensor) -> Tensor:
     # I = sum_qk p(q) A log(A / p(k)) = H(k) - mean_q H(A[q, :]) since sum_q A[q, k] = n_q p(k):
     # one entropy pass, and 0 log 0 = 0 without an eps
     mi = h_k - _mean_row_entropy(row_sum, xlogx)
-    # H(k) = 0 means every query attends to the same single key: no information, NMI = 0
-    nmi = mi / (n_q.log() * h_k).sqrt().clamp_min(_TINY)
-    return torch.where(n_q > 0, nmi, torch.nan)
+    # H(k) = 0 (every query on one key) or H(q) = 0 (one valid query): no information, NMI = 0
+    nmi = mi / (n_q.clamp_min(1).log() * h_k).sqrt().clamp_min(_TINY)
+    return torch.where(n_q > 1, nmi, torch.where(n_q > 0, 0.0, torch.nan))
 
 
 def patch_attention(attn: Tensor, num_prefix_tokens: int = 1, grid: int | Sequence[int] | None = None) -> Tensor:

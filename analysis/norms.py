@@ -34,7 +34,10 @@ LOG_BINS = 1000  # bins of 0.01 in log10(norm)
 def high_norm_mask(tokens: Tensor, mads: float) -> Tensor:
     """``(B, N)`` True where a token's L2 norm exceeds the median + ``mads`` x MAD of the norms of its
     image's tokens ``(B, N, C)``."""
-    norms = tokens.float().norm(dim=-1)
+    return _outliers(tokens.float().norm(dim=-1), mads)
+
+
+def _outliers(norms: Tensor, mads: float) -> Tensor:
     med = norms.median(dim=-1, keepdim=True).values
     mad = (norms - med).abs().median(dim=-1, keepdim=True).values
     return norms > med + mads * mad
@@ -85,17 +88,16 @@ class HighNormAccumulator:
     def update(self, batch) -> None:
         g, out = self.context.geometry, batch.captured
         p = g.num_prefix_tokens
-        inputs = out.embedding
+        keys = high_norm_mask(out.embedding[:, p:], self.mads).float()  # (B, K): block 1's high-norm input patches
         for l in self.hist:
-            tokens = out.block_output[l][:, p:]
-            self.hist[l].update(tokens.float().norm(dim=-1))
-            frac = high_norm_mask(tokens, self.mads).float().mean(-1)  # (B,)
-            keys = high_norm_mask(inputs[:, p:], self.mads).float()  # (B, K): block l's high-norm input patches
+            norms = out.block_output[l][:, p:].float().norm(dim=-1)  # (B, K), once per layer
+            self.hist[l].update(norms)
+            high = _outliers(norms, self.mads).float()
             attn = out.attention[l].float()[:, :, p:, :]  # (B, heads, Q, N): patch queries
-            prefix = attn[..., :p].sum(-1).mean((1, 2)) if p else torch.zeros(len(frac))
+            prefix = attn[..., :p].sum(-1).mean((1, 2)) if p else torch.zeros(len(high))
             sink = (attn[..., p:] * keys[:, None, None, :]).sum(-1).mean((1, 2))
-            self.sums[l] += torch.stack([frac, prefix.cpu(), sink.cpu()], 1).double().sum(0).numpy()
-            inputs = out.block_output[l]
+            self.sums[l] += torch.stack([high.mean(-1), prefix, sink], 1).double().sum(0).cpu().numpy()
+            keys = high  # block l's output is block l + 1's input
         self.images += len(batch)
 
     def merge(self, other: HighNormAccumulator) -> None:

@@ -20,14 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+from kamim.doctor import cpu_model
 
 
 def _run(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -51,7 +44,7 @@ def main() -> None:
         warm, _ = _run([*argv, "--out", str(Path(tmp) / "warm")], env)
     stamps = [time.strptime(t, "%H:%M:%S") for t in re.findall(r"^(\d\d:\d\d:\d\d) kamim\.pretrain", log, re.M)]
     train = (time.mktime(stamps[-1]) - time.mktime(stamps[0])) if len(stamps) > 1 else float("nan")
-    print(f"kamim-analyze demo{' --fast' if args.fast else ''} on {_cpu()}")
+    print(f"kamim-analyze demo{' --fast' if args.fast else ''} on {cpu_model()}, {os.cpu_count()} logical CPUs")
     print(f"cold cache (photographs written, 3 models trained, analyses, report): {cold:7.1f} s")
     print(f"  of which pretraining (first to last pretraining log line):         {train:7.1f} s")
     print(f"warm cache (analyses and report only):                                {warm:7.1f} s")

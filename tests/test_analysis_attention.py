@@ -340,3 +340,13 @@ def test_row_check_covers_prefix_rows_and_prefix_columns():
         attention_distance(prefix_col, 4, 16)
     with pytest.raises(ValueError, match="rows must sum to 1"):
         PatchAttention(prefix_col, 1, 4)
+
+
+def test_nmi_of_a_head_with_one_row_on_patches_is_zero_not_a_blow_up():
+    """One remaining query has H(q) = 0: no mutual information to normalise (the restricted
+    reference gives 0), where dividing by sqrt(log 1 * H(k)) would blow the float error up."""
+    attn = random_attention(1, 2, 1 + 16, seed=3)
+    attn[0, 0, 2:, :] = 0  # head 0: only query 0 (token 1) keeps attention on patches
+    attn[0, 0, 2:, 0] = 1.0
+    nmi = normalized_mutual_information(attn)
+    assert nmi[0].item() == 0.0 and 0 < nmi[1].item() < 1

@@ -560,6 +560,20 @@ def test_plot_combines_separate_runs_into_the_table_of_one_run(assets, tmp_path,
                                   pd.read_csv(tmp_path / "both" / "metrics.csv"))
 
 
+def test_baseline_random_from_the_command_line(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--baseline", "random", "--data", assets["data"],
+                       "--analyses", "attention-distance,nmi", "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    assert set(pd.read_csv(out / "metrics.csv")["model"]) == {"A", "random-vit_tiny_patch16_224"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["baseline"] == "random"
+    assert "random-vit_tiny_patch16_224: attention indistinguishable from uniform" in (out / "report.html").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        _run(["run", "--model", f"A={assets['a']}", "--baseline", "zero", "--data", assets["data"],
+              "--out", tmp_path / "x"], capsys)
+    assert exit_.value.code == 2 and "argument --baseline: invalid choice: 'zero'" in capsys.readouterr().err
+
+
 def test_reuse_analyses_only_the_models_without_matching_saved_results(assets, tmp_path, capsys, caplog):
     c = _export(tmp_path / "c.safetensors", 7)
     analyses = ["--data", assets["data"], "--analyses", "attention-distance,nmi,fourier", *FAST]

@@ -144,6 +144,20 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(signum, demo30, t
     _assert_state_equal(safe_load(straight)["model"], safe_load(resumed)["model"])
 
 
+def test_a_signal_during_the_last_step_saves_it_once_and_the_rerun_only_finishes(demo30, tmp_path, monkeypatch):
+    straight = pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "a", resume="none")
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda c: signal_at(real_build(c), at=5))
+    with pytest.raises(Interrupted, match="after step 5; checkpoint saved"):
+        pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "b", resume="none")
+    assert safe_load(tmp_path / "b" / LAST_CHECKPOINT)["step"] == 5
+    assert not (tmp_path / "b" / "summary.json").exists()  # the run did not claim to have finished
+    monkeypatch.setattr(engine, "build_model", real_build)
+    done = pretrain(cfg("run.max_steps=5"), demo30, tmp_path / "b")
+    assert (tmp_path / "b" / "summary.json").is_file()
+    _assert_state_equal(safe_load(straight)["model"], safe_load(done)["model"])
+
+
 def _flip_tensor_bytes(path, n: int = 400) -> None:
     """Flip ``n`` bytes inside the largest tensor record of a torch zip checkpoint (torch checks no CRC)."""
     import zipfile
