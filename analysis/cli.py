@@ -286,12 +286,12 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from analysis.demo import DEMO_NOTE, run_demo
+    from analysis.demo import demo_note, run_demo
 
     out = run_demo(args.out, cache=args.cache, fast=args.fast, progress=not args.quiet,
                    overwrite=args.overwrite)
     _print_summary(out)
-    print(f"\n{DEMO_NOTE}")  # once, under the numbers it qualifies (the report carries it too)
+    print(f"\n{demo_note(args.fast)}")  # once, under the numbers it qualifies (the report carries it too)
     return 0
 
 

@@ -10,8 +10,10 @@ Checkpoints are cached (default ``checkpoints/demo/`` in the repository checkout
 overrides, kamim version) once training has finished, and a later call with the same settings reuses
 it instead of training again. An interrupted training run resumes from its last checkpoint.
 
-These are small demonstration models trained for a minute on a few dozen images: their numbers show
-what the toolkit measures, not what KAMIM, SimMIM or MoCo v3 do at ImageNet scale.
+These are small demonstration models trained for a few minutes on 75 photographs (:func:`demo_note`):
+their numbers show what the toolkit measures, not what KAMIM, SimMIM or MoCo v3 do at ImageNet scale.
+SimMIM's recipe is chosen so that its attention is measurably local (its first layer's mean distance
+more than 10% below uniform; tested), so the demo's figures compare structure, not noise.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Optional, Union
 from analysis.pipeline import AnalyzeOutput, analyze
 
 __all__ = [
-    "DEMO_MODELS", "DEMO_NOTE", "DemoSettings", "default_cache_dir", "demo_settings",
+    "DEMO_MODELS", "DemoSettings", "demo_note", "default_cache_dir", "demo_settings", "demo_overrides",
     "demo_checkpoints", "ensure_demo_checkpoints", "demo_eval_folder", "run_demo",
 ]
 
@@ -36,11 +38,6 @@ PathLike = Union[str, Path]
 
 # display name -> tiny preset (kamim/configs/<preset>.yaml)
 DEMO_MODELS: dict[str, str] = {"SimMIM": "tiny_simmim", "KAMIM": "tiny_kamim", "MoCo v3": "tiny_moco"}
-DEMO_NOTE = ("These are small demonstration models (vit_pico, 96 px, 12×12 tokens of 8 px) pretrained "
-             "with the tiny presets for a few dozen optimizer steps (about a minute) on the 75 demo photographs; "
-             "their numbers illustrate the analyses and are not representative of KAMIM, SimMIM or MoCo v3 "
-             "at scale. random-vit_pico is the same architecture randomly initialised: curves at its level, "
-             "or on the dashed uniform-attention lines, show no learned structure.")
 _FINGERPRINT = "demo.json"
 _COMMAND = "kamim-analyze demo"
 
@@ -49,7 +46,7 @@ _COMMAND = "kamim-analyze demo"
 class DemoSettings:
     """How the demo models are trained and analysed."""
 
-    overrides: tuple[str, ...]  # config overrides on top of each tiny preset
+    recipes: Mapping[str, tuple[str, ...]]  # tiny preset -> config overrides it is trained with
     images: int  # images analysed per model
     batch_size: int
     tsne_samples: int  # tokens in the t-SNE
@@ -58,16 +55,45 @@ class DemoSettings:
     tag: str  # cache sub-folder suffix distinguishing the settings
 
 
+# Where the MIM models start: timm's xavier ("jax") initialisation and the 2-D sin-cos table as the
+# starting value of the learned position embedding. With timm's default start (weights and position
+# embedding ~N(0, 0.02)) the attention of a 600-step SimMIM stays within 1% of uniform at every
+# layer; from this start its first layer's mean distance is 14% below uniform (BENCHMARKS.md, "Demo").
+_MIM_START = ("model.init=jax", "model.pos_embed_init=sincos")
+
+
 def demo_settings(fast: bool = False) -> DemoSettings:
-    """Full demo (the tiny presets for 6 epochs) or ``fast`` (3 epochs, fewer images)."""
+    """Full demo (SimMIM and KAMIM 600 steps, MoCo v3 240) or ``fast`` (12 steps each, fewer images)."""
     if fast:
-        return DemoSettings(overrides=("optim.epochs=3", "optim.warmup_epochs=1"), images=16,
-                            batch_size=16, tsne_samples=300, attribution_steps=8, tag="fast")
-    # 6 of the presets' 10 epochs: keeps a fresh `kamim-analyze demo` (three trainings + every
-    # analysis) well under 10 minutes on 2 CPU cores; MoCo v3 (two views, momentum encoder) costs
-    # about as much as SimMIM and KAMIM together.
-    return DemoSettings(overrides=("optim.epochs=6", "optim.warmup_epochs=1"), images=60,
-                        batch_size=20, tsne_samples=1000, attribution_steps=32, tag="full")
+        quick = ("optim.epochs=3", "optim.warmup_epochs=1")
+        return DemoSettings(recipes={"tiny_simmim": quick + _MIM_START, "tiny_kamim": quick + _MIM_START,
+                                     "tiny_moco": quick + ("model.init=moco",)},
+                            images=16, batch_size=16, tsne_samples=300, attribution_steps=8, tag="fast")
+    # 4 steps an epoch (75 photographs, batch 16). SimMIM and KAMIM train long enough for SimMIM's
+    # attention to become measurably local; MoCo v3 (two views and a momentum encoder: twice the
+    # cost of a step) gets 60 epochs, so a fresh `kamim-analyze demo` stays under 10 minutes on 2
+    # CPU cores (BENCHMARKS.md).
+    mim = ("optim.epochs=150", "optim.warmup_epochs=5") + _MIM_START
+    return DemoSettings(recipes={"tiny_simmim": mim, "tiny_kamim": mim,
+                                 "tiny_moco": ("optim.epochs=60", "optim.warmup_epochs=5", "model.init=moco")},
+                        images=60, batch_size=20, tsne_samples=1000, attribution_steps=32, tag="full")
+
+
+def _epochs(recipe: Sequence[str]) -> str:
+    return next(o.split("=", 1)[1] for o in reversed(recipe) if o.startswith("optim.epochs="))
+
+
+def demo_note(fast: bool = False) -> str:
+    """What the demo models are and how they were trained (printed by the CLI, carried by the report)."""
+    recipes = demo_settings(fast).recipes
+    mim, moco = _epochs(recipes["tiny_simmim"]), _epochs(recipes["tiny_moco"])
+    return ("These are small demonstration models (vit_pico, 96 px, 12×12 tokens of 8 px) pretrained on the "
+            f"75 demo photographs with the tiny presets: SimMIM and KAMIM for {mim} epochs from timm's xavier "
+            "initialisation with a sin-cos start for the position embedding, MoCo v3 for "
+            f"{moco} epochs{' (the --fast demo)' if fast else ''}. Their numbers illustrate the analyses and "
+            "are not representative of KAMIM, SimMIM or MoCo v3 at scale. random-vit_pico is the same "
+            "architecture with timm's random initialisation: curves at its level, or on the dashed "
+            "uniform-attention lines, show no learned structure.")
 
 
 def default_cache_dir() -> Path:
@@ -92,15 +118,22 @@ def _run_dir(cache: Path, preset: str, tag: str) -> Path:
 
 
 def _resolve(fast: bool, overrides: Sequence[str], data: Optional[PathLike]
-             ) -> tuple[tuple[str, ...], Optional[str], str]:
+             ) -> tuple[dict[str, tuple[str, ...]], Optional[str], str]:
+    """Preset -> the overrides it trains with (the recipe, then the caller's), the data, the cache tag."""
     settings = demo_settings(fast)
-    overrides = settings.overrides + tuple(str(o) for o in overrides)
+    extra = tuple(str(o) for o in overrides)
+    recipes = {preset: tuple(settings.recipes[preset]) + extra for preset in DEMO_MODELS.values()}
     data = None if data is None else str(Path(data).expanduser().absolute())
     tag = settings.tag
-    if overrides != settings.overrides or data is not None:  # custom runs get their own folder
-        digest = hashlib.sha1(json.dumps([list(overrides), data]).encode()).hexdigest()[:8]
+    if extra or data is not None:  # custom runs get their own folder
+        digest = hashlib.sha1(json.dumps([list(extra), data]).encode()).hexdigest()[:8]
         tag = f"{tag}-{digest}"
-    return overrides, data, tag
+    return recipes, data, tag
+
+
+def demo_overrides(name: str, fast: bool = False) -> tuple[str, ...]:
+    """The config overrides the demo model ``name`` (a key of :data:`DEMO_MODELS`) is trained with."""
+    return tuple(demo_settings(fast).recipes[DEMO_MODELS[name]])
 
 
 def demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = False,
@@ -112,11 +145,11 @@ def demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = False,
     other settings.
     """
     cache = Path(cache) if cache is not None else default_cache_dir()
-    overrides, data_s, tag = _resolve(fast, overrides, data)
+    recipes, data_s, tag = _resolve(fast, overrides, data)
     found: dict[str, Path] = {}
     for name, preset in DEMO_MODELS.items():
         run = _run_dir(cache, preset, tag)
-        if not _is_complete(run, _fingerprint(preset, overrides, data_s)):
+        if not _is_complete(run, _fingerprint(preset, recipes[preset], data_s)):
             flag = " --fast" if fast else ""
             raise FileNotFoundError(
                 f"no finished demo checkpoint for {name} in {run}; create it with "
@@ -149,18 +182,18 @@ def ensure_demo_checkpoints(cache: Optional[PathLike] = None, *, fast: bool = Fa
     from kamim.serialization import atomic_write_json
 
     cache = Path(cache) if cache is not None else default_cache_dir()
-    overrides, data_s, tag = _resolve(fast, overrides, data)
+    recipes, data_s, tag = _resolve(fast, overrides, data)
     out: dict[str, Path] = {}
     for name, preset in DEMO_MODELS.items():
         run = _run_dir(cache, preset, tag)
-        fingerprint = _fingerprint(preset, overrides, data_s)
+        fingerprint = _fingerprint(preset, recipes[preset], data_s)
         if _is_complete(run, fingerprint):
             log.info("demo %s: reusing %s", name, run)
             out[name] = run / "checkpoint-last.pt"
             continue
         if (run / _FINGERPRINT).exists():  # trained with other settings: start again
             shutil.rmtree(run)
-        cfg = load_config(preset, [*overrides, "run.device=cpu",
+        cfg = load_config(preset, [*recipes[preset], "run.device=cpu",
                                    f"run.progress={str(progress).lower()}"])
         log.info("demo %s: pretraining %s into %s", name, preset, run)
         ckpt = pretrain(cfg, data=data_s, out_dir=run, resume="auto")
@@ -213,7 +246,7 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
     return analyze(
         {n: str(p) for n, p in checkpoints.items()}, data, out, analyses="all",
         images=settings.images, batch_size=settings.batch_size, device=device, progress=progress,
-        notes=(DEMO_NOTE,), title="KAMIM toolkit demo (small demonstration models)",
+        notes=(demo_note(fast),), title="KAMIM toolkit demo (small demonstration models)",
         options={"tsne_samples": settings.tsne_samples, "map_images": 2,
                  "attribution_steps": settings.attribution_steps}, extra=extra,
         command=_COMMAND, overwrite=overwrite, baseline="random")

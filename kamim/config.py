@@ -40,7 +40,7 @@ __all__ = [
     "Config", "ModelConfig", "DataConfig", "MaskConfig", "KamimConfig", "MoCoConfig",
     "OptimConfig", "RunConfig", "ConfigError", "load_config", "list_presets", "preset_path",
     "to_dict", "from_dict", "apply_overrides", "save_config", "config_diff", "dotted_get",
-    "METHODS", "AMP_MODES", "CROPS", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
+    "METHODS", "AMP_MODES", "CROPS", "INITS", "POS_EMBED_INITS", "RESUME_SAFE_KEYS", "CONFIG_DIR", "EVAL_CONFIG_DIR",
     "load_command_config", "dump_config", "add_config_arguments", "config_from_args", "field_default",
     "field_help", "ConfigFlags", "parsed_config", "MissingConfigKey", "LinprobeConfig", "FinetuneConfig", "KNNConfig", "ReconstructConfig",
     "linprobe_recipes", "clamped_warmup", "LINPROBE_RECIPE_KEYS", "COMMAND_CONFIGS", "SweepEval",
@@ -65,6 +65,10 @@ _DEFAULT_DETECTORS = ("fast", "sift", "orb")
 _DEFAULT_RENDERS = ("ring", "point", "disk")
 # the pretraining crops (kamim.data.transforms.MIMTransform): the reference pipeline's, or antialiased PIL
 CROPS = ("reference", "antialiased")
+# how pretraining initialises the encoder (kamim.models.factory.initialise_encoder): timm's default,
+# or one of timm's own ``init_weights`` modes; and where the learned ViT position embedding starts
+INITS = ("timm", "jax", "moco")
+POS_EMBED_INITS = ("timm", "sincos")
 _DEFAULT_ARCHS = ("vit_t", "vit_s", "vit_b", "swin_t", "swin_b", "vit_pico", "swin_pico")
 
 # Keys that may differ between a run and its resumption: they change how a run is executed or
@@ -121,8 +125,15 @@ class ModelConfig:
     arch: str = "vit_b"
     img_size: int = 192
     # timm keyword arguments of the encoder (``timm.create_model``), e.g. depth, embed_dim,
-    # drop_path_rate; nothing else (KAMIM's temperature is ``kamim.temperature``)
+    # drop_path_rate; nothing else (KAMIM's temperature is ``kamim.temperature``, the initialisation
+    # is ``init``: it is how this run starts, not part of the architecture a checkpoint records)
     overrides: dict[str, Any] = field(default_factory=dict)
+    # pretraining initialisation (one of INITS): "timm" = timm's default (truncated normal, std 0.02),
+    # "jax" / "moco" = timm's init_weights modes (xavier-uniform linear layers; "moco" as MoCo v3)
+    init: str = "timm"
+    # where the learned position embedding of a ViT starts (one of POS_EMBED_INITS): "timm" (truncated
+    # normal, std 0.02) or "sincos" (the fixed 2-D sin-cos table of MAE and MoCo v3, then learned)
+    pos_embed_init: str = "timm"
 
 
 @dataclass
@@ -813,6 +824,11 @@ def _validate(cfg: Config) -> None:
     if fetching:
         raise ConfigError(f"model.overrides may not set {', '.join(fetching)}: they make timm open a file or "
                           f"download weights (kamim pretrains from scratch; load weights with load_encoder)")
+    if "weight_init" in cfg.model.overrides:
+        raise ConfigError(f"model.overrides may not set weight_init; set model.init (one of {', '.join(INITS)}): "
+                          "the initialisation is a pretraining setting, not part of the recorded architecture")
+    _check_choice("model.init", cfg.model.init, INITS)
+    _check_choice("model.pos_embed_init", cfg.model.pos_embed_init, POS_EMBED_INITS)
     _check_choice("model.arch", cfg.model.arch, _known("kamim.models.presets", "PRESETS", _DEFAULT_ARCHS))
     img = cfg.model.img_size
     if img <= 0:

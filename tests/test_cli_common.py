@@ -356,7 +356,8 @@ def test_demo_prints_its_note_once(tmp_path, monkeypatch, capsys):
         Path(out), {}, {}, pd.DataFrame(), pd.DataFrame(), [], []))
     assert analyze_cli.main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert out.count(demo.DEMO_NOTE) == 1 and out.rstrip().endswith(demo.DEMO_NOTE)
+    note = demo.demo_note()
+    assert out.count(note) == 1 and out.rstrip().endswith(note) and "150 epochs" in note
 
 
 @pytest.mark.parametrize("main, prog", [(kamim_cli.main, "kamim"), (analyze_cli.main, "kamim-analyze")])

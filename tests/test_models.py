@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -448,3 +449,38 @@ def test_arch_of_names_the_preset_a_spec_builds_at_any_size():
         assert arch_of(stored) == arch  # tuples read back from JSON as lists, another resolution
     assert arch_of({"model_name": "vit_tiny_patch16_224", "kwargs": {**PRESETS["vit_pico"]["kwargs"], "depth": 3}}) is None
     assert arch_of({"model_name": "resnet50", "kwargs": {}}) is None
+
+
+def test_pretraining_initialisation_starts_from_timm_modes_and_sincos():
+    from kamim.config import ConfigError, load_config
+    from kamim.models import build_pretrain_model
+    from kamim.models.factory import initialise_encoder
+    from kamim.models.moco import sincos_pos_embed
+
+    torch.manual_seed(0)
+    model = create_pretrain_model("simmim", "vit_pico", init="jax", pos_embed_init="sincos")
+    enc = model.encoder
+    # the learned position embedding starts at the sin-cos table and stays trainable
+    assert torch.equal(enc.pos_embed.detach(), sincos_pos_embed(enc)) and enc.pos_embed.requires_grad
+    # timm's "jax" mode: xavier-uniform qkv (bound sqrt(6 / (96 + 288))) and zero biases
+    w = enc.blocks[0].attn.qkv.weight.detach()
+    bound = math.sqrt(6 / (96 + 288))
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.count_nonzero(enc.blocks[0].attn.qkv.bias) == 0
+    # timm's default start is untouched, and the spec records the architecture only
+    torch.manual_seed(0)
+    plain = create_pretrain_model("simmim", "vit_pico")
+    assert plain.encoder.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.encoder_spec == plain.encoder_spec and "weight_init" not in model.encoder_spec["kwargs"]
+    # the config reaches the factory; bad values are refused at load, one line, naming the key
+    cfg = load_config("tiny_simmim", ["model.init=jax", "model.pos_embed_init=sincos"])
+    assert torch.equal(build_pretrain_model(cfg).encoder.pos_embed.detach(), sincos_pos_embed(enc))
+    for bad, key in ((["model.init=xavier"], "model.init='xavier'"),
+                     (["model.pos_embed_init=rope"], "model.pos_embed_init='rope'"),
+                     (["model.overrides={weight_init: jax}"], "model.overrides may not set weight_init")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config("tiny_simmim", bad)
+    swin, _ = create_encoder("swin_pico")
+    with pytest.raises(ValueError, match="needs a ViT with a learned position embedding"):
+        initialise_encoder(swin, pos_embed_init="sincos")
+    initialise_encoder(swin, init="jax")  # timm's Swin has the same init modes

@@ -16,16 +16,18 @@ import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn as nn
 
-from kamim.models.moco import MoCoV3
+from kamim.config import INITS, POS_EMBED_INITS
+from kamim.models.moco import MoCoV3, sincos_pos_embed
 from kamim.models.presets import METHODS, PRESETS, create_encoder, preset
 from kamim.models.simmim import SimMIM
 
 if TYPE_CHECKING:
     from kamim.config import Config
 
-__all__ = ["create_pretrain_model", "build_pretrain_model", "KAMIM_SETTINGS", "MOCO_SETTINGS"]
+__all__ = ["create_pretrain_model", "build_pretrain_model", "initialise_encoder", "KAMIM_SETTINGS", "MOCO_SETTINGS"]
 
 KAMIM_SETTINGS = ("temperature", "normalize")
 MOCO_SETTINGS = ("dim", "mlp_dim", "temperature", "momentum", "fixed_sincos_pos_embed")
@@ -43,6 +45,32 @@ def _settings(group: str, given: Mapping[str, Any] | None, valid: tuple[str, ...
     return {k: v for k, v in given.items() if v is not None}
 
 
+def initialise_encoder(encoder: nn.Module, init: str = "timm", pos_embed_init: str = "timm") -> nn.Module:
+    """Re-initialise a freshly built encoder in place (and return it).
+
+    ``init``: ``"timm"`` keeps timm's default; ``"jax"`` / ``"moco"`` run timm's own
+    ``init_weights(mode)`` (xavier-uniform linear layers; see :data:`kamim.config.INITS`).
+    ``pos_embed_init="sincos"`` starts a ViT's learned position embedding from the 2-D sin-cos table
+    (:func:`kamim.models.moco.sincos_pos_embed`; it stays trainable). Neither is recorded in the encoder
+    spec: they choose where pretraining starts, not the architecture a checkpoint is loaded into.
+    """
+    if init not in INITS:
+        raise ValueError(f"init {init!r} is not valid; expected one of {', '.join(INITS)}")
+    if pos_embed_init not in POS_EMBED_INITS:
+        raise ValueError(f"pos_embed_init {pos_embed_init!r} is not valid; expected one of {', '.join(POS_EMBED_INITS)}")
+    if init != "timm":
+        if not callable(getattr(encoder, "init_weights", None)):
+            raise ValueError(f"init {init!r} needs timm's init_weights, which {type(encoder).__name__} lacks")
+        encoder.init_weights(init)
+    if pos_embed_init == "sincos":
+        if getattr(encoder, "pos_embed", None) is None:
+            raise ValueError(f"pos_embed_init 'sincos' needs a ViT with a learned position embedding, "
+                             f"got {type(encoder).__name__}")
+        with torch.no_grad():
+            encoder.pos_embed.copy_(sincos_pos_embed(encoder))
+    return encoder
+
+
 def create_pretrain_model(
     method: str,
     arch: str,
@@ -50,6 +78,8 @@ def create_pretrain_model(
     img_size: int | None = None,
     kamim: Mapping[str, Any] | None = None,
     moco: Mapping[str, Any] | None = None,
+    init: str = "timm",
+    pos_embed_init: str = "timm",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Pretraining model ``method`` in {"simmim", "kamim", "moco"} on preset ``arch``.
@@ -62,6 +92,7 @@ def create_pretrain_model(
             ``normalize`` ("mask" = reference, or "weight"); used by "kamim" only.
         moco: MoCo v3 settings ``dim``, ``mlp_dim`` (head sizes), ``temperature``, ``momentum``,
             ``fixed_sincos_pos_embed`` (:class:`MoCoV3`'s defaults when None); used by "moco" only.
+        init, pos_embed_init: how the encoder starts (:func:`initialise_encoder`).
         **timm_kwargs: keyword arguments of ``timm.create_model`` (``patch_size``, ``drop_path_rate``,
             ``reg_tokens``, ...), recorded in the encoder spec. timm raises ``TypeError`` for a
             keyword the model does not take.
@@ -77,6 +108,7 @@ def create_pretrain_model(
         raise ValueError(f"method 'moco' needs a ViT arch, got {arch!r}; valid: "
                          f"{', '.join(a for a in PRESETS if a.startswith('vit'))}")
     encoder, spec = create_encoder(arch, img_size=img_size, **timm_kwargs)
+    initialise_encoder(encoder, init, pos_embed_init)
     if method == "moco":
         return MoCoV3(encoder, spec, **{**_MOCO_DEFAULTS, **moco_set})
     if method == "kamim":
@@ -100,7 +132,8 @@ def build_pretrain_model(cfg: Config) -> nn.Module:
     moco = {key: getattr(cfg.moco, key) for key in MOCO_SETTINGS if hasattr(cfg.moco, key)}
     try:
         return create_pretrain_model(cfg.method, cfg.model.arch, img_size=cfg.model.img_size,
-                                     kamim=kamim, moco=moco, **overrides)
+                                     kamim=kamim, moco=moco, init=cfg.model.init,
+                                     pos_embed_init=cfg.model.pos_embed_init, **overrides)
     except TypeError as e:  # timm's constructor refused a keyword of model.overrides
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model.overrides={overrides!r} rejected by model.arch={cfg.model.arch!r}: {msg}") from None
