@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from .results import AnalysisResult, Record, records_to_frame
     from .rollout import RolloutAccumulator, RolloutMap, attention_rollout, rollout_map
     from .runner import ANALYSES, RunOptions, cross_model_cka, run_analyses
+    from .crossmodel import cknna, compare_all, compare_models, cross_cka, mutual_knn
     from .similarity import (
         AttentionSimilarity,
         AttentionSimilarityAccumulator,
@@ -115,6 +116,8 @@ _MODULES = {
     "results": ("AnalysisResult", "Record", "records_to_frame"),
     "rollout": ("RolloutMap", "RolloutAccumulator", "attention_rollout", "rollout_map"),
     "runner": ("ANALYSES", "RunOptions", "cross_model_cka", "run_analyses"),
+    # cross-model measures from saved features (mutual k-NN, CKNNA, layer x layer CKA)
+    "crossmodel": ("mutual_knn", "cknna", "cross_cka", "compare_models", "compare_all"),
     "similarity": (
         "AttentionSimilarity", "AttentionSimilarityAccumulator", "CKAAccumulator", "LayerCKAAccumulator",
         "HeadSimilarity", "attention_similarity", "head_similarity", "linear_cka",

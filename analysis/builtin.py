@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .registry import Analysis, lazy
 
-__all__ = ["BUILTIN", "FIGURE_ONLY_TITLES"]
+__all__ = ["BUILTIN", "FIGURE_ONLY_TITLES", "CROSS_CAPTIONS"]
 
 _VIT, _BOTH = frozenset({"vit"}), frozenset({"vit", "swin"})
 _FIRST = ("inputs", "labels")  # the first ``map_images`` input images and their labels
@@ -69,4 +69,17 @@ BUILTIN: tuple[Analysis, ...] = (
 )
 
 #: Titles of figures that belong to no single-model analysis.
-FIGURE_ONLY_TITLES = {"cross-cka": "Cross-model CKA", "reconstructions": "Masked-image reconstructions"}
+FIGURE_ONLY_TITLES = {"cross-cka": "Cross-model CKA", "cross-mutual-knn": "Cross-model mutual k-NN alignment",
+                      "cross-cknna": "Cross-model CKNNA", "reconstructions": "Masked-image reconstructions"}
+
+#: Captions of the cross-model figures (analysis.crossmodel), shown under them in the report.
+CROSS_CAPTIONS = {
+    "cross-cka": "Linear CKA between every block of the row model and every block of the column model, on the "
+                 "same saved images (Raghu et al. 2021): 1 = the same representation up to rotation and scale. A "
+                 "bright diagonal means the two models build their representations in the same order.",
+    "cross-mutual-knn": "Mutual k-nearest-neighbour alignment (Huh et al. 2024): the share of each image's k "
+                        "nearest neighbours that both blocks agree on; about k / N for unrelated representations, 1 "
+                        "for identical neighbourhoods. Outlined: the column block best aligned with each row block.",
+    "cross-cknna": "CKNNA (Huh et al. 2024): CKA restricted to image pairs that are k-nearest neighbours in both "
+                   "blocks, which weighs local agreement over the global layout; 1 = identical local structure.",
+}

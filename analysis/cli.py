@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from analysis.names import ANALYSES, CLI_OPTIONS
+from analysis.names import CROSS_CKA
 from analysis.settings import INTERPOLATIONS
 from kamim.errors import ArgumentParser, configure_logging, run_command
 
@@ -159,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--image-size", type=int, metavar="S",
           help="evaluate every model at S px (position embeddings resampled); default: each model at its own "
           "resolution")
+    f.add("--cross-images", type=int, metavar="N",
+          help="with cka among the analyses, each model saves the pooled block outputs of a seeded subset of N "
+               "images (the same files for "
+               "every model), from which every pair of models gets cross-model CKA, mutual k-NN and CKNNA, here "
+               "and in kamim-analyze plot; 0: none")
+    f.add("--cross-k", type=int, metavar="K", help="neighbours of mutual k-NN alignment and CKNNA")
+    f.add("--cross-cka", choices=CROSS_CKA, help="the HSIC estimator of cross-model CKA")
     _add_common(f)
 
     paper = sub.add_parser("paper-figures", help="reproduce the KAMIM paper's representation figures",
@@ -269,7 +277,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         load_plugin(plugin)
     reuse = {f"--reuse {i + 1}": p for i, p in enumerate(cfg.reuse)}
     res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size,
-                  inputs={**plugins, **reuse}, reuse=cfg.reuse, baseline=cfg.baseline, **_common_kwargs(cfg, args))
+                  inputs={**plugins, **reuse}, reuse=cfg.reuse, baseline=cfg.baseline, cross_images=cfg.cross_images,
+                  cross_k=cfg.cross_k, cross_cka=cfg.cross_cka, **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 

@@ -56,9 +56,10 @@ class DemoSettings:
 
 
 # Where the MIM models start: timm's xavier ("jax") initialisation and the 2-D sin-cos table as the
-# starting value of the learned position embedding. With timm's default start (weights and position
-# embedding ~N(0, 0.02)) the attention of a 600-step SimMIM stays within 1% of uniform at every
-# layer; from this start its first layer's mean distance is 14% below uniform (BENCHMARKS.md, "Demo").
+# starting value of the learned position embedding. From timm's default start (weights and position
+# embedding ~N(0, 0.02)) the same 600 steps leave SimMIM's most local layer 0.1% below uniform
+# attention; from this start its first layer's mean distance is 15% below (bench/bench_demo_locality.py,
+# BENCHMARKS.md).
 _MIM_START = ("model.init=jax", "model.pos_embed_init=sincos")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .builtin import BUILTIN
 
-__all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS"]
+__all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS", "CROSS_CKA", "MAX_CROSS_IMAGES"]
 
 ANALYSES: tuple[str, ...] = tuple(a.name for a in BUILTIN)
 RUN_OPTIONS = (
@@ -22,3 +22,7 @@ RUN_OPTIONS = (
     "attribution_steps", "attribution_internal_batch_size", "amp_dtype",
 )
 CLI_OPTIONS = tuple(n for n in RUN_OPTIONS if n not in ("batch_size", "attribution_model", "amp_dtype"))
+#: cross-model CKA estimators, and the most images a model saves features of (analysis.crossmodel);
+#: the n x n kernels of each layer of two models are held at once: 10,000 images take 800 MB each
+CROSS_CKA = ("debiased", "biased")
+MAX_CROSS_IMAGES = 10_000

@@ -277,7 +277,7 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
         batch_size=batch_size, image_sizes=sizes, device=device, seed=seed, workers=workers,
         progress=progress, notes=notes, title="KAMIM paper figures",
         figure_names=PAPER_FIGURES, options={"tsne_color": "class", **dict(options or {})},
-        model_options=model_options, cross_cka=False, extra=extra,
+        model_options=model_options, cross_images=0, extra=extra,
         command="kamim-analyze paper-figures", overwrite=overwrite, config=config, preprocessing=preprocessing,
         captions=paper_captions(options))
 

@@ -307,6 +307,22 @@ def check_geometry(name: str, geometry: Any, analyses: Sequence[str]) -> None:
             f"(cka, fourier, tsne); drop {', '.join(sorted(attention_based & set(analyses)))}")
 
 
+class _Indexed:
+    """A dataset of sample dicts whose samples also carry ``index``: their index in the folder's
+    ``samples`` (through a ``Subset``), so that skipped unreadable images leave no gap unaccounted."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.indices = list(getattr(dataset, "indices", range(len(dataset))))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        sample = self.dataset[i]
+        return None if sample is None else {**sample, "index": self.indices[i]}
+
+
 class _NonEmptyBatches:
     """Iterate a loader, dropping batches whose every image was unreadable (``collate_skip_bad``)."""
 
@@ -327,11 +343,13 @@ class _NonEmptyBatches:
 
 def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int] = None, batch_size: int = 32,
                 workers: Optional[int] = None, seed: int = 0,
-                preprocessing: Preprocessing = Preprocessing()) -> tuple[_NonEmptyBatches, Any]:
+                preprocessing: Preprocessing = Preprocessing(),
+                with_index: bool = False) -> tuple[_NonEmptyBatches, Any]:
     """Deterministic evaluation loader over ``data`` at ``img_size`` -> (loader, dataset).
 
     Images go through ``preprocessing``. With ``images`` smaller than the folder, a seeded subset is
     used (the same images for every model, spread over all classes), in folder order.
+    ``with_index``: batches also hold ``index``, each image's index in ``dataset.samples``.
     """
     import numpy as np
     import torch
@@ -348,6 +366,8 @@ def make_loader(data: PathLike, img_size: Sequence[int], *, images: Optional[int
     if images is not None and images < len(dataset):
         idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:images])
         subset = Subset(dataset, idx.tolist())
+    if with_index:
+        subset = _Indexed(subset)
     loader = data_loader(subset, workers=workers, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     return _NonEmptyBatches(loader), dataset
 
@@ -530,6 +550,12 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     return results, cross, record, raw.parent
 
 
+def _cross_captions() -> dict[str, str]:
+    from analysis.builtin import CROSS_CAPTIONS
+
+    return dict(CROSS_CAPTIONS)
+
+
 def _registered_captions(analyses: Sequence[str]) -> dict[str, str]:
     """Each analysis' own caption (:attr:`analysis.registry.Analysis.caption`), where it has one."""
     from analysis import registry
@@ -558,10 +584,11 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
         figures[analysis_name] = _figure_files(staging / stem)
     if cross:
         metrics = pd.concat([metrics] + [r.table for r in cross.values()], ignore_index=True)
-        stem = record.figure_names.get("cross-cka", "cross_cka")
-        plots.plot_cross_cka({k: r.arrays["cka"] for k, r in cross.items()},
-                             {n: r.geometry.depth for n, r in results.items()}, out=staging / stem)
-        figures["cross-cka"] = _figure_files(staging / stem)
+        depths = {n: r.geometry.depth for n, r in results.items()}
+        for key in plots.CROSS_FIGURES:
+            stem = record.figure_names.get(key, key.replace("-", "_"))
+            plots.plot_cross_model(cross, depths, key, out=staging / stem)
+            figures[key] = _figure_files(staging / stem)
     figures.update({k: [staging / p for p in v] for k, v in record.extra_figures.items()})
     atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
     atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
@@ -571,7 +598,8 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
                  titles=plots.FIGURE_TITLES,
                  tables={"All metrics (first rows; full table in metrics.csv)": metrics},
                  notes=[*record.notes, *uniform_sentences(results)], title=record.title,
-                 captions={**_registered_captions(record.analyses), **record.captions})
+                 captions={**_registered_captions(record.analyses), **(_cross_captions() if cross else {}),
+                           **record.captions})
     return figures, metrics, summary
 
 
@@ -584,7 +612,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             figure_names: Optional[Mapping[str, str]] = None,
             options: Optional[Mapping[str, Any]] = None,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
-            cross_cka: bool = True, extra: Optional[ExtraStep] = None,
+            cross_images: int = 1000, cross_k: int = 10, cross_cka: str = "debiased",
+            extra: Optional[ExtraStep] = None,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
             inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = (),
             preprocessing: Preprocessing = Preprocessing(),
@@ -607,8 +636,11 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         reuse: earlier outputs (:func:`save_run`); a model whose saved results match its checkpoint's
             sha256, the data (folder and file list), images, seed, resolution, preprocessing, options and analyses is
             taken from there instead of analysed again (the log and the report say which).
-        cross_cka: with ``cka`` and 2-4 models evaluated at one resolution, also compute the CKA
-            between the layers of every pair of models (figure ``cross_cka``).
+        cross_images: with ``cka`` among the analyses, every model saves the pooled block outputs of
+            this many images (a seeded subset, the same files in the same order for every model; 0:
+            none), from which every pair of models is compared (:mod:`analysis.crossmodel`: figures ``cross_cka``,
+            ``cross_mutual_knn``, ``cross_cknna``), here and when ``kamim-analyze plot`` combines runs.
+        cross_k: the k of mutual k-NN and CKNNA; ``cross_cka``: ``"debiased"`` or ``"biased"`` CKA.
         extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
             before the report is written (used by the paper figures); it may append to ``notes``.
         config: the command's resolved config (:mod:`analysis.settings`), written as ``config.yaml``
@@ -633,6 +665,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     _positive("--image-size", image_size)
     _positive("--workers", workers, allow_zero=True)
     device = _check_device(device)
+    _check_cross(cross_images, cross_k, cross_cka)
     inputs = preflight(models, data, out, command, overwrite, inputs)  # before loading anything
     try:
         n_files = len(find_images(data))
@@ -673,6 +706,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             dump_config(config, staging / "config.yaml")
         results: dict[str, Any] = {}
         saved = [r for source in reuse for r in load_run(source)[0].values()]
+        features = bool(cross_images) and "cka" in analyses  # the cross-model measures go with cka
         reused: list[str] = []
         for name, enc in loaded.items():
             loader, dataset = make_loader(data, enc.image_size, images=images, batch_size=batch_size,
@@ -684,6 +718,9 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             if match is not None:
                 results[name] = _renamed(match, name)
                 reused.append(name)
+                if features and not _has_features(match, cross_images):
+                    _attach_features(results[name], enc, data, images=cross_images, batch_size=batch_size,
+                                     workers=workers, seed=seed, device=device, preprocessing=preprocessing)
                 continue
             if images is not None and images > len(dataset) and name == next(iter(loaded)):  # said once
                 fewer = f"--images {images}: the folder has {len(dataset)} images, all of which are analysed."
@@ -714,22 +751,16 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             results[name] = res
             if loader.num_skipped:
                 notes.append(f"{name}: {loader.num_skipped} unreadable image(s) skipped.")
+            if features:
+                _attach_features(res, enc, data, images=cross_images, batch_size=batch_size, workers=workers,
+                                 seed=seed, device=device, preprocessing=preprocessing)
 
         if reuse:
             said = (f"reused the saved results of {', '.join(reused) or 'no model'}; analysed "
                     f"{', '.join(n for n in loaded if n not in reused) or 'no model'}")
             log.info("%s", said)
             notes.append(f"--reuse: {said}.")
-        cross: dict[tuple[str, str], Any] = {}
-        sizes = {tuple(enc.image_size) for enc in loaded.values()}
-        if cross_cka and "cka" in analyses and 2 <= len(loaded) <= 4:
-            if len(sizes) == 1:
-                cross = _cross_model_cka(loaded, data, images=images, batch_size=batch_size,
-                                         workers=workers, seed=seed, device=device,
-                                         progress=progress, preprocessing=preprocessing)
-            else:
-                notes.append("Cross-model CKA skipped: the models were evaluated at different "
-                             "resolutions (pass --image-size to compare them on the same inputs).")
+        cross = _cross_models(results, notes, k=cross_k, cka=cross_cka) if features else {}
         settings = {
             "analyses": ", ".join(analyses), "data": str(Path(data).expanduser().absolute()),
             "images in folder": n_files, "images analysed per model": ", ".join(
@@ -739,6 +770,8 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             "preprocessing": preprocessing.describe(),
             "batch size": batch_size, "device": device, "seed": seed,
             **{f"option {k}": v for k, v in (options or {}).items()},
+            **({"cross-model features": f"up to {cross_images} images per model (mean-pooled patch tokens of every block)",
+                CROSS_K_SETTING: cross_k, CROSS_CKA_SETTING: cross_cka} if features else {}),
         }
         extra_figures = extra(staging, results, loaded, notes) if extra is not None else {}
         record = RunRecord(tuple(analyses), settings, _model_info(loaded, geometries), list(notes), title,
@@ -772,8 +805,9 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
 
     Runs whose models were analysed on other data, images, seed, resolution, preprocessing or options are refused with
     one line naming the setting and the two values, unless ``allow_mixed`` (then a note in the report says
-    so). Figures of analyses that not every run made are left out, with a note; cross-model CKA is kept
-    for pairs analysed together; figures made from the models themselves (paper-figures'
+    so). Figures of analyses that not every run made are left out, with a note; the cross-model figures
+    are computed again from the saved features for every pair of models (refused with one line when
+    two models saved features of different images); figures made from the models themselves (paper-figures'
     reconstructions) are carried over from a single source and left out, with a note, when combining.
     """
     import shutil
@@ -784,18 +818,16 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     inputs = {f"results {i + 1}": folder for i, (*_, folder) in enumerate(runs)}
     staged_output_check(out, command, overwrite, inputs)
     results: dict[str, Any] = {}
-    cross: dict[tuple[str, str], Any] = {}
     where: dict[str, Path] = {}
     notes: list[str] = []
     models: dict[str, dict[str, Any]] = {}
-    for res, crs, record, folder in runs:
+    for res, _, record, folder in runs:  # cross-model results are computed again, for every pair
         for name in res:
             if name in results:
                 raise UsageError(f"model {name} is in both {where[name]} and {folder}: combine outputs of different "
                                  f"models (name them with kamim-analyze run --model NAME=CHECKPOINT)")
             where[name] = folder
         results.update(res)
-        cross.update(crs)
         models.update(record.models)
         notes += [n for n in record.notes if n not in notes]
     base = _compared(runs[0][0])
@@ -817,8 +849,15 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     if len(runs) > 1 and any(r[2].extra_figures for r in runs):
         notes.append(f"Left out when combining: {', '.join(sorted({k for r in runs for k in r[2].extra_figures}))} "
                      f"(made from the models, not from saved results).")
-    if len(runs) > 1 and "cka" in common:
-        notes.append("Cross-model CKA only between models analysed in one run (it needs both models' tokens).")
+    k = int(first.settings.get(CROSS_K_SETTING, 10))
+    cka = str(first.settings.get(CROSS_CKA_SETTING, "debiased"))
+    cross: dict[tuple[str, str], Any] = {}
+    try:
+        cross = _cross_models(results, notes, k=k, cka=cka) if "cka" in common else {}
+    except UsageError:
+        if not allow_mixed:
+            raise
+        notes.append("Cross-model figures left out: the runs saved features of different images.")
     settings = {**first.settings, "models from": ", ".join(f"{n}: {where[n]}" for n in results),
                 "analyses": ", ".join(common),
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
@@ -919,23 +958,72 @@ def _model_info(loaded: Mapping[str, Any], geometries: Mapping[str, Any]) -> dic
     }
 
 
-def _cross_model_cka(loaded: Mapping[str, Any], data: PathLike, *, images: Optional[int],
-                     batch_size: int, workers: int, seed: int, device: str,
-                     progress: bool, preprocessing: Preprocessing) -> dict[tuple[str, str], Any]:
-    """CKA between the block outputs of every pair of models on the same images."""
-    from itertools import combinations
+#: the run settings (RunRecord.settings) holding the cross-model measures' options, which plot reuses
+CROSS_K_SETTING, CROSS_CKA_SETTING = "cross-model k (mutual k-NN, CKNNA)", "cross-model CKA"
 
-    from analysis.runner import cross_model_cka
 
-    out = {}
-    for a, b in combinations(loaded, 2):
-        loader, _ = make_loader(data, loaded[a].image_size, images=images, batch_size=batch_size,
-                                workers=workers, seed=seed, preprocessing=preprocessing)
-        try:
-            out[(a, b)] = cross_model_cka(
-                loaded[a].model, loaded[b].model, loader, model_names=(a, b), max_images=images,
-                device=device, batch_size=batch_size, progress=progress,
-                num_prefix_tokens=(loaded[a].num_prefix_tokens, loaded[b].num_prefix_tokens))
-        except ValueError as err:
-            raise UsageError(f"cross-model CKA {a} vs {b}: {one_line(err)}") from None
-    return out
+def _check_cross(images: int, k: int, cka: str) -> None:
+    """The cross-model settings, refused with one line each."""
+    from analysis.crossmodel import CROSS_CKA, MAX_FEATURE_IMAGES
+
+    if isinstance(images, bool) or not isinstance(images, int) or not 0 <= images <= MAX_FEATURE_IMAGES:
+        raise UsageError(f"--cross-images must be an integer in [0, {MAX_FEATURE_IMAGES}] (0: no cross-model "
+                         f"analyses), got {images!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise UsageError(f"--cross-k must be an integer >= 2 (CKNNA needs two neighbours), got {k!r}")
+    if cka not in CROSS_CKA:
+        raise UsageError(f"--cross-cka {cka!r} is not valid; expected one of {', '.join(CROSS_CKA)}")
+
+
+def _has_features(result: Any, images: int) -> bool:
+    """Whether ``result`` saved cross-model features of ``images`` images (or of all, if fewer)."""
+    from analysis.crossmodel import saved_features
+
+    saved = saved_features(result)
+    return saved is not None and result.options.get("cross_images") == images
+
+
+def _attach_features(result: Any, enc: Any, data: PathLike, *, images: int, batch_size: int, workers: Optional[int],
+                     seed: int, device: str, preprocessing: Preprocessing) -> None:
+    """Save into ``result`` the pooled block outputs of the seeded subset of ``images`` images of
+    ``data`` (the same files, in folder order, for every model and run with this seed), with the list
+    of those files (:mod:`analysis.crossmodel`)."""
+    import numpy as np
+
+    from analysis.crossmodel import FEATURES, FILES, extract_features, files_digest
+
+    loader, dataset = make_loader(data, enc.image_size, images=images, batch_size=batch_size, workers=workers,
+                                  seed=seed, preprocessing=preprocessing, with_index=True)
+    indices: list[int] = []
+
+    def batches() -> Iterator[Any]:
+        for batch in loader:
+            indices.extend(int(i) for i in batch["index"])
+            yield batch["image"]
+
+    try:
+        feats = extract_features(enc.model, batches(), device=device)
+    except ValueError as err:
+        raise UsageError(f"model {result.model_name}: cross-model features: {one_line(err)}") from None
+    root = Path(getattr(dataset, "root", data)).expanduser().absolute()
+    files = [Path(dataset.samples[i][0]).relative_to(root).as_posix() for i in indices]
+    result.arrays = {**result.arrays, FEATURES: {str(k): v for k, v in feats.items()}, FILES: np.array(files)}
+    result.options = {**result.options, "cross_images": images, "cross_files_sha256": files_digest(files)}
+
+
+def _cross_models(results: Mapping[str, Any], notes: list[str], *, k: int, cka: str) -> dict[tuple[str, str], Any]:
+    """Cross-model CKA, mutual k-NN and CKNNA of every pair of ``results`` from their saved features;
+    skipped with a note in ``notes`` when fewer than 4 images were saved (unbiased HSIC needs 4)."""
+    from analysis.crossmodel import compare_all, saved_features
+
+    counts = {len(saved[1]) for r in results.values() if (saved := saved_features(r)) is not None}
+    if sum(saved_features(r) is not None for r in results.values()) < 2:
+        return {}
+    if min(counts) < 4:
+        notes.append(f"Cross-model analyses skipped: the models saved features of only {min(counts)} images "
+                     f"(at least 4 are needed).")
+        return {}
+    try:
+        return compare_all(results, k=k, cka=cka)
+    except ValueError as err:
+        raise UsageError(one_line(err)) from None

@@ -41,7 +41,8 @@ from kamim.backbone import to_hw
 __all__ = [
     "ModelStyle", "ModelPalette", "save_figure", "model_label", "resolution_label",
     "plot_layer_metric", "plot_attention_distance", "plot_nmi", "plot_attention_entropy",
-    "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_cka",
+    "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_cka", "plot_cross_model",
+    "CROSS_FIGURES",
     "plot_fourier", "plot_tsne", "plot_pre_post", "plot_attention_maps", "plot_rollout",
     "plot_attribution", "plot_analysis", "FIGURE_FUNCTIONS", "FIGURE_TITLES", "query_pixel_box", "center_crop",
     "plot_keypoint_maps", "plot_keypoint_weights",
@@ -304,11 +305,13 @@ def plot_similarity_heatmaps(matrices: Mapping[str, np.ndarray], *,
                              vmin: Optional[float] = None, vmax: Optional[float] = None,
                              cmap: str = "magma",
                              axis_labels: Optional[Mapping[str, tuple[str, str]]] = None,
+                             markers: Optional[Mapping[str, Sequence[tuple[int, int]]]] = None,
                              out: Optional[PathLike] = None) -> Figure:
-    """One heatmap panel per matrix with a single shared colour scale and colourbar.
+    """One heatmap panel per matrix (at most four a row) with a single shared colour scale and colourbar.
 
     ``depths[key]``: the model depth L (or ``(L_rows, L_columns)``), so that an (L+1)-sized axis
     is labelled from 0 (patch embedding). ``axis_labels[key]``: (x label, y label).
+    ``markers[key]``: (row, column) cells outlined in that panel.
     """
     if not matrices:
         raise ValueError("no matrices to plot")
@@ -319,8 +322,13 @@ def plot_similarity_heatmaps(matrices: Mapping[str, np.ndarray], *,
     if vmax <= vmin:
         vmax = vmin + 1e-12
     n = len(mats)
-    fig = _new_figure(3.4 * n + 0.8, 3.6)
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = _new_figure(3.4 * cols + 0.8, 3.6 * rows)
+    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in grid[n:]:
+        ax.set_visible(False)
+    axes = grid[:n]
     for ax, (name, m) in zip(axes, mats.items()):
         d = depths[name]
         d_rows, d_cols = (d, d) if isinstance(d, (int, np.integer)) else d
@@ -328,6 +336,8 @@ def plot_similarity_heatmaps(matrices: Mapping[str, np.ndarray], *,
                     xticklabels=_layer_ticks(m.shape[1], int(d_cols)),
                     yticklabels=_layer_ticks(m.shape[0], int(d_rows)))
         ax.set_title(titles[name], fontsize="small")
+        for r, c in (markers or {}).get(name, ()):
+            ax.add_patch(Rectangle((c, r), 1, 1, fill=False, edgecolor="#00e5ff", linewidth=1.4))
         xlabel, ylabel = (axis_labels or {}).get(name, ("depth (block)", "depth (block)"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -383,9 +393,17 @@ def plot_cka(results: Mapping[str, Any], *, out: Optional[PathLike] = None,
         title="Representation similarity (CKA) across layers", vmin=vmin, vmax=vmax, out=out)
 
 
-def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapping[str, int], *,
-                   out: Optional[PathLike] = None) -> Figure:
-    """Linear CKA between the layers of two models, one panel per pair (rows: first model)."""
+#: cross-model figure key -> (array of :func:`analysis.crossmodel.compare_models`, colour-bar label, title)
+CROSS_FIGURES: dict[str, tuple[str, str, str]] = {
+    "cross-cka": ("cka", "linear CKA", "Cross-model CKA (same images)"),
+    "cross-mutual-knn": ("mutual_knn", "mutual k-NN alignment", "Cross-model mutual k-NN alignment (same images)"),
+    "cross-cknna": ("cknna", "CKNNA", "Cross-model CKNNA (same images)"),
+}
+
+
+def _cross_heatmaps(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapping[str, int], *, cbar_label: str,
+                    title: str, markers: Optional[Mapping[tuple[str, str], Sequence[tuple[int, int]]]] = None,
+                    out: Optional[PathLike] = None) -> Figure:
     keys = {(a, b): f"{a} vs {b}" for a, b in matrices}
     return plot_similarity_heatmaps(
         {keys[p]: m for p, m in matrices.items()},
@@ -393,8 +411,33 @@ def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mappi
         titles={k: f"{a} (rows) vs {b} (columns)" for (a, b), k in keys.items()},
         axis_labels={k: (f"{b}: depth (block)", f"{a}: depth (block)")
                      for (a, b), k in keys.items()},
-        cbar_label="linear CKA", title="Cross-model CKA (same images)", vmin=0.0, vmax=1.0,
-        out=out)
+        markers={keys[p]: m for p, m in (markers or {}).items()},
+        cbar_label=cbar_label, title=title, vmin=0.0, vmax=1.0, out=out)
+
+
+def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapping[str, int], *,
+                   out: Optional[PathLike] = None) -> Figure:
+    """Linear CKA between the layers of two models, one panel per pair (rows: first model)."""
+    return _cross_heatmaps(matrices, depths, cbar_label="linear CKA", title=CROSS_FIGURES["cross-cka"][2], out=out)
+
+
+def plot_cross_model(cross: Mapping[tuple[str, str], Any], depths: Mapping[str, int], key: str, *,
+                     out: Optional[PathLike] = None) -> Figure:
+    """One cross-model figure (``key`` of :data:`CROSS_FIGURES`) of the results of
+    :func:`analysis.crossmodel.compare_models`, one panel per pair on the shared [0, 1] scale; the
+    mutual k-NN panels outline each row's best-aligned column."""
+    array, label, title = CROSS_FIGURES[key]
+    options = [r.options for r in cross.values()]
+    if key == "cross-cka":
+        label = f"{label} ({', '.join(sorted({str(o.get('cka', 'debiased')) for o in options}))})"
+    else:
+        label = f"{label} (k = {', '.join(sorted({str(o.get('k')) for o in options}))})"
+    markers = None
+    if key == "cross-mutual-knn":
+        markers = {pair: [(i, int(b) - 1) for i, b in enumerate(np.asarray(r.arrays["best_layer"]))]
+                   for pair, r in cross.items()}
+    return _cross_heatmaps({pair: np.asarray(r.arrays[array]) for pair, r in cross.items()}, depths,
+                           cbar_label=label, title=title, markers=markers, out=out)
 
 
 # ----------------------------------------------------------------------------------------------

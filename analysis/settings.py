@@ -13,7 +13,10 @@ from typing import Any, ClassVar, Optional
 
 from kamim.config import ConfigError
 
-__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS", "INTERPOLATIONS"]
+from .names import CROSS_CKA, MAX_CROSS_IMAGES
+
+__all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS", "INTERPOLATIONS", "CROSS_CKA",
+           "MAX_CROSS_IMAGES"]
 
 #: resize interpolations of the analyses' preprocessing (analysis.pipeline.Preprocessing)
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -65,6 +68,11 @@ class AnalyzeConfig(_AnalysisRun):
     image_size: Optional[int] = None  # every model at this size; null: each at its own
     reuse: list[str] = field(default_factory=list)  # earlier outputs whose matching models are not analysed again
     baseline: Optional[str] = None  # "random": also a randomly initialised model of each architecture
+    # cross-model analyses (analysis.crossmodel): every model saves pooled block outputs of this many
+    # images (a seeded subset; 0: none); mutual k-NN / CKNNA neighbours; CKA estimator
+    cross_images: int = 1000
+    cross_k: int = 10
+    cross_cka: str = "debiased"
 
     def validate(self) -> "AnalyzeConfig":
         if not self.models:
@@ -76,6 +84,13 @@ class AnalyzeConfig(_AnalysisRun):
             raise ConfigError(f"baseline={self.baseline!r} is not valid; expected random (or null: none)")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
+        if not 0 <= self.cross_images <= MAX_CROSS_IMAGES:
+            raise ConfigError(f"cross_images must be in [0, {MAX_CROSS_IMAGES}] (0: no cross-model analyses), "
+                              f"got {self.cross_images}")
+        if self.cross_k < 2:
+            raise ConfigError(f"cross_k must be >= 2 (CKNNA needs two neighbours), got {self.cross_k}")
+        if self.cross_cka not in CROSS_CKA:
+            raise ConfigError(f"cross_cka={self.cross_cka!r} is not valid; expected one of: {', '.join(CROSS_CKA)}")
         self._check_run()
         return self
 

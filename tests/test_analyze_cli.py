@@ -84,7 +84,7 @@ def test_run_all_analyses_end_to_end(assets, tmp_path, capsys):
     rc, stdout, err = _run(["run", "--model", f"A={assets['a']}", "--model", f"B={assets['b']}",
                             "--data", assets["data"], "--out", out, *FAST], capsys)
     assert rc == 0, err
-    figures = [a.replace("-", "_") for a in ANALYSES] + ["cross_cka"]
+    figures = [a.replace("-", "_") for a in ANALYSES] + ["cross_cka", "cross_mutual_knn", "cross_cknna"]
     for stem in figures:
         for ext in ("pdf", "png"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
@@ -132,7 +132,8 @@ def test_run_timm_name_and_common_resolution(assets, tmp_path, capsys):
     assert rc == 0, err
     html = (out2 / "report.html").read_text()
     assert "each model at its own resolution" in html
-    assert "Cross-model CKA skipped" in html  # 32 px vs 48 px: not the same inputs
+    # 32 px vs 48 px: compared on the same image files, each model at its own resolution
+    assert (out2 / "cross_cka.png").is_file() and (out2 / "cross_mutual_knn.png").is_file()
 
 
 def _bad_cases(assets, tmp_path):
@@ -602,3 +603,45 @@ def test_reuse_analyses_only_the_models_without_matching_saved_results(assets, t
     renamed = pd.read_csv(tmp_path / "renamed" / "metrics.csv")
     expected = pd.read_csv(tmp_path / "ab" / "metrics.csv").query("model == 'A'").assign(model="first")
     pd.testing.assert_frame_equal(renamed, expected.reset_index(drop=True))
+
+
+def test_cross_model_analyses_from_saved_features_in_run_and_plot(assets, tmp_path, capsys):
+    from analysis import load_run
+    import numpy as np
+
+    from analysis.crossmodel import FILES
+
+    common = ["--data", assets["data"], "--analyses", "cka", *FAST]
+    for name, argv in (("both", ["--model", f"A={assets['a']}", "--model", f"B={assets['b']}"]),
+                       ("a", ["--model", f"A={assets['a']}"]), ("b", ["--model", f"B={assets['b']}"]),
+                       ("twice", ["--model", f"A={assets['a']}", "--model", f"A2={assets['a']}"]),
+                       ("b4", ["--model", f"B={assets['b']}", "--cross-images", "4"])):
+        rc, _, err = _run(["run", *argv, "--out", tmp_path / name, *common], capsys)
+        assert rc == 0, err
+    # every model of every run on these images saved the same files in the same order
+    saved = {(run, m): list(r.arrays[FILES]) for run in ("both", "a", "b", "twice")
+             for m, r in load_run(tmp_path / run)[0].items()}
+    assert len(set(map(tuple, saved.values()))) == 1 and len(next(iter(saved.values()))) == 6
+    # the same checkpoint under two names: cross-model CKA is the within-model CKA of the cka analysis
+    results, cross, *_ = load_run(tmp_path / "twice")
+    np.testing.assert_allclose(cross[("A", "A2")].arrays["cka"], results["A"].arrays["cka"], rtol=1e-7)
+    np.testing.assert_allclose(np.diag(cross[("A", "A2")].arrays["mutual_knn"]), 1.0)
+    # plot combines two separate runs into the cross-model figures and rows of one run of both
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "ab"], capsys)
+    assert rc == 0, err
+    for stem in ("cross_cka", "cross_mutual_knn", "cross_cknna"):
+        assert (tmp_path / "ab" / f"{stem}.png").is_file()
+    rows = {run: pd.read_csv(tmp_path / run / "metrics.csv").query("model == 'A vs B'") for run in ("ab", "both")}
+    assert set(rows["ab"]["metric"]) == {"cka-same-layer", "mutual-knn-same-layer", "cknna-same-layer",
+                                         "mutual-knn-best-layer", "mutual-knn-best"}
+    pd.testing.assert_frame_equal(rows["ab"].reset_index(drop=True), rows["both"].reset_index(drop=True))
+    html = (tmp_path / "ab" / "report.html").read_text()
+    assert "Mutual k-nearest-neighbour alignment (Huh et al. 2024)" in html
+    # features of other images: refused with one line
+    rc, _, err = _run(["plot", tmp_path / "a", tmp_path / "b4", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and err.strip().startswith("kamim-analyze: error: cross-model analyses need the same images: "
+                                              "A saved features of 6 images") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+    rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--cross-k", "1", "--out", tmp_path / "y", *common],
+                      capsys)
+    assert rc == 2 and "cross_k must be >= 2" in err

@@ -24,7 +24,7 @@ def demo_simmim(tmp_path_factory):
     settings = demo_settings()
     return analyze({"SimMIM": str(ckpt)}, demo_eval_folder(), out / "analysis", analyses=ATTENTION,
                    images=settings.images, batch_size=settings.batch_size, progress=False,
-                   baseline="random", cross_cka=False)
+                   baseline="random", cross_images=0)
 
 
 def test_demo_recipe_trains_from_the_xavier_sincos_start():

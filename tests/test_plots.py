@@ -276,6 +276,31 @@ def test_cross_cka_axes_follow_each_model():
     assert ax.collections[0].get_clim() == (0.0, 1.0)
 
 
+def test_cross_model_figures_outline_the_best_aligned_layer_and_wrap_many_pairs():
+    from matplotlib.patches import Rectangle
+
+    from analysis.results import AnalysisResult, records_to_frame
+
+    def pair(seed: int) -> AnalysisResult:
+        m = np.random.default_rng(seed).uniform(size=(3, 4))
+        return AnalysisResult("x", records_to_frame([]), {"cka": m, "mutual_knn": m, "cknna": m,
+                                                          "best_layer": m.argmax(1) + 1}, None, 8,
+                              options={"k": 5, "cka": "debiased"})
+
+    names = ["A", "B", "C", "D"]
+    cross = {(a, b): pair(i) for i, (a, b) in enumerate((a, b) for a in names for b in names if a < b)}
+    depths = {"A": 3, "B": 4, "C": 3, "D": 4}
+    fig = plots.plot_cross_model({("A", "B"): cross[("A", "B")]}, depths, "cross-mutual-knn")
+    ax = fig.axes[0]
+    boxes = sorted((int(p.get_y()), int(p.get_x())) for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill())
+    assert boxes == [(r, int(c) - 1) for r, c in enumerate(cross[("A", "B")].arrays["best_layer"])]
+    assert fig.axes[-1].get_ylabel() == "mutual k-NN alignment (k = 5)"
+    six = plots.plot_cross_model(cross, depths, "cross-cka")  # 6 pairs: two rows of at most four panels
+    panels = [a for a in six.axes if a.get_visible() and a.get_title()]
+    assert len(panels) == 6 and len({round(a.get_position().y0, 3) for a in panels}) == 2
+    assert six.axes[-1].get_ylabel() == "linear CKA (debiased)"
+
+
 def test_report_library_versions_name_every_library_behind_the_numbers():
     import importlib.metadata
 
