@@ -474,7 +474,8 @@ def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int]
 
     root = Path(getattr(dataset, "root", data)).expanduser().absolute()
     files = sorted(str(Path(p).relative_to(root)) for p, _ in getattr(dataset, "samples", []))
-    return {"source": str(enc.source), "sha256": enc.sha256, "format": enc.format, "data": str(root),
+    return {"source": str(enc.source), "sha256": enc.sha256, "format": enc.format,
+            "method": getattr(enc, "method", None), "data": str(root),
             "data files": hashlib.sha256("\n".join(files).encode()).hexdigest(), "images": images, "seed": seed,
             "resolution": list(enc.image_size), "preprocessing": dataclasses.asdict(preprocessing),
             "batch_size": batch_size, "options": dict(options),
@@ -563,6 +564,16 @@ def _registered_captions(analyses: Sequence[str]) -> dict[str, str]:
     return {a: registry.get(a).caption for a in analyses if registry.get(a).caption}
 
 
+def model_palette(results: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The figures' styles: each model coloured by its method family (``models``: the run record's
+    per-model table, with ``method`` and ``format``), whatever the order of ``results``."""
+    from analysis import plots
+
+    return plots.ModelPalette(results, families={
+        n: plots.method_family((models.get(n) or {}).get("method"), (models.get(n) or {}).get("format"))
+        or plots.result_family(results[n]) for n in results})
+
+
 def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, str], Any],
            record: RunRecord) -> tuple[dict[str, list[Path]], Any, Any]:
     """Draw every figure of ``record.analyses``, the cross-model CKA figure, ``metrics.csv/.json``,
@@ -576,7 +587,7 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     from kamim.serialization import atomic_write_text
 
     metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
-    palette = plots.ModelPalette(results)
+    palette = model_palette(results, record.models)
     figures: dict[str, list[Path]] = {}
     for analysis_name in record.analyses:
         stem = record.figure_names.get(analysis_name, analysis_name.replace("-", "_"))

@@ -42,6 +42,7 @@ __all__ = [
     "ModelStyle", "ModelPalette", "save_figure", "model_label", "resolution_label",
     "plot_layer_metric", "plot_attention_distance", "plot_nmi", "plot_attention_entropy",
     "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_cka", "plot_cross_model",
+    "METHOD_COLOURS", "method_family", "result_family",
     "CROSS_FIGURES",
     "plot_fourier", "plot_tsne", "plot_pre_post", "plot_attention_maps", "plot_rollout",
     "plot_attribution", "plot_analysis", "FIGURE_FUNCTIONS", "FIGURE_TITLES", "query_pixel_box", "center_crop",
@@ -70,23 +71,65 @@ class ModelStyle:
         return {"color": self.color, "marker": self.marker, "linestyle": self.linestyle}
 
 
+#: pretraining method family -> its fixed colour (index into the colour-blind palette; None: grey)
+METHOD_COLOURS: dict[str, Optional[int]] = {"SimMIM": 0, "KAMIM": 1, "MoCo v3": 2, "MAE": 4, "DINO": 5,
+                                            "random": None}
+_FAMILY = {"simmim": "SimMIM", "kamim": "KAMIM", "moco": "MoCo v3", "moco-v3": "MoCo v3", "mae": "MAE",
+           "dino": "DINO", "random": "random", "timm-name": "random"}  # method or checkpoint format -> family
+
+
+def method_family(method: Optional[str], fmt: Optional[str] = None) -> Optional[str]:
+    """The method family a model is coloured by: its recorded pretraining method (``simmim``, ``kamim``,
+    ``moco``, ``random``), else what its checkpoint format says (``moco-v3``, ``mae``, ``dino``, a
+    ``timm-name`` random init); None when neither tells."""
+    for key in (method, fmt):
+        if isinstance(key, str) and key.lower() in _FAMILY:
+            return _FAMILY[key.lower()]
+    return None
+
+
+def result_family(result: Any) -> Optional[str]:
+    """:func:`method_family` of an analysis result, from its provenance (``kamim-analyze run`` records
+    the checkpoint's method and format); None for a result without them."""
+    provenance = getattr(result, "provenance", None) or {}
+    return method_family(provenance.get("method"), provenance.get("format"))
+
+
 class ModelPalette(Mapping[str, ModelStyle]):
     """Stable ``model name -> ModelStyle`` mapping (colour-blind safe seaborn palette + markers).
 
-    Styles are assigned in the order the names are given, so building one palette from the full
-    list of models and passing it to every plot function keeps colours consistent across figures.
+    A model's colour follows its method family (``families``: name -> :func:`method_family`; SimMIM
+    blue, KAMIM orange, MoCo v3 green, MAE purple, DINO brown, random grey: :data:`METHOD_COLOURS`),
+    and its marker and line style its name's rank among the models of that family; models of no
+    known family take the remaining colours in order of name. Nothing depends on the order the names
+    are given in, so the same model is drawn the same way whatever order ``--model`` flags list it.
     """
 
-    def __init__(self, names: Iterable[str], palette: str = "colorblind") -> None:
+    def __init__(self, names: Iterable[str], palette: str = "colorblind",
+                 families: Optional[Mapping[str, Optional[str]]] = None) -> None:
         names = list(dict.fromkeys(names))
         if not names:
             raise ValueError("ModelPalette needs at least one model name")
-        colors = sns.color_palette(palette, n_colors=max(len(names), 1))
-        self._styles = {
-            n: ModelStyle(n, tuple(float(c) for c in colors[i % len(colors)]),
-                          _MARKERS[i % len(_MARKERS)], "-" if i < len(_MARKERS) else "--")
-            for i, n in enumerate(names)
-        }
+        families = {n: (families or {}).get(n) for n in names}
+        known = {n: f for n, f in families.items() if f in METHOD_COLOURS}
+        reserved = set(METHOD_COLOURS.values()) - {None}  # a method's colour always means that method
+        others = [n for n in names if n not in known]
+        colors = sns.color_palette(palette, n_colors=max(10, len(others) + len(reserved)))
+        free = [i for i in range(len(colors)) if i not in reserved and i % 10 != 7]  # 7: grey, random's
+        groups: dict[Optional[str], list[str]] = {}
+        for n in sorted(names):
+            groups.setdefault(known.get(n), []).append(n)
+        self._styles = {}
+        for n in names:
+            family = known.get(n)
+            rank = groups[family].index(n)  # among the models of its family, or of no known family
+            if family is None:
+                color = colors[free[rank % len(free)]]
+            else:
+                index = METHOD_COLOURS[family]
+                color = (0.5, 0.5, 0.5) if index is None else colors[index]
+            self._styles[n] = ModelStyle(n, tuple(float(c) for c in color), _MARKERS[rank % len(_MARKERS)],
+                                         "-" if rank < len(_MARKERS) else "--")
 
     def __getitem__(self, name: str) -> ModelStyle:
         try:
@@ -105,7 +148,8 @@ class ModelPalette(Mapping[str, ModelStyle]):
 def _palette(results: Mapping[str, Any], palette: Optional[ModelPalette]) -> ModelPalette:
     if not results:
         raise ValueError("no results to plot: pass a mapping of model name -> AnalysisResult")
-    palette = palette if palette is not None else ModelPalette(results)
+    palette = palette if palette is not None else ModelPalette(
+        results, families={n: result_family(r) for n, r in results.items()})
     missing = [n for n in results if n not in palette]
     if missing:
         raise KeyError(f"models {missing} have no style in the palette; known: {list(palette)}")

@@ -24,14 +24,14 @@ FAST = ["--images", "6", "--batch-size", "4", "--quiet", "--option", "tsne_sampl
         "--option", "attribution_steps=2", "--option", "map_images=2"]
 
 
-def _export(path: Path, seed: int, **kw) -> Path:
+def _export(path: Path, seed: int, method: str = "simmim", **kw) -> Path:
     """A tiny random timm ViT saved like the pretraining engine's encoder.safetensors."""
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     kwargs.update(kw)
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     meta = {"format": "kamim-encoder", "model_name": "vit_tiny_patch16_224",
-            "kwargs": json.dumps(kwargs), "method": "simmim"}
+            "kwargs": json.dumps(kwargs), "method": method}
     return save_safetensors(model.state_dict(), path, metadata=meta)
 
 
@@ -645,3 +645,26 @@ def test_cross_model_analyses_from_saved_features_in_run_and_plot(assets, tmp_pa
     rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--cross-k", "1", "--out", tmp_path / "y", *common],
                       capsys)
     assert rc == 2 and "cross_k must be >= 2" in err
+
+
+def test_a_model_is_drawn_in_its_method_colour_whatever_the_order_of_model_flags(assets, tmp_path, capsys):
+    import seaborn as sns
+    from matplotlib.colors import to_rgb
+
+    from analysis import load_run, plots
+    from analysis.pipeline import model_palette
+
+    k = _export(tmp_path / "k.safetensors", 5, method="kamim")
+    common = ["--data", assets["data"], "--analyses", "attention-distance", "--baseline", "random", *FAST]
+    styles = []
+    for name, order in (("first", [f"S={assets['a']}", f"K={k}"]), ("last", [f"K={k}", f"S={assets['a']}"])):
+        argv = [a for m in order for a in ("--model", m)]
+        assert _run(["run", *argv, "--out", tmp_path / name, *common], capsys)[0] == 0
+        results, _, record, _ = load_run(tmp_path / name)
+        fig = plots.plot_analysis("attention-distance", results, palette=model_palette(results, record.models))
+        lines = {l.get_label().split(" · ")[0]: l for l in fig.axes[0].lines if l.get_gid() != "uniform-baseline"}
+        styles.append({n: (to_rgb(l.get_color()), l.get_marker()) for n, l in lines.items()})
+    assert styles[0] == styles[1] and set(styles[0]) == {"S", "K", "random-vit_tiny_patch16_224"}
+    blind = sns.color_palette("colorblind")
+    assert styles[0]["S"][0] == pytest.approx(blind[0]) and styles[0]["K"][0] == pytest.approx(blind[1])
+    assert styles[0]["random-vit_tiny_patch16_224"][0] == pytest.approx((0.5, 0.5, 0.5))  # random: grey

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import seaborn as sns
 import timm
 import torch
 from matplotlib.colors import to_rgb
@@ -97,6 +98,20 @@ def test_palette_is_stable_and_distinct():
         pal["DINO"]
     with pytest.raises(ValueError):
         plots.ModelPalette([])
+
+
+def test_palette_follows_method_family_then_name_not_order():
+    families = {"kamim-b": "KAMIM", "kamim-a": "KAMIM", "sim": "SimMIM", "rnd": "random", "x": None, "y": None}
+    one = plots.ModelPalette(list(families), families=families)
+    two = plots.ModelPalette(list(reversed(families)), families=families)
+    assert all(one[n] == two[n] for n in families) and list(two) == list(reversed(families))
+    blind = sns.color_palette("colorblind")
+    assert one["kamim-a"].color == one["kamim-b"].color == tuple(blind[1])
+    assert one["kamim-a"].marker != one["kamim-b"].marker and one["sim"].color == tuple(blind[0])
+    assert one["rnd"].color == (0.5, 0.5, 0.5)
+    assert {one["x"].color, one["y"].color}.isdisjoint({tuple(blind[i]) for i in (0, 1, 2, 4, 5)})
+    assert (plots.method_family("kamim"), plots.method_family(None, "mae"), plots.method_family("n/a", "hf-vit")) \
+        == ("KAMIM", "MAE", None)
 
 
 def test_attention_distance_baseline_is_uniform_value(synthetic, tmp_path):
