@@ -169,10 +169,11 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
     loader = data_loader(masked, workers=0, batch_size=batch_size)
     with torch.no_grad():
         metrics = evaluate_reconstruction(models, loader, device)
-    fig = plot_reconstructions(models, masked, list(range(min(figure_images, len(masked)))),
-                               None, device)
-    fig.suptitle(f"Reconstructions at mask ratio {mask_ratio} ({img} px, mask patch {mps} px)",
-                 fontsize="medium")
+    shown = min(figure_images, len(masked))
+    fig = plot_reconstructions(models, masked, list(range(shown)), None, device, metrics=metrics)
+    counted = int(next(iter(metrics.values())).get("num_images", len(masked)))
+    fig.suptitle(f"Reconstructions at mask ratio {mask_ratio} ({img} px, mask patch {mps} px; {shown} of "
+                 f"{counted} images, PSNR/SSIM over all {counted})", fontsize="medium")
     try:
         save_figure(fig, out_stem)
     finally:

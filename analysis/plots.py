@@ -42,7 +42,7 @@ __all__ = [
     "ModelStyle", "ModelPalette", "save_figure", "model_label", "resolution_label",
     "plot_layer_metric", "plot_attention_distance", "plot_nmi", "plot_attention_entropy",
     "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_cka", "plot_cross_model",
-    "METHOD_COLOURS", "method_family", "result_family",
+    "METHOD_COLOURS", "method_family", "result_family", "class_styles",
     "CROSS_FIGURES",
     "plot_fourier", "plot_tsne", "plot_pre_post", "plot_attention_maps", "plot_rollout",
     "plot_attribution", "plot_analysis", "FIGURE_FUNCTIONS", "FIGURE_TITLES", "query_pixel_box", "center_crop",
@@ -558,16 +558,18 @@ def plot_tsne(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = N
     fig = _new_figure(3.6 * n + 1.2, 3.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     handles: dict[Any, Any] = {}
+    every = sorted({lab for r in results.values()
+                    for lab in np.unique(np.asarray(r.arrays.get("tsne_labels", [0]))).tolist()})
+    styles = class_styles(every)  # the same class looks the same in every panel
     for ax, (name, r) in zip(axes, results.items()):
         xy = np.asarray(_array(r, "tsne_xy"), dtype=np.float64)
         labels = np.asarray(r.arrays.get("tsne_labels", np.zeros(len(xy), dtype=int)))
-        uniq = sorted(np.unique(labels).tolist())
-        colors = sns.color_palette("husl", n_colors=max(len(uniq), 1))
-        for i, lab in enumerate(uniq):
+        for lab in sorted(np.unique(labels).tolist()):
             sel = labels == lab
             text = _class_text(lab, class_names, r)
-            h = ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.8, color=colors[i], label=text,
-                           linewidths=0, rasterized=True)
+            color, marker = styles[lab]
+            h = ax.scatter(xy[sel, 0], xy[sel, 1], s=9 if marker == "o" else 11, alpha=0.8, color=color,
+                           marker=marker, label=text, linewidths=0, rasterized=True)
             handles.setdefault(text, h)
         ax.set_title(model_label(name, r), fontsize="small")
         ax.set_xlabel("t-SNE 1")
@@ -580,6 +582,17 @@ def plot_tsne(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = N
     source = next(iter(results.values())).arrays.get("tsne_label_kind", "class")
     _suptitle(fig, f"t-SNE of last-layer patch tokens (coloured by {source})", results)
     return _finish(fig, out)
+
+
+_CLASS_MARKERS = ("o", "^", "s", "D")
+
+
+def class_styles(labels: Sequence[Any]) -> dict[Any, tuple[tuple[float, float, float], str]]:
+    """A (colour, marker) per class, distinguishable for up to 40 classes: the ten colour-blind-safe
+    colours with a circle, then again with a triangle, a square and a diamond (more classes repeat)."""
+    colors = sns.color_palette("colorblind", 10)
+    return {lab: (tuple(colors[i % 10]), _CLASS_MARKERS[(i // 10) % len(_CLASS_MARKERS)])
+            for i, lab in enumerate(labels)}
 
 
 def _target_text(target: Any, index: int, result: Any, by_label: bool) -> str:

@@ -114,6 +114,23 @@ def test_palette_follows_method_family_then_name_not_order():
         == ("KAMIM", "MAE", None)
 
 
+def test_tsne_classes_keep_one_distinguishable_style_in_every_panel(synthetic):
+    from matplotlib.colors import to_rgb
+
+    rng = np.random.default_rng(0)
+    res = {}
+    for name, r, classes in (("A", synthetic["SimMIM"], range(20)), ("B", synthetic["KAMIM"], range(1, 20))):
+        labels = np.repeat(np.array(list(classes)), 3)
+        res[name] = SimpleNamespace(**{**vars(r), "arrays": {**r.arrays, "tsne_labels": labels,
+                                                              "tsne_xy": rng.normal(size=(len(labels), 2))}})
+    fig = plots.plot_tsne(res)
+    styles = [{c.get_label(): (to_rgb(c.get_facecolor()[0]), c.get_paths()[0].vertices.round(3).tobytes())
+               for c in ax.collections} for ax in fig.axes[:2]]
+    assert len(set(styles[0].values())) == 20  # 20 classes: 20 distinct colour-and-marker pairs
+    assert all(styles[1][lab] == styles[0][lab] for lab in styles[1])  # B lacks class 0: same styles still
+    assert len(fig.legends[0].get_texts()) == 20
+
+
 def test_attention_distance_baseline_is_uniform_value(synthetic, tmp_path):
     fig = plots.plot_attention_distance(synthetic, out=tmp_path / "dist")
     ax = fig.axes[0]
@@ -366,7 +383,8 @@ def test_reconstruction_title_stays_clear_of_the_column_headers(tmp_path):
     model = create_pretrain_model("simmim", "vit_pico", img_size=32).eval()
     masked = MaskedImages(ImageFolderDataset(data, EvalTransform(32)),
                           MaskGenerator(input_size=32, mask_patch_size=16, model_patch_size=8, mask_ratio=0.5), 0)
-    fig = plot_reconstructions({"a": model}, masked, [0, 1], None, "cpu")
+    fig = plot_reconstructions({"a": model}, masked, [0, 1], None, "cpu",
+                               metrics={"a": {"psnr": 21.58, "ssim": 0.7028}})
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig.suptitle("Reconstructions at mask ratio 0.5")
@@ -376,3 +394,5 @@ def test_reconstruction_title_stays_clear_of_the_column_headers(tmp_path):
     title = fig._suptitle.get_window_extent(renderer)
     headers = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
     assert headers and all(title.y0 >= h.y1 for h in headers)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == [
+        "original", "masked", "a\nPSNR 21.6 dB · SSIM 0.703"]

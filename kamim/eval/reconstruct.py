@@ -317,10 +317,12 @@ def plot_reconstructions(
     path: str | Path | None = None,
     device: torch.device | str = "cpu",
     cell_inches: float = 1.8,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
 ):
     """Figure grid, one row per image: original | masked input | each model's reconstruction
-    (pasted into the visible pixels). Same images and masks for every model. Saved atomically as PNG
-    when ``path`` is given; returns the matplotlib figure."""
+    (pasted into the visible pixels). Same images and masks for every model. ``metrics`` (model ->
+    :func:`evaluate_reconstruction`'s ``psnr`` / ``ssim``) puts each model's PSNR and SSIM under its
+    column header. Saved atomically as PNG when ``path`` is given; returns the matplotlib figure."""
     # a pyplot-free Figure: no global figure registry to leak into, no backend to select
     from matplotlib.figure import Figure
 
@@ -346,7 +348,9 @@ def plot_reconstructions(
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(title, fontsize=9)
+                m = (metrics or {}).get(title)
+                ax.set_title(title if not m else f"{title}\nPSNR {m['psnr']:.1f} dB · SSIM {m['ssim']:.3f}",
+                             fontsize=9)
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
@@ -416,7 +420,7 @@ def run_reconstruct(cfg: ReconstructConfig) -> dict[str, Any]:
             if cfg.figure_images > 0:
                 fig_path = out / "reconstructions.png"
                 rows_shown = list(range(min(cfg.figure_images, len(data))))
-                plot_reconstructions(models, data, rows_shown, fig_path, info.device)
+                plot_reconstructions(models, data, rows_shown, fig_path, info.device, metrics=metrics)
                 summary["figure"] = str(fig_path)
             write_results(out, "reconstruct", rows, summary)
             print_table(rows, ["model", "method", "step", "psnr", "ssim", "psnr_masked", "num_images"],
