@@ -596,7 +596,9 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     if cross:
         metrics = pd.concat([metrics] + [r.table for r in cross.values()], ignore_index=True)
         depths = {n: r.geometry.depth for n, r in results.items()}
-        for key in plots.CROSS_FIGURES:
+        for key, (array, *_) in plots.CROSS_FIGURES.items():
+            if not all(array in r.arrays for r in cross.values()):
+                continue  # an older run's cross-model results hold the CKA only
             stem = record.figure_names.get(key, key.replace("-", "_"))
             plots.plot_cross_model(cross, depths, key, out=staging / stem)
             figures[key] = _figure_files(staging / stem)
@@ -869,6 +871,8 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
         if not allow_mixed:
             raise
         notes.append("Cross-model figures left out: the runs saved features of different images.")
+    if not cross and len(runs) == 1:  # a run saved before models saved features: its own cross-model CKA
+        cross = dict(runs[0][1])
     settings = {**first.settings, "models from": ", ".join(f"{n}: {where[n]}" for n in results),
                 "analyses": ", ".join(common),
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}

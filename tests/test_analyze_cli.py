@@ -645,6 +645,19 @@ def test_cross_model_analyses_from_saved_features_in_run_and_plot(assets, tmp_pa
     rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--cross-k", "1", "--out", tmp_path / "y", *common],
                       capsys)
     assert rc == 2 and "cross_k must be >= 2" in err
+    # a run saved before models saved features (its cross-model results: the CKA only) redraws its CKA
+    from analysis.crossmodel import FEATURES
+    from analysis.pipeline import save_run
+
+    results, cross, record, _ = load_run(tmp_path / "both")
+    for r in results.values():
+        r.arrays = {k: v for k, v in r.arrays.items() if k not in (FEATURES, FILES)}
+    for r in cross.values():
+        r.arrays = {"cka": r.arrays["cka"]}
+    save_run(tmp_path / "old" / "raw", results, cross, record)
+    assert _run(["plot", tmp_path / "old", "--out", tmp_path / "old-redrawn"], capsys)[0] == 0
+    assert (tmp_path / "old-redrawn" / "cross_cka.png").is_file()
+    assert not (tmp_path / "old-redrawn" / "cross_mutual_knn.png").exists()
 
 
 def test_a_model_is_drawn_in_its_method_colour_whatever_the_order_of_model_flags(assets, tmp_path, capsys):
