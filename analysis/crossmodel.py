@@ -1,7 +1,7 @@
 """Cross-model comparisons from saved features: layer-by-layer CKA, mutual k-NN alignment and CKNNA.
 
 Every model of a ``kamim-analyze run`` saves the pooled block outputs of a fixed, seeded subset of
-the images (:func:`extract_features`; default 1,000, at most :data:`MAX_FEATURE_IMAGES`) with the
+the images (:func:`extract_features`; default 1,000, at most :data:`MAX_CROSS_IMAGES`) with the
 list of those files. Any two models whose saved lists are equal (the same images in the same order)
 are compared from these features alone, in ``run`` and when ``kamim-analyze plot`` combines runs;
 different image sets are refused with one line (:func:`check_same_images`).
@@ -39,18 +39,15 @@ from torch import Tensor
 from kamim.backbone import layer_features, num_layers, unwrap
 
 from .results import AnalysisResult, Record, records_to_frame
-from .names import CROSS_CKA, MAX_CROSS_IMAGES
+from .names import CROSS_CKA, DEFAULT_CROSS_K as DEFAULT_K
 from .similarity import CKAAccumulator, _chunk_hsic, _cka_from_hsic
 
 __all__ = [
-    "CROSS_CKA", "DEFAULT_K", "DEFAULT_FEATURE_IMAGES", "MAX_FEATURE_IMAGES", "FEATURES", "FILES",
+    "CROSS_CKA", "FEATURES", "FILES",
     "extract_features", "files_digest", "saved_features", "check_same_images", "mutual_knn", "cknna",
     "cross_cka", "compare_models", "compare_all",
 ]
 
-DEFAULT_K = 10
-DEFAULT_FEATURE_IMAGES = 1000
-MAX_FEATURE_IMAGES = MAX_CROSS_IMAGES
 FEATURES = "cross_features"  # arrays key: {layer: (n, d) float32}
 FILES = "cross_files"  # arrays key: (n,) the image files, relative to the data folder, in order
 
@@ -217,7 +214,7 @@ def compare_models(name_a: str, result_a: AnalysisResult, name_b: str, result_b:
     _check_k(k, n)
     matrix = cross_cka(fa, fb, cka)
     cache = {} if _cache is None else _cache  # name -> prepared layers, reused across the pairs of compare_all
-    prepared = [cache[n] if n in cache else _prepared(f, k) for n, f in ((name_a, fa), (name_b, fb))]
+    prepared = [cache[m] if m in cache else _prepared(f, k) for m, f in ((name_a, fa), (name_b, fb))]
     cache[name_a] = prepared[0]
     mknn, ckn = _alignment(prepared[0], prepared[1], k)
     best = mknn.argmax(axis=1) + 1

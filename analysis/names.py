@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .builtin import BUILTIN
 
-__all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS", "CROSS_CKA", "MAX_CROSS_IMAGES"]
+__all__ = ["ANALYSES", "RUN_OPTIONS", "CLI_OPTIONS", "CROSS_CKA", "MAX_CROSS_IMAGES", "DEFAULT_CROSS_IMAGES",
+           "DEFAULT_CROSS_K"]
 
 ANALYSES: tuple[str, ...] = tuple(a.name for a in BUILTIN)
 RUN_OPTIONS = (
@@ -26,3 +27,5 @@ CLI_OPTIONS = tuple(n for n in RUN_OPTIONS if n not in ("batch_size", "attributi
 #: the n x n kernels of each layer of two models are held at once: 10,000 images take 800 MB each
 CROSS_CKA = ("debiased", "biased")
 MAX_CROSS_IMAGES = 10_000
+DEFAULT_CROSS_IMAGES = 1000
+DEFAULT_CROSS_K = 10  # as in Huh et al.'s figures

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from analysis.settings import INTERPOLATIONS
+from analysis.names import CROSS_CKA, DEFAULT_CROSS_IMAGES, DEFAULT_CROSS_K
+from analysis.settings import INTERPOLATIONS, check_cross
 
 log = logging.getLogger("kamim.analyze")
 
@@ -625,7 +626,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             figure_names: Optional[Mapping[str, str]] = None,
             options: Optional[Mapping[str, Any]] = None,
             model_options: Optional[Callable[[str, Any], Mapping[str, Any]]] = None,
-            cross_images: int = 1000, cross_k: int = 10, cross_cka: str = "debiased",
+            cross_images: int = DEFAULT_CROSS_IMAGES, cross_k: int = DEFAULT_CROSS_K, cross_cka: str = CROSS_CKA[0],
             extra: Optional[ExtraStep] = None,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
             inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = (),
@@ -862,8 +863,8 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     if len(runs) > 1 and any(r[2].extra_figures for r in runs):
         notes.append(f"Left out when combining: {', '.join(sorted({k for r in runs for k in r[2].extra_figures}))} "
                      f"(made from the models, not from saved results).")
-    k = int(first.settings.get(CROSS_K_SETTING, 10))
-    cka = str(first.settings.get(CROSS_CKA_SETTING, "debiased"))
+    k = int(first.settings.get(CROSS_K_SETTING, DEFAULT_CROSS_K))
+    cka = str(first.settings.get(CROSS_CKA_SETTING, CROSS_CKA[0]))
     cross: dict[tuple[str, str], Any] = {}
     try:
         cross = _cross_models(results, notes, k=k, cka=cka) if "cka" in common else {}
@@ -978,16 +979,13 @@ CROSS_K_SETTING, CROSS_CKA_SETTING = "cross-model k (mutual k-NN, CKNNA)", "cros
 
 
 def _check_cross(images: int, k: int, cka: str) -> None:
-    """The cross-model settings, refused with one line each."""
-    from analysis.crossmodel import CROSS_CKA, MAX_FEATURE_IMAGES
+    """The cross-model settings (:func:`analysis.settings.check_cross`), refused with one line each."""
+    from kamim.config import ConfigError
 
-    if isinstance(images, bool) or not isinstance(images, int) or not 0 <= images <= MAX_FEATURE_IMAGES:
-        raise UsageError(f"--cross-images must be an integer in [0, {MAX_FEATURE_IMAGES}] (0: no cross-model "
-                         f"analyses), got {images!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise UsageError(f"--cross-k must be an integer >= 2 (CKNNA needs two neighbours), got {k!r}")
-    if cka not in CROSS_CKA:
-        raise UsageError(f"--cross-cka {cka!r} is not valid; expected one of {', '.join(CROSS_CKA)}")
+    try:
+        check_cross(images, k, cka)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
 
 
 def _has_features(result: Any, images: int) -> bool:

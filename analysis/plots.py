@@ -41,7 +41,7 @@ from kamim.backbone import to_hw
 __all__ = [
     "ModelStyle", "ModelPalette", "save_figure", "model_label", "resolution_label",
     "plot_layer_metric", "plot_attention_distance", "plot_nmi", "plot_attention_entropy",
-    "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_cka", "plot_cross_model",
+    "plot_similarity_heatmaps", "plot_attention_similarity", "plot_cka", "plot_cross_model",
     "METHOD_COLOURS", "method_family", "result_family", "class_styles",
     "CROSS_FIGURES",
     "plot_fourier", "plot_tsne", "plot_pre_post", "plot_attention_maps", "plot_rollout",
@@ -457,12 +457,6 @@ def _cross_heatmaps(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapp
                      for (a, b), k in keys.items()},
         markers={keys[p]: m for p, m in (markers or {}).items()},
         cbar_label=cbar_label, title=title, vmin=0.0, vmax=1.0, out=out)
-
-
-def plot_cross_cka(matrices: Mapping[tuple[str, str], np.ndarray], depths: Mapping[str, int], *,
-                   out: Optional[PathLike] = None) -> Figure:
-    """Linear CKA between the layers of two models, one panel per pair (rows: first model)."""
-    return _cross_heatmaps(matrices, depths, cbar_label="linear CKA", title=CROSS_FIGURES["cross-cka"][2], out=out)
 
 
 def plot_cross_model(cross: Mapping[tuple[str, str], Any], depths: Mapping[str, int], key: str, *,

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from kamim.config import ConfigError
 
-from .names import CROSS_CKA, MAX_CROSS_IMAGES
+from .names import CROSS_CKA, DEFAULT_CROSS_IMAGES, DEFAULT_CROSS_K, MAX_CROSS_IMAGES
 
 __all__ = ["AnalyzeConfig", "PaperFiguresConfig", "PlotConfig", "ANALYZE_CONFIGS", "INTERPOLATIONS", "CROSS_CKA",
            "MAX_CROSS_IMAGES"]
@@ -70,9 +70,9 @@ class AnalyzeConfig(_AnalysisRun):
     baseline: Optional[str] = None  # "random": also a randomly initialised model of each architecture
     # cross-model analyses (analysis.crossmodel): every model saves pooled block outputs of this many
     # images (a seeded subset; 0: none); mutual k-NN / CKNNA neighbours; CKA estimator
-    cross_images: int = 1000
-    cross_k: int = 10
-    cross_cka: str = "debiased"
+    cross_images: int = DEFAULT_CROSS_IMAGES
+    cross_k: int = DEFAULT_CROSS_K
+    cross_cka: str = CROSS_CKA[0]
 
     def validate(self) -> "AnalyzeConfig":
         if not self.models:
@@ -84,15 +84,20 @@ class AnalyzeConfig(_AnalysisRun):
             raise ConfigError(f"baseline={self.baseline!r} is not valid; expected random (or null: none)")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16 px (or null), got {self.image_size}")
-        if not 0 <= self.cross_images <= MAX_CROSS_IMAGES:
-            raise ConfigError(f"cross_images must be in [0, {MAX_CROSS_IMAGES}] (0: no cross-model analyses), "
-                              f"got {self.cross_images}")
-        if self.cross_k < 2:
-            raise ConfigError(f"cross_k must be >= 2 (CKNNA needs two neighbours), got {self.cross_k}")
-        if self.cross_cka not in CROSS_CKA:
-            raise ConfigError(f"cross_cka={self.cross_cka!r} is not valid; expected one of: {', '.join(CROSS_CKA)}")
+        check_cross(self.cross_images, self.cross_k, self.cross_cka)
         self._check_run()
         return self
+
+
+def check_cross(images: Any, k: Any, cka: Any) -> None:
+    """The cross-model settings (``cross_images``, ``cross_k``, ``cross_cka``): one-line ``ConfigError``."""
+    if isinstance(images, bool) or not isinstance(images, int) or not 0 <= images <= MAX_CROSS_IMAGES:
+        raise ConfigError(f"cross_images must be an integer in [0, {MAX_CROSS_IMAGES}] (0: no cross-model "
+                          f"analyses), got {images!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfigError(f"cross_k must be an integer >= 2 (CKNNA needs two neighbours), got {k!r}")
+    if cka not in CROSS_CKA:
+        raise ConfigError(f"cross_cka={cka!r} is not valid; expected one of: {', '.join(CROSS_CKA)}")
 
 
 @dataclass

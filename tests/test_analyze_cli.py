@@ -644,7 +644,7 @@ def test_cross_model_analyses_from_saved_features_in_run_and_plot(assets, tmp_pa
     assert not (tmp_path / "x").exists()
     rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--cross-k", "1", "--out", tmp_path / "y", *common],
                       capsys)
-    assert rc == 2 and "cross_k must be >= 2" in err
+    assert rc == 2 and "cross_k must be an integer >= 2" in err
     # a run saved before models saved features (its cross-model results: the CKA only) redraws its CKA
     from analysis.crossmodel import FEATURES
     from analysis.pipeline import save_run

@@ -299,8 +299,11 @@ def test_summary_table_and_report(synthetic, tmp_path):
 
 
 def test_cross_cka_axes_follow_each_model():
+    from analysis.results import AnalysisResult, records_to_frame
+
     m = np.linspace(0, 1, 12).reshape(3, 4)
-    fig = plots.plot_cross_cka({("A", "B"): m}, {"A": 3, "B": 4})
+    pair = AnalysisResult("A vs B", records_to_frame([]), {"cka": m}, None, 8, options={"cka": "biased"})
+    fig = plots.plot_cross_model({("A", "B"): pair}, {"A": 3, "B": 4}, "cross-cka")
     ax = fig.axes[0]
     assert (ax.get_ylabel(), ax.get_xlabel()) == ("A: depth (block)", "B: depth (block)")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
