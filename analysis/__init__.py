@@ -69,7 +69,8 @@ if TYPE_CHECKING:
     from .plots import ModelPalette, plot_analysis, save_figure
     from .registry import Accumulator, Analysis, Batch, Context, get, load_plugin, register
     from .report import library_versions, summary_table, write_report
-    from .results import AnalysisResult, Record, records_to_frame
+    from .results import AnalysisResult, Record, matrix_records, records_to_frame
+    from .uncertainty import CI_LEVEL, Moments, t_interval
     from .rollout import RolloutAccumulator, RolloutMap, attention_rollout, rollout_map
     from .runner import ANALYSES, RunOptions, cross_model_cka, run_analyses
     from .crossmodel import cknna, compare_all, compare_models, cross_cka, mutual_knn
@@ -113,7 +114,9 @@ _MODULES = {
               "paper_captions", "figure_tables", "reconstruction_figure"),
     "plots": ("ModelPalette", "plot_analysis", "save_figure"),
     "report": ("library_versions", "summary_table", "write_report"),
-    "results": ("AnalysisResult", "Record", "records_to_frame"),
+    "results": ("AnalysisResult", "Record", "records_to_frame", "matrix_records"),
+    # 95% intervals over images of the means over images (streaming, mergeable)
+    "uncertainty": ("CI_LEVEL", "Moments", "t_interval"),
     "rollout": ("RolloutMap", "RolloutAccumulator", "attention_rollout", "rollout_map"),
     "runner": ("ANALYSES", "RunOptions", "cross_model_cka", "run_analyses"),
     # cross-model measures from saved features (mutual k-NN, CKNNA, layer x layer CKA)

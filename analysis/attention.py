@@ -28,18 +28,21 @@ image: uniform ``p(q)`` over them, ``log`` of their count in ``H(q)``) instead o
 row (the notebooks' ``1e-32`` / ``1e-8`` make such rows uniform instead). An image and head with
 no remaining row has no value (NaN per image) and is left out of that head's mean over images; the
 tidy table says how many rows were excluded (metric ``<metric>-excluded-rows``, per layer and head,
-summed over images) and its ``images`` column how many images each value averages.
+summed over images), its ``n_images`` column how many images each value averages and its
+``ci_low``/``ci_high`` columns the 95% interval over images (:mod:`analysis.uncertainty`).
 """
 from __future__ import annotations
 
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .uncertainty import CI_LEVEL, Moments
 
 __all__ = [
     "distance_matrix",
@@ -471,41 +474,53 @@ class MeanOverImages:
 
     Subclasses implement ``_per_image(batch) -> (B, ...)``. A NaN per-image value (no value for that
     image, e.g. a head whose every row was excluded) is left out of that element's mean; ``counts``
-    says how many images each element averages (``images``: all images seen). The float64 sums make
-    the result independent of how the images are split into batches.
+    says how many images each element averages (``images``: all images seen). The per-image values
+    go into :class:`analysis.uncertainty.Moments` (float64 count, mean and squared deviations), so the
+    result and its :meth:`interval` over images do not depend on how the images are split into
+    batches, and merging is exact up to float64 rounding.
     """
 
     def __init__(self) -> None:
-        self._sum: Tensor | None = None
-        self.counts: Tensor | None = None
-        self.images = 0
+        self.moments = Moments()
+
+    @property
+    def images(self) -> int:
+        return self.moments.images
+
+    @property
+    def counts(self) -> Tensor | None:
+        count = self.moments.count
+        return None if count is None else torch.from_numpy(count.astype(np.int64))
 
     def _per_image(self, *args: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def per_image(self, *args: Tensor) -> Tensor:
+        """The per-image values ``(B, ...)`` of a batch, without accumulating them."""
+        return self._per_image(*args)
 
     def update(self, *args: Tensor) -> None:
         self.add(self._per_image(*args))
 
     def add(self, values: Tensor) -> None:
         """Accumulate precomputed per-image values ``(B, ...)``."""
-        values = values.double()
-        total, count = values.nansum(0).cpu(), (~values.isnan()).sum(0).cpu()
-        self._sum = total if self._sum is None else self._sum + total
-        self.counts = count if self.counts is None else self.counts + count
-        self.images += values.shape[0]
+        self.moments.add(values)
 
     def merge(self, other: MeanOverImages) -> None:
-        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
-        if other._sum is not None:
-            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
-            self.counts = other.counts.clone() if self.counts is None else self.counts + other.counts
-        self.images += other.images
+        """Add the moments of ``other`` (disjoint images): exact up to float64 rounding."""
+        self.moments.merge(other.moments)
 
     def compute(self) -> Tensor:
         """The means (NaN for an element no image had a value for)."""
-        if self._sum is None or self.images == 0:
+        if self.moments.count is None or self.images == 0:
             raise ValueError(f"{type(self).__name__}: no images accumulated")
-        return self._sum / self.counts
+        return torch.from_numpy(self.moments.mean)
+
+    def interval(self, level: float = CI_LEVEL) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` of the ``level`` interval over images of :meth:`compute` (NaN below 2 images)."""
+        self.compute()
+        low, high = self.moments.interval(level)
+        return torch.from_numpy(low), torch.from_numpy(high)
 
 
 class AttentionDistance(MeanOverImages):
@@ -573,33 +588,39 @@ class FirstImages:
         return {k: v for k, v in out.items() if len(v) == len(next(iter(out.values())))}
 
 
-def _record(context, layer: int, head: int, metric: str, value: float, images: int):
+def _record(context, layer: int, head: int, metric: str, value: float, images: int,
+            interval: tuple[Any, Any] = (math.nan, math.nan)):
     from .results import Record
 
-    return Record(context.model_name, layer, head, metric, float(value), images)
+    return Record(context.model_name, layer, head, metric, float(value), images, float(interval[0]), float(interval[1]))
 
 
 class HeadMetricAccumulator:
     """One per-head attention statistic (a :class:`MeanOverImages` per layer) as tidy rows:
     ``metric`` per (layer, head) and the mean over heads (``head = -1``), each with the images it
-    averages, and ``<metric>-excluded-rows``: the query rows left out because they had no attention
-    on patches (summed over images; head -1: over heads too)."""
+    averages and its 95% interval over images (the head mean's from the per-image means over heads),
+    and ``<metric>-excluded-rows``: the query rows left out because they had no attention on
+    patches (summed over images; head -1: over heads too)."""
 
     def __init__(self, context, metric: str, make: Callable[[], MeanOverImages]) -> None:
         self.context, self.metric = context, metric
         self.layers = {layer: make() for layer in context.layers}
+        self.head_means = {layer: Moments() for layer in context.layers}
         self.excluded: dict[int, Tensor] = {}
 
     def update(self, batch) -> None:
         for layer, acc in self.layers.items():
             attn = batch.patch_attention(layer)
-            acc.update(attn)
+            values = acc.per_image(attn)  # (B, heads)
+            acc.add(values)
+            self.head_means[layer].add(values.double().nanmean(-1))
             rows = (attn.row_sum == 0).sum((0, 2)).cpu()  # (heads,)
             self.excluded[layer] = rows + self.excluded[layer] if layer in self.excluded else rows
 
     def merge(self, other: HeadMetricAccumulator) -> None:
         for layer, acc in self.layers.items():
             acc.merge(other.layers[layer])
+            self.head_means[layer].merge(other.head_means[layer])
             if layer in other.excluded:
                 mine = self.excluded.get(layer)
                 self.excluded[layer] = other.excluded[layer] + (0 if mine is None else mine)
@@ -608,8 +629,11 @@ class HeadMetricAccumulator:
         records, excluded = [], f"{self.metric}-excluded-rows"
         for layer, acc in self.layers.items():
             values, counts, rows = acc.compute(), acc.counts, self.excluded[layer]
-            records += [_record(self.context, layer, h, self.metric, v, int(counts[h])) for h, v in enumerate(values)]
-            records.append(_record(self.context, layer, -1, self.metric, values.nanmean(), acc.images))
+            low, high = acc.interval()
+            records += [_record(self.context, layer, h, self.metric, v, int(counts[h]), (low[h], high[h]))
+                        for h, v in enumerate(values)]
+            records.append(_record(self.context, layer, -1, self.metric, values.nanmean(), acc.images,
+                                   self.head_means[layer].interval()))
             records += [_record(self.context, layer, h, excluded, int(n), acc.images) for h, n in enumerate(rows)]
             records.append(_record(self.context, layer, -1, excluded, int(rows.sum()), acc.images))
         return records, {}

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from kamim.backbone import layer_features, num_layers, unwrap
 
-from .results import AnalysisResult, Record, records_to_frame
+from .results import AnalysisResult, Record, matrix_records, records_to_frame
 from .names import CROSS_CKA, DEFAULT_CROSS_K as DEFAULT_K
 from .similarity import CKAAccumulator, _chunk_hsic, _cka_from_hsic
 
@@ -199,7 +199,9 @@ def compare_models(name_a: str, result_a: AnalysisResult, name_b: str, result_b:
     ``arrays``: ``cka``, ``mutual_knn``, ``cknna`` (La x Lb) and ``best_layer`` (for each layer of A,
     the layer of B with the highest mutual k-NN). Table rows (per layer l of A): ``cka-same-layer``,
     ``mutual-knn-same-layer``, ``cknna-same-layer`` (l of A with l of B, for the common depths),
-    ``mutual-knn-best-layer`` (the best-aligned layer of B) and ``mutual-knn-best`` (its score).
+    ``mutual-knn-best-layer`` (the best-aligned layer of B) and ``mutual-knn-best`` (its score), and
+every entry of the three matrices (``cross-cka``, ``cross-mutual-knn``, ``cross-cknna``: ``layer`` of
+A, ``column`` = layer of B).
     A ``k`` of at least the number of images is lowered to that number less one (``options["k"]``).
     """
     saved_a, saved_b = saved_features(result_a), saved_features(result_b)
@@ -227,6 +229,8 @@ def compare_models(name_a: str, result_a: AnalysisResult, name_b: str, result_b:
     for layer in range(1, len(fa) + 1):
         records += [Record(name, layer, -1, "mutual-knn-best-layer", float(best[layer - 1]), n),
                     Record(name, layer, -1, "mutual-knn-best", float(mknn[layer - 1, best[layer - 1] - 1]), n)]
+    for metric, values in (("cross-cka", matrix), ("cross-mutual-knn", mknn), ("cross-cknna", ckn)):
+        records += matrix_records(name, metric, values, n)  # layer of A, column = layer of B
     gb = result_b.geometry
     return AnalysisResult(
         model_name=name, table=records_to_frame(records),

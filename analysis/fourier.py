@@ -12,7 +12,8 @@ first summed along its ``h`` wrapped anti-diagonals (``S[d] = sum_{(y + x) mod h
 accumulated in float64, one read of the tokens), then a length-``h`` DFT of ``S`` gives the
 coefficients (``F(k, k) = sum_d S[d] exp(-2 pi i k d / h)``). Same coefficients as ``fft2`` (to
 float64 rounding) for a fraction of the work; :func:`log_amplitude` still gives the full 2-D map.
-Streaming is exact: per-image channel-mean log amplitudes are summed in float64.
+Streaming is exact: per-image channel-mean log amplitudes go into float64 moments (mean and
+squared deviations, :mod:`analysis.uncertainty`), which also give the 95% interval over images.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .uncertainty import CI_LEVEL, Moments
 
 __all__ = [
     "log_amplitude",
@@ -123,15 +126,21 @@ class FourierAccumulator:
     """Streaming :func:`delta_log_amplitude` for several layers (e.g. embedding + every block).
 
     ``update(tokens_per_layer)`` takes one ``(B, N, C)`` tensor per layer (same images);
-    ``compute()`` returns ``(num_layers, h - h // 2)`` float64.
+    ``compute()`` returns ``(num_layers, h - h // 2)`` float64 and :meth:`interval` its 95% interval
+    over images. Each image's curve relative to its own frequency 0 goes into a
+    :class:`analysis.uncertainty.Moments`: the mean of those is the difference of the means, so
+    ``compute()`` is :func:`delta_log_amplitude` over all images, with an exact standard error.
     """
 
     def __init__(self, grid: int | Sequence[int], num_prefix_tokens: int = 1, num_layers: int | None = None) -> None:
         self.side = _square_side(grid)
         self.num_prefix_tokens = num_prefix_tokens
         self.num_layers = num_layers
-        self._sum: Tensor | None = None
-        self.images = 0
+        self.moments = Moments()
+
+    @property
+    def images(self) -> int:
+        return self.moments.images
 
     def update(self, tokens_per_layer: Sequence[Tensor] | Tensor) -> None:
         if isinstance(tokens_per_layer, Tensor):
@@ -145,24 +154,26 @@ class FourierAccumulator:
         if len(batch) != 1:
             raise ValueError(f"all layers must hold the same images, got batch sizes {sorted(batch)}")
         curves = torch.stack(
-            [diagonal_log_amplitude(t, self.side, self.num_prefix_tokens).sum(0).cpu() for t in tokens_per_layer]
-        )
-        self._sum = curves if self._sum is None else self._sum + curves
-        self.images += batch.pop()
+            [diagonal_log_amplitude(t, self.side, self.num_prefix_tokens).cpu() for t in tokens_per_layer], 1
+        )  # (B, layers, F)
+        self.moments.add(curves - curves[..., :1])
 
     def merge(self, other: FourierAccumulator) -> None:
-        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
+        """Add the moments of ``other`` (disjoint images): exact up to float64 rounding."""
         if (self.side, self.num_prefix_tokens) != (other.side, other.num_prefix_tokens):
             raise ValueError("cannot merge Fourier accumulators of different geometries")
-        if other._sum is not None:
-            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
-        self.images += other.images
+        self.moments.merge(other.moments)
 
     def compute(self) -> Tensor:
-        if self._sum is None or self.images == 0:
+        if self.images == 0:
             raise ValueError("FourierAccumulator: no images accumulated")
-        mean = self._sum / self.images
-        return mean - mean[:, :1]
+        return torch.from_numpy(self.moments.mean)
+
+    def interval(self, level: float = CI_LEVEL) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` of the ``level`` interval over images of :meth:`compute` (0 at frequency 0)."""
+        self.compute()
+        low, high = self.moments.interval(level)
+        return torch.from_numpy(low), torch.from_numpy(high)
 
     def frequencies(self) -> Tensor:
         return fourier_frequencies(self.side)
@@ -187,7 +198,8 @@ class LayerFourierAccumulator:
     def finish(self):
         from .results import Record
 
-        curves = self.fourier.compute()
+        curves, (low, high) = self.fourier.compute(), self.fourier.interval()
         records = [Record(self.context.model_name, l, -1, "fourier-high-frequency", float(curves[l, -1]),
-                          self.fourier.images) for l in range(curves.shape[0])]
-        return records, {"fourier": curves, "fourier_freqs": self.fourier.frequencies()}
+                          self.fourier.images, float(low[l, -1]), float(high[l, -1])) for l in range(curves.shape[0])]
+        return records, {"fourier": curves, "fourier_ci": {"low": low, "high": high},
+                         "fourier_freqs": self.fourier.frequencies()}

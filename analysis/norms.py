@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .uncertainty import Moments
+
 __all__ = ["LOG_BINS", "LOG_RANGE", "high_norm_mask", "NormHistogram", "HighNormAccumulator"]
 
 LOG_RANGE = (-4.0, 6.0)  # log10 of the norms the histogram covers (others land in the end bins)
@@ -81,9 +83,8 @@ class HighNormAccumulator:
         self.context, self.mads = context, float(mads)
         layers = list(context.layers)
         self.hist = {l: NormHistogram() for l in layers}
-        # per layer: sums over images of [high-norm fraction, prefix mass, high-norm mass], and the count
-        self.sums = {l: np.zeros(3) for l in layers}
-        self.images = 0
+        # per layer: moments over images of [high-norm fraction, prefix mass, high-norm mass]
+        self.per_image = {l: Moments() for l in layers}
 
     def update(self, batch) -> None:
         g, out = self.context.geometry, batch.captured
@@ -96,26 +97,26 @@ class HighNormAccumulator:
             attn = out.attention[l].float()[:, :, p:, :]  # (B, heads, Q, N): patch queries
             prefix = attn[..., :p].sum(-1).mean((1, 2)) if p else torch.zeros(len(high))
             sink = (attn[..., p:] * keys[:, None, None, :]).sum(-1).mean((1, 2))
-            self.sums[l] += torch.stack([high.mean(-1), prefix, sink], 1).double().sum(0).cpu().numpy()
+            self.per_image[l].add(torch.stack([high.mean(-1), prefix, sink], 1))
             keys = high  # block l's output is block l + 1's input
-        self.images += len(batch)
 
     def merge(self, other: HighNormAccumulator) -> None:
         for l in self.hist:
             self.hist[l].merge(other.hist[l])
-            self.sums[l] += other.sums[l]
-        self.images += other.images
+            self.per_image[l].merge(other.per_image[l])
 
     def finish(self):
         from .results import Record
 
-        name, n, records = self.context.model_name, self.images, []
+        name, records = self.context.model_name, []
         for l, h in self.hist.items():
-            frac, prefix, sink = self.sums[l] / n
+            moments = self.per_image[l]
+            n, means, (low, high) = moments.images, moments.mean, moments.interval()
             records += [Record(name, l, -1, metric, value, n) for metric, value in (
                 ("norm-q05", h.quantile(0.05)), ("norm-q50", h.quantile(0.5)), ("norm-q95", h.quantile(0.95)),
-                ("norm-max", h.max), ("high-norm-fraction", frac), ("sink-prefix-mass", prefix),
-                ("sink-high-norm-mass", sink))]
+                ("norm-max", h.max))]  # token-level quantiles of all images: no interval over images
+            records += [Record(name, l, -1, metric, float(means[i]), n, float(low[i]), float(high[i]))
+                        for i, metric in enumerate(("high-norm-fraction", "sink-prefix-mass", "sink-high-norm-mass"))]
         lo, hi = LOG_RANGE
         return records, {"norm_histogram": np.stack([h.counts for h in self.hist.values()]),
                          "norm_log_edges": np.linspace(lo, hi, LOG_BINS + 1)}

@@ -52,6 +52,7 @@ __all__ = [
 PathLike = Union[str, Path]
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 _BASELINE_GID = "uniform-baseline"
+_BAND_GID = "interval-band"  # the shaded 95% intervals over images
 _DPI = 150
 
 
@@ -237,14 +238,44 @@ def _metric_rows(result: Any, metric: str) -> pd.DataFrame:
     return rows
 
 
-def _per_layer(rows: pd.DataFrame, first_layer: int = 1) -> tuple[pd.Series, pd.DataFrame]:
-    """(mean over heads per layer, per-head rows) from tidy rows of one metric."""
+def _per_layer(rows: pd.DataFrame, first_layer: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per layer: the mean over heads ``value`` and its interval ``ci_low``/``ci_high``, per-head rows)
+    from tidy rows of one metric (NaN intervals where the table has none)."""
     rows = rows[rows["layer"] >= first_layer]
     heads = rows[rows["head"] >= 0]
-    mean = rows[rows["head"] < 0].groupby("layer")["value"].mean()
-    if mean.empty:
-        mean = heads.groupby("layer")["value"].mean()
+    mean_rows = rows[rows["head"] < 0]
+    if mean_rows.empty:  # a table with per-head rows only: their mean, without an interval
+        mean_rows = heads.groupby("layer", as_index=False)["value"].mean()
+    mean = mean_rows.groupby("layer").agg(
+        value=("value", "mean"), **{c: (c, "mean") for c in ("ci_low", "ci_high") if c in mean_rows})
+    for c in ("ci_low", "ci_high"):
+        if c not in mean:
+            mean[c] = np.nan
     return mean.sort_index(), heads
+
+
+def _band(ax: Any, x: Any, low: Any, high: Any, color: Any) -> bool:
+    """Shade a 95% interval over images (nothing where there is none); whether anything was drawn."""
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    finite = np.isfinite(low) & np.isfinite(high)
+    if not finite.any():
+        return False
+    ax.fill_between(np.asarray(x, dtype=float), np.where(finite, low, np.nan), np.where(finite, high, np.nan),
+                    color=color, alpha=0.22, linewidth=0, zorder=1, gid=_BAND_GID)
+    return True
+
+
+def _legend(ax: Any, banded: bool, fontsize: str = "small") -> None:
+    """The axes' legend, with one more entry saying what the shaded bands are when there are any."""
+    from matplotlib.patches import Patch
+
+    from analysis.uncertainty import level_text
+
+    handles, labels = ax.get_legend_handles_labels()
+    if banded:
+        handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0))
+        labels.append(f"shaded: {level_text()} interval over images")
+    ax.legend(handles, labels, fontsize=fontsize, frameon=False)
 
 
 def _baseline_groups(results: Mapping[str, Any], fn: Any) -> dict[float, list[str]]:
@@ -259,7 +290,8 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
                       baseline_unit: str = "", first_layer: int = 1, show_heads: bool = True,
                       palette: Optional[ModelPalette] = None, ax: Any = None,
                       out: Optional[PathLike] = None) -> Figure:
-    """One line per model (mean over heads) vs depth, per-head values as faint markers.
+    """One line per model (mean over heads) vs depth with its 95% interval over images shaded,
+    per-head values as faint markers.
 
     ``baseline``: a callable ``geometry -> value`` (or a number) drawn as a dashed horizontal line;
     models with different geometries get one dashed line each, in the model's colour. A model whose
@@ -274,7 +306,7 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    depth = 0
+    depth, banded = 0, False
     for name, r in results.items():
         style = palette[name]
         mean, heads = _per_layer(_metric_rows(r, metric), first_layer)
@@ -284,7 +316,8 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
         label = model_label(name, r)
         if baseline is not None and near_uniform(r, metric):
             label += "\n(indistinguishable from uniform)"
-        ax.plot(mean.index, mean.values, label=label, markersize=5, **style.line_kwargs())
+        ax.plot(mean.index, mean["value"], label=label, markersize=5, **style.line_kwargs())
+        banded |= _band(ax, mean.index, mean["ci_low"], mean["ci_high"], style.color)
         depth = max(depth, int(r.geometry.depth))
     if baseline is not None:
         fn = baseline if callable(baseline) else (lambda _g, v=float(baseline): v)
@@ -302,7 +335,7 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", frameon=False)
+    _legend(ax, banded)
     return _finish(fig, out)
 
 
@@ -509,7 +542,7 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
     max_depth = max(int(r.geometry.depth) for r in results.values())
     norm = Normalize(0, max_depth)
     hf_ax = axes[-1]
-    highest = {}
+    highest, banded = {}, False
     for ax, (name, r) in zip(axes[:-1], results.items()):
         amp = np.asarray(_array(r, "fourier"), dtype=np.float64)
         freqs = np.asarray(_array(r, "fourier_freqs"), dtype=np.float64)  # units of pi
@@ -526,6 +559,10 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
         style = palette[name]
         hf_ax.plot(np.arange(amp.shape[0]), amp[:, -1], label=model_label(name, r),
                    markersize=5, **style.line_kwargs())
+        ci = r.arrays.get("fourier_ci")  # runs saved before intervals existed have none
+        if ci is not None:
+            banded |= _band(hf_ax, np.arange(amp.shape[0]), np.asarray(ci["low"])[:, -1],
+                            np.asarray(ci["high"])[:, -1], style.color)
     # below the spectra: to their right, its label would collide with the last panel's y label
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:-1]), location="bottom",
                  label="depth (0 = patch embedding)", shrink=0.5, aspect=40)
@@ -536,7 +573,7 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
     hf_ax.set_ylabel(f"Δ log amplitude at frequency {at}")
     hf_ax.set_title(f"Highest frequency ({at})", fontsize="small")
     hf_ax.grid(alpha=0.3)
-    hf_ax.legend(fontsize="x-small", frameon=False)
+    _legend(hf_ax, banded, "x-small")
     _suptitle(fig, "Fourier analysis of feature maps", results)
     return _finish(fig, out)
 
@@ -1077,17 +1114,20 @@ def plot_high_norm_tokens(results: Mapping[str, Any], *, palette: Optional[Model
         ax.set_yticks(range(1, hist.shape[0] + 1))
         ax.set_title(model_label(name, r), fontsize="x-small", color=palette[name].color)
     ax = axes[-1]
+    banded = False
     for name, r in results.items():
         style = palette[name]
         for metric, ls in (("sink-prefix-mass", "-"), ("sink-high-norm-mass", "--")):
             rows = _metric_rows(r, metric)
             ax.plot(rows["layer"], rows["value"], linestyle=ls, color=style.color, marker=style.marker,
                     markersize=4, label=f"{name}: {'prefix tokens' if ls == '-' else 'high-norm patches'}")
+            if "ci_low" in rows:
+                banded |= _band(ax, rows["layer"], rows["ci_low"], rows["ci_high"], style.color)
     ax.set_xlabel("depth (block)")
     ax.set_xticks(range(1, max(int(r.geometry.depth) for r in results.values()) + 1))
     ax.set_ylabel("attention of patch queries (mean)")
     ax.set_title("Attention sinks", fontsize="small")
-    ax.legend(fontsize="xx-small", frameon=False)
+    _legend(ax, banded, "xx-small")
     ax.grid(alpha=0.3)
     _suptitle(fig, "Patch-token norms and attention sinks", results)
     return _finish(fig, out)

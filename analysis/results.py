@@ -1,7 +1,13 @@
 """Tidy analysis results: records -> pandas DataFrame, arrays, atomic saving and loading.
 
-Table columns: ``model, layer, head, metric, value, images`` with ``layer`` in ``1..L`` (``0`` =
-embedding where relevant) and ``head = -1`` for a mean over heads / not applicable.
+Table columns (:data:`TABLE_COLUMNS`): ``model, layer, head, column, metric, value, ci_low, ci_high,
+n_images`` with ``layer`` in ``1..L`` (``0`` = embedding where relevant), ``head = -1`` for a mean over
+heads / not applicable, ``column`` the second index of a matrix value (the column layer of ``cka`` and
+``attention-similarity``, the column head of ``head-pair-similarity``; ``-1`` for a scalar),
+``ci_low``/``ci_high`` the 95% interval over images of a mean over images
+(:mod:`analysis.uncertainty`; NaN for a statistic with none) and ``n_images`` the images behind the
+value. Tables saved before ``column`` and the intervals existed (their count column was ``images``)
+load with ``column = -1`` and NaN intervals.
 
 ``AnalysisResult.save(dir)`` writes, each atomically (temporary file in the same directory, then
 ``os.replace``): ``table.csv``, ``table.json`` (records), ``arrays.npz`` (nested dicts flattened
@@ -26,6 +32,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "Record",
     "records_to_frame",
+    "matrix_records",
     "atomic_open",
     "save_table",
     "save_arrays",
@@ -33,27 +40,59 @@ __all__ = [
     "AnalysisResult",
 ]
 
-TABLE_COLUMNS = ("model", "layer", "head", "metric", "value", "images")
+TABLE_COLUMNS = ("model", "layer", "head", "column", "metric", "value", "ci_low", "ci_high", "n_images")
+_TYPES = {"model": str, "layer": "int64", "head": "int64", "column": "int64", "metric": str, "value": "float64",
+          "ci_low": "float64", "ci_high": "float64", "n_images": "int64"}
+_NAN = float("nan")
 
 
 @dataclass(frozen=True)
 class Record:
-    """One tidy measurement."""
+    """One tidy measurement (positional: model, layer, head, metric, value, n_images)."""
 
     model: str
     layer: int
     head: int
     metric: str
     value: float
-    images: int
+    n_images: int
+    ci_low: float = _NAN
+    ci_high: float = _NAN
+    column: int = -1
 
 
 def records_to_frame(records: Iterable[Record | Mapping[str, Any]]) -> pd.DataFrame:
-    """Records -> DataFrame with exactly :data:`TABLE_COLUMNS` (typed: int layer/head/images, float value)."""
-    rows = [r.__dict__ if isinstance(r, Record) else dict(r) for r in records]
+    """Records -> DataFrame with exactly :data:`TABLE_COLUMNS`, typed (int indices and counts, float values).
+
+    Mappings may leave out ``column`` (-1) and the interval (NaN), and may name the count ``images``
+    (tables saved before ``n_images``)."""
+    rows = []
+    for r in records:
+        row = dict(r.__dict__) if isinstance(r, Record) else dict(r)
+        if "n_images" not in row and "images" in row:
+            row["n_images"] = row.pop("images")
+        row.setdefault("column", -1)
+        row.setdefault("ci_low", _NAN)
+        row.setdefault("ci_high", _NAN)
+        rows.append(row)
     frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    return frame.astype({"model": str, "layer": "int64", "head": "int64", "metric": str, "value": "float64",
-                         "images": "int64"})
+    return frame.astype(_TYPES)
+
+
+def matrix_records(model: str, metric: str, matrix: Any, images: int, interval: Any = None, *,
+                   layer: int | None = None) -> list[Any]:
+    """Tidy rows of a matrix: entry ``(i, j)`` as ``layer = i + 1, column = j + 1`` (a layer-by-layer
+    matrix), or, given ``layer``, as ``head = i, column = j`` of that layer (a head-by-head matrix);
+    ``interval``: ``(low, high)`` matrices of the same shape (NaN without)."""
+    m = np.asarray(_to_numpy(matrix), dtype=np.float64)
+    nan = np.full_like(m, np.nan)
+    low, high = (nan, nan) if interval is None else (np.asarray(v, dtype=np.float64) for v in interval)
+    rows = []
+    for i, j in np.ndindex(m.shape):
+        where = dict(layer=i + 1, head=-1, column=j + 1) if layer is None else dict(layer=layer, head=i, column=j)
+        rows.append(Record(model, where["layer"], where["head"], metric, float(m[i, j]), images,
+                           float(low[i, j]), float(high[i, j]), where["column"]))
+    return rows
 
 
 # Kept for callers of the old name: the project's one atomic writer is kamim.serialization's.

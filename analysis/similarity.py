@@ -36,6 +36,7 @@ from torch import Tensor
 from kamim.backbone import check_pool, pool_tokens
 
 from .attention import PatchAttention, entropy_sum, prepare_attention
+from .uncertainty import CI_LEVEL, Moments
 
 __all__ = [
     "js_divergence",
@@ -115,28 +116,42 @@ def head_similarity(attn: Tensor | PatchAttention, num_prefix_tokens: int = 1, k
 
 
 class _PairwiseMean:
+    """Mean over images of per-image ``(K, K)`` similarity matrices, with the 95% interval over images
+    of every entry and of the mean off-diagonal entry (:class:`analysis.uncertainty.Moments`)."""
+
     def __init__(self, num_prefix_tokens: int, kind: str) -> None:
         if kind not in ATTENTION_SIMILARITY_KINDS:
             raise ValueError(f"unknown attention similarity kind {kind!r}; expected one of {ATTENTION_SIMILARITY_KINDS}")
         self.num_prefix_tokens, self.kind = num_prefix_tokens, kind
-        self._sum: Tensor | None = None
-        self.images = 0
+        self.moments, self.off_diagonal = Moments(), Moments()
+
+    @property
+    def images(self) -> int:
+        return self.moments.images
 
     def _add(self, per_image: Tensor) -> None:
-        total = per_image.double().sum(0).cpu()
-        self._sum = total if self._sum is None else self._sum + total
-        self.images += per_image.shape[0]
+        per_image = per_image.double()
+        self.moments.add(per_image)
+        k = per_image.shape[-1]
+        if k > 1:
+            off = ~torch.eye(k, dtype=torch.bool, device=per_image.device)
+            self.off_diagonal.add(per_image[:, off].mean(-1))
 
     def merge(self, other: _PairwiseMean) -> None:
-        """Add the sums of ``other`` (disjoint images): exact up to float64 rounding."""
-        if other._sum is not None:
-            self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum
-        self.images += other.images
+        """Add the moments of ``other`` (disjoint images): exact up to float64 rounding."""
+        self.moments.merge(other.moments)
+        self.off_diagonal.merge(other.off_diagonal)
 
     def compute(self) -> Tensor:
-        if self._sum is None or self.images == 0:
+        if self.images == 0:
             raise ValueError(f"{type(self).__name__}: no images accumulated")
-        return self._sum / self.images
+        return torch.from_numpy(self.moments.mean)
+
+    def interval(self, level: float = CI_LEVEL) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` of every entry's ``level`` interval over images."""
+        self.compute()
+        low, high = self.moments.interval(level)
+        return torch.from_numpy(low), torch.from_numpy(high)
 
 
 class AttentionSimilarity(_PairwiseMean):
@@ -498,15 +513,20 @@ class AttentionSimilarityAccumulator:
             acc.merge(other.heads[l])
 
     def finish(self):
-        from .results import Record
+        from .results import Record, matrix_records
 
+        name, n = self.context.model_name, self.layers.images
         heads = torch.stack([acc.compute() for acc in self.heads.values()])
-        records = []
+        layers, (low, high) = self.layers.compute(), self.layers.interval()
+        records = matrix_records(name, "attention-similarity", layers, n, (low, high))
+        for l, acc in self.heads.items():
+            records += matrix_records(name, "head-pair-similarity", heads[l - 1], n, acc.interval(), layer=l)
         if heads.shape[-1] > 1:
-            off_diagonal = ~torch.eye(heads.shape[-1], dtype=torch.bool)
-            records = [Record(self.context.model_name, l, -1, "head-similarity", float(heads[l - 1][off_diagonal].mean()),
-                              self.layers.images) for l in self.context.layers]
-        return records, {"attention_similarity": self.layers.compute(), "head_similarity": heads}
+            for l, acc in self.heads.items():
+                off_low, off_high = acc.off_diagonal.interval()
+                records.append(Record(name, l, -1, "head-similarity", float(acc.off_diagonal.mean), n,
+                                      float(off_low), float(off_high)))
+        return records, {"attention_similarity": layers, "head_similarity": heads}
 
 
 class LayerCKAAccumulator:
@@ -519,13 +539,19 @@ class LayerCKAAccumulator:
         check_pool(opts.cka_pool, CKA_POOLS, has_class_token=self.has_cls, key="cka_pool")
         self.context = context
         self.cka = CKAAccumulator(estimator=opts.cka_estimator, chunk_size=opts.cka_chunk)
+        self.images = 0
 
     def update(self, batch) -> None:
         p, pool = self.context.geometry.num_prefix_tokens, self.context.options.cka_pool
         self.cka.update([pool_features(batch.captured.block_output[l], p, pool, self.has_cls) for l in self.context.layers])
+        self.images += len(batch)
 
     def merge(self, other: LayerCKAAccumulator) -> None:
         self.cka.merge(other.cka)
+        self.images += other.images
 
     def finish(self):
-        return [], {"cka": self.cka.compute()}
+        from .results import matrix_records
+
+        matrix = self.cka.compute()
+        return matrix_records(self.context.model_name, "cka", matrix, self.images), {"cka": matrix}

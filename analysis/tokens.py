@@ -257,9 +257,9 @@ class PrePostAccumulator:
 
         records = []
         for l, acc in self.shift.items():
-            ratio, cosine = acc.compute().tolist()
-            records += [Record(self.context.model_name, l, -1, "attention-shift-ratio", ratio, acc.images),
-                        Record(self.context.model_name, l, -1, "attention-shift-cosine", cosine, acc.images)]
+            values, (low, high) = acc.compute().tolist(), acc.interval()
+            records += [Record(self.context.model_name, l, -1, metric, values[i], acc.images, float(low[i]), float(high[i]))
+                        for i, metric in enumerate(("attention-shift-ratio", "attention-shift-cosine"))]
         sample = self.reservoir.sample()
         pca = pre_post_pca(sample["pre"], sample["post"], self.context.geometry.num_prefix_tokens, seed=self.context.seed,
                            mode=self.context.options.pre_post_pca)

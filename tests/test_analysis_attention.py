@@ -322,7 +322,7 @@ def test_rows_with_no_patch_mass_are_excluded_and_counted():
         table = records_to_frame(acc.finish()[0])
         heads = table[(table["metric"] == metric) & (table["head"] >= 0)].sort_values("head")
         np.testing.assert_allclose(heads["value"], want, rtol=1e-5, atol=1e-7)
-        assert heads["images"].tolist() == (2 * images).tolist() == [6, 4]  # head 1 has no row in image 2
+        assert heads["n_images"].tolist() == (2 * images).tolist() == [6, 4]  # head 1 has no row in image 2
         rows = table[table["metric"] == f"{metric}-excluded-rows"].sort_values("head")
         # head 0: query 2 of 3 images + 2 more rows of image 1; head 1: query 2 of 2 images + all 16 of image 2
         assert rows["value"].tolist() == [2 * 23, 2 * 5, 2 * 18] and rows["head"].tolist() == [-1, 0, 1]

@@ -68,7 +68,8 @@ def test_uniform_model_is_said_indistinguishable_and_a_local_one_is_not(data, tm
     random_init = res["random-vit_tiny_patch16_224"]
     assert all(near_uniform(random_init, m) for m in UNIFORM_BASELINES)  # what a model learns is read against it
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "uniform: attention indistinguishable from uniform (attention distance within 1%" in html
+    assert ("uniform: attention indistinguishable from uniform (the 95% interval over images reaches attention "
+            "distance within 1%") in html
     assert "local: attention indistinguishable" not in html
     assert "random-vit_tiny_patch16_224: attention indistinguishable from uniform" in html
     assert sorted(set(out.metrics["model"])) == ["local", "random-vit_tiny_patch16_224", "uniform"]
@@ -88,9 +89,15 @@ def test_the_rule_uses_the_stated_tolerances(data, tmp_path):
     res = out.results["u"]
     u = uniform_attention_distance(res.geometry)
     t = res.table
-    for shift, verdict in ((0.009, True), (0.011, False)):  # 0.9% and 1.1% above the uniform value
-        res.table = t.assign(value=np.where(t["metric"] == "attention-distance", u * (1 + shift), t["value"]))
-        assert near_uniform(res, "attention-distance") is verdict
+    dist = t["metric"] == "attention-distance"
+    # (value, interval) as shifts above the uniform value: the interval must reach the 1% band
+    for (shift, low, high), verdict in (((0.009, 0.009, 0.009), True), ((0.011, 0.011, 0.011), False),
+                                        ((0.015, 0.009, 0.021), True), ((0.015, 0.011, 0.019), False),
+                                        ((-0.015, -0.021, -0.0095), True), ((-0.015, -0.02, -0.0105), False),
+                                        ((0.009, np.nan, np.nan), True), ((0.011, np.nan, np.nan), False)):
+        res.table = t.assign(**{c: np.where(dist, u * (1 + v), t[c]) for c, v in
+                                (("value", shift), ("ci_low", low), ("ci_high", high))})
+        assert near_uniform(res, "attention-distance") is verdict, (shift, low, high)
         assert bool(uniform_sentences({"u": res})) is verdict
     with pytest.raises(UsageError, match="--baseline 'zero' is not valid; expected one of random"):
         analyze({"u": str(tmp_path / "u.safetensors")}, data, tmp_path / "x", analyses=["nmi"], images=3,

@@ -64,7 +64,7 @@ def test_result_contract(full):
     assert full.images == 10 and full.analyses == ANALYSES and full.geometry.num_prefix_tokens == 5
     assert tuple(full.table.columns) == TABLE_COLUMNS
     t = full.table
-    assert set(t["model"]) == {"tiny"} and set(t["images"]) == {10}
+    assert set(t["model"]) == {"tiny"} and set(t["n_images"]) == {10}
     dist = full.metric("attention-distance")
     assert sorted(set(dist["layer"])) == [1, 2, 3] and sorted(set(dist["head"])) == [-1, 0, 1]
     assert sorted(set(full.metric("fourier-high-frequency")["layer"])) == [0, 1, 2, 3]
@@ -119,7 +119,7 @@ def test_max_images_bare_tensors_and_model_untouched(dataset):
     fused = [b.attn.fused_attn for b in model.blocks]
     res = run_analyses(model, batches(dataset, 4, kind="tensor"), ["attention-distance", "fourier"], model_name="m",
                        max_images=5, progress=False)
-    assert res.images == 5 and set(res.table["images"]) == {5}
+    assert res.images == 5 and set(res.table["n_images"]) == {5}
     assert model.training and [b.attn.fused_attn for b in model.blocks] == fused
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 

@@ -97,7 +97,7 @@ def test_run_all_analyses_end_to_end(assets, tmp_path, capsys):
     assert set(metrics["model"]) == {"A", "B", "A vs B"}
     dist = metrics[(metrics["metric"] == "attention-distance") & (metrics["head"] == -1)]
     assert sorted(dist[dist.model == "A"]["layer"]) == [1, 2]
-    assert set(dist["images"]) == {6}
+    assert set(dist["n_images"]) == {6}
     assert len(json.loads((out / "metrics.json").read_text())) == len(metrics)
 
     html = (out / "report.html").read_text()
@@ -633,7 +633,13 @@ def test_cross_model_analyses_from_saved_features_in_run_and_plot(assets, tmp_pa
         assert (tmp_path / "ab" / f"{stem}.png").is_file()
     rows = {run: pd.read_csv(tmp_path / run / "metrics.csv").query("model == 'A vs B'") for run in ("ab", "both")}
     assert set(rows["ab"]["metric"]) == {"cka-same-layer", "mutual-knn-same-layer", "cknna-same-layer",
-                                         "mutual-knn-best-layer", "mutual-knn-best"}
+                                         "mutual-knn-best-layer", "mutual-knn-best", "cross-cka",
+                                         "cross-mutual-knn", "cross-cknna"}
+    # the matrices are tidy rows: A's layer, column = B's layer
+    entries = rows["ab"].query("metric == 'cross-cka'")
+    matrix = np.full((2, 2), np.nan)  # depth 2
+    matrix[entries.layer - 1, entries.column - 1] = entries.value
+    np.testing.assert_allclose(matrix, load_run(tmp_path / "ab")[1][("A", "B")].arrays["cka"], rtol=1e-12)
     pd.testing.assert_frame_equal(rows["ab"].reset_index(drop=True), rows["both"].reset_index(drop=True))
     html = (tmp_path / "ab" / "report.html").read_text()
     assert "Mutual k-nearest-neighbour alignment (Huh et al. 2024)" in html

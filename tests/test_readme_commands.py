@@ -179,7 +179,7 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     finally:
         os.chdir(cwd)
     table = scope["result"].table
-    assert {"attention-distance", "nmi"} <= set(table["metric"]) and set(table["images"]) == {8}
+    assert {"attention-distance", "nmi"} <= set(table["metric"]) and set(table["n_images"]) == {8}
     metrics = pd.read_csv(runs / "token-norm" / "metrics.csv")
     assert (metrics["metric"] == "token-norm").any() and (runs / "token-norm" / "token_norm.png").is_file()
     assert (runs / "paper" / "fig_reconstructions.png").is_file()

@@ -50,7 +50,7 @@ def test_readme_plugin_runs_into_rows_and_a_figure(clean_registry, tmp_path, pho
     result = run_analyses(model, [x[:3], x[3:]], ["token-norm", "nmi"], model_name="tiny", progress=False,
                           batch_size=2)
     rows = result.metric("token-norm").sort_values("layer")
-    assert rows["layer"].tolist() == [1, 2, 3] and set(rows["images"]) == {4} and set(rows["head"]) == {-1}
+    assert rows["layer"].tolist() == [1, 2, 3] and set(rows["n_images"]) == {4} and set(rows["head"]) == {-1}
     tokens = capture(model, x, block_output=True).block_output
     expected = [tokens[l][:, 3:].double().norm(dim=-1).mean().item() for l in (1, 2, 3)]  # 1 cls + 2 registers
     np.testing.assert_allclose(rows["value"].to_numpy(), expected, rtol=1e-6)
@@ -142,7 +142,7 @@ def test_readme_plugin_command_writes_rows_and_a_figure(clean_registry, tmp_path
     assert main([*argv[1:], "--quiet"]) == 0
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
     rows = metrics[metrics["metric"] == "token-norm"]
-    assert sorted(rows["layer"]) == [1, 2, 3, 4, 5, 6] and (rows["value"] > 0).all() and set(rows["images"]) == {4}
+    assert sorted(rows["layer"]) == [1, 2, 3, 4, 5, 6] and (rows["value"] > 0).all() and set(rows["n_images"]) == {4}
     assert (tmp_path / "out" / "token_norm.png").stat().st_size > 1000 and (tmp_path / "out" / "token_norm.pdf").is_file()
 
 

@@ -123,8 +123,11 @@ def test_merge_of_two_halves_equals_one_accumulator(name):
     first, second = _accumulate(analysis, model, batches[:2], geometry), _accumulate(analysis, model, batches[2:], geometry)
     first.merge(second)
     (rows_a, arrays_a), (rows_b, arrays_b) = whole.finish(), first.finish()
-    assert [(r.layer, r.head, r.metric, r.images) for r in rows_a] == [(r.layer, r.head, r.metric, r.images) for r in rows_b]
-    _close([r.value for r in rows_b], [r.value for r in rows_a], "rows", rtol=1e-6, atol=1e-9)
+    keys = [[(r.layer, r.head, r.column, r.metric, r.n_images) for r in rows] for rows in (rows_a, rows_b)]
+    assert keys[0] == keys[1]
+    for field in ("value", "ci_low", "ci_high"):  # the intervals over images merge too (NaN where none)
+        np.testing.assert_allclose([getattr(r, field) for r in rows_b], [getattr(r, field) for r in rows_a],
+                                   rtol=1e-6, atol=1e-9, err_msg=f"{name}: {field}")
     _close(arrays_b, arrays_a, name, rtol=1e-6, atol=1e-7)
 
 
