@@ -186,3 +186,18 @@ def test_line_figures_shade_each_models_interval_and_say_so():
     ax = plot_attention_distance({"m": result}).axes[0]
     assert not [c for c in ax.collections if c.get_gid() == _BAND_GID]
     assert "shaded" not in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_a_table_saved_before_intervals_loads_with_none(tmp_path):
+    from analysis.results import AnalysisResult
+
+    model = analysis_models.tiny_vit(seed=0).eval()
+    result = run_analyses(model, [_photos(4)], ["nmi"], model_name="m", progress=False)
+    result.save(tmp_path / "m")
+    old = result.table.rename(columns={"n_images": "images"}).drop(columns=["column", "ci_low", "ci_high"])
+    old.to_csv(tmp_path / "m" / "table.csv", index=False)  # the columns of a run saved before intervals
+    back = AnalysisResult.load(tmp_path / "m")
+    assert list(back.table.columns) == ["model", "layer", "head", "column", "metric", "value", "ci_low", "ci_high",
+                                        "n_images"]
+    assert (back.table.column == -1).all() and back.table.ci_low.isna().all() and set(back.table.n_images) == {4}
+    np.testing.assert_array_equal(back.table.value, result.table.value)
