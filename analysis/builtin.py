@@ -31,7 +31,7 @@ BUILTIN: tuple[Analysis, ...] = (
              lazy("analysis.similarity:LayerCKAAccumulator"), lazy("analysis.plots:plot_cka"), arrays=("cka",)),
     Analysis("fourier", "Fourier analysis of feature maps", frozenset({"embedding", "tokens"}), _VIT,
              lazy("analysis.fourier:LayerFourierAccumulator"), lazy("analysis.plots:plot_fourier"),
-             arrays=("fourier", "fourier_ci", "fourier_freqs")),
+             arrays=("fourier", "fourier_freqs")),
     Analysis("tsne", "Token t-SNE", frozenset({"tokens"}), _BOTH,
              lazy("analysis.tokens:TSNEAccumulator"), lazy("analysis.plots:plot_tsne"),
              arrays=("tsne_xy", "tsne_labels", "tsne_images", "tsne_label_kind", "tsne_layer")),

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", action="append", default=None, metavar="NAME=CHECKPOINT",
                      help="model to analyse (repeatable; a shorthand of --set models.NAME=CHECKPOINT): a "
                      "checkpoint file of any supported format, a `kamim pretrain` run directory (its "
-                     "encoder.safetensors), a manifest name or a timm model name (random init)")
+                     "encoder.safetensors), a manifest name or a timm model name (random init); "
+                     "NAME=CKPT_A,CKPT_B,CKPT_C: seeds of one method, analysed each (NAME@1, NAME@2, ... in "
+                     "metrics.csv) and drawn as their mean with its 95%% interval across seeds")
     f.add("--data", metavar="IMAGE_DIR", help="folder of images (class subfolders colour the t-SNE)" + _DATA_HELP)
     _add_out(run, "OUT_DIR")
     run.add_argument("--plugin", action="append", default=None, metavar="FILE.py",

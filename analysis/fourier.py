@@ -201,5 +201,4 @@ class LayerFourierAccumulator:
         curves, (low, high) = self.fourier.compute(), self.fourier.interval()
         records = [Record(self.context.model_name, l, -1, "fourier-high-frequency", float(curves[l, -1]),
                           self.fourier.images, float(low[l, -1]), float(high[l, -1])) for l in range(curves.shape[0])]
-        return records, {"fourier": curves, "fourier_ci": {"low": low, "high": high},
-                         "fourier_freqs": self.fourier.frequencies()}
+        return records, {"fourier": curves, "fourier_freqs": self.fourier.frequencies()}

@@ -173,6 +173,7 @@ def preflight(models: Mapping[str, str], data: PathLike, out: PathLike, command:
 
     if not models:
         raise UsageError("no models given: pass --model NAME=CHECKPOINT at least once")
+    models, _ = _expand(models)
     if str(data) not in DATA_NAMES and not Path(data).expanduser().is_dir():  # a demo name: made on first use
         raise UsageError(f"--data: {missing_data_folder(data, labelled=False)}")
     for name, source in models.items():
@@ -463,6 +464,8 @@ class RunRecord:
     figure_names: dict[str, str] = field(default_factory=dict)
     extra_figures: dict[str, list[str]] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    #: model name -> the names of its seeds (``--model NAME=A,B,C``, :mod:`analysis.seeds`)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int], seed: int, batch_size: int,
@@ -548,7 +551,8 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     cross = {(a, b): AnalysisResult.load(raw / sub) for a, b, sub in meta.get("cross", [])}
     record = RunRecord(tuple(meta["analyses"]), dict(meta["settings"]), dict(meta["models"]), list(meta["notes"]),
                        meta.get("title", "Representation analysis"), dict(meta.get("figure_names") or {}),
-                       dict(meta.get("extra_figures") or {}), dict(meta.get("captions") or {}))
+                       dict(meta.get("extra_figures") or {}), dict(meta.get("captions") or {}),
+                       {k: list(v) for k, v in (meta.get("groups") or {}).items()})
     return results, cross, record, raw.parent
 
 
@@ -587,12 +591,18 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     from analysis.report import summary_table, write_report
     from kamim.serialization import atomic_write_text
 
-    metrics = pd.concat([r.table for r in results.values()], ignore_index=True)
-    palette = model_palette(results, record.models)
+    from analysis.seeds import shown_results
+
+    # the tables keep every seed; figures and report show each seed group as its mean
+    shown = shown_results(results, record.groups)
+    grouped = [r.table for n, r in shown.items() if n in record.groups]
+    metrics = pd.concat([r.table for r in results.values()] + grouped, ignore_index=True)
+    models = {**record.models, **{g: _group_info(g, members, record.models) for g, members in record.groups.items()}}
+    palette = model_palette(shown, models)
     figures: dict[str, list[Path]] = {}
     for analysis_name in record.analyses:
         stem = record.figure_names.get(analysis_name, analysis_name.replace("-", "_"))
-        plots.plot_analysis(analysis_name, results, palette=palette, out=staging / stem)
+        plots.plot_analysis(analysis_name, shown, palette=palette, out=staging / stem)
         figures[analysis_name] = _figure_files(staging / stem)
     if cross:
         metrics = pd.concat([metrics] + [r.table for r in cross.values()], ignore_index=True)
@@ -606,18 +616,35 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     figures.update({k: [staging / p for p in v] for k, v in record.extra_figures.items()})
     atomic_write_text(metrics.to_csv(index=False), staging / "metrics.csv")
     atomic_write_text(metrics.to_json(orient="records", indent=1), staging / "metrics.json")
-    summary = summary_table(results)
+    summary = summary_table(shown)
     atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
-    write_report(staging / "report.html", results, figures, settings=record.settings, models=record.models,
-                 titles=plots.FIGURE_TITLES,
+    write_report(staging / "report.html", shown, figures, settings=record.settings,
+                 models={n: models[n] for n in shown if n in models}, titles=plots.FIGURE_TITLES,
                  tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                 notes=[*record.notes, *uniform_sentences(results)], title=record.title,
+                 notes=[*record.notes, *uniform_sentences(shown)], title=record.title,
                  captions={**_registered_captions(record.analyses), **(_cross_captions() if cross else {}),
                            **record.captions})
     return figures, metrics, summary
 
 
-def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
+def _group_info(name: str, members: Sequence[str], models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The report's row of a seed group: its seeds and what they share (method, format, architecture)."""
+    first = dict(models.get(members[0]) or {})
+    return {"seeds": ", ".join(f"{m}: {(models.get(m) or {}).get('source', 'n/a')}" for m in members),
+            **{k: first[k] for k in ("format", "method", "prefix tokens", "depth × heads") if k in first}}
+
+
+def _expand(models: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """:func:`analysis.seeds.expand_seeds`, refused with one line."""
+    from analysis.seeds import expand_seeds
+
+    try:
+        return expand_seeds(models)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
             analyses: Union[str, Sequence[str]] = "all", images: Optional[int] = None,
             batch_size: int = 32, image_size: Optional[int] = None,
             image_sizes: Optional[Mapping[str, Optional[int]]] = None, device: str = "cpu",
@@ -633,6 +660,10 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
             preprocessing: Preprocessing = Preprocessing(),
             captions: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
+
+    A name given several checkpoints (``"a,b,c"`` or a list: seeds of one method) is analysed as one
+    model per checkpoint, ``name@1``, ``name@2``, ... whose rows ``metrics.csv`` keeps, and shown in the
+    figures and report as their mean with its interval across seeds (:mod:`analysis.seeds`).
 
     Args:
         analyses: ``"all"`` or names from :data:`analysis.runner.ANALYSES`. With ``"all"``,
@@ -680,6 +711,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
     _positive("--workers", workers, allow_zero=True)
     device = _check_device(device)
     _check_cross(cross_images, cross_k, cross_cka)
+    models, groups = _expand(models)
     inputs = preflight(models, data, out, command, overwrite, inputs)  # before loading anything
     try:
         n_files = len(find_images(data))
@@ -790,7 +822,7 @@ def analyze(models: Mapping[str, str], data: PathLike, out: PathLike, *,
         extra_figures = extra(staging, results, loaded, notes) if extra is not None else {}
         record = RunRecord(tuple(analyses), settings, _model_info(loaded, geometries), list(notes), title,
                            figure_names, {k: [str(p.relative_to(staging)) for p in v] for k, v in extra_figures.items()},
-                           dict(captions or {}))
+                           dict(captions or {}), groups)
         save_run(staging / "raw", results, cross, record)  # everything `kamim-analyze plot` redraws from
         figures, metrics, summary = render(staging, results, cross, record)
         rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
@@ -835,6 +867,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     where: dict[str, Path] = {}
     notes: list[str] = []
     models: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[str]] = {}
     for res, _, record, folder in runs:  # cross-model results are computed again, for every pair
         for name in res:
             if name in results:
@@ -843,6 +876,11 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
             where[name] = folder
         results.update(res)
         models.update(record.models)
+        for group, members in record.groups.items():
+            if group in groups or group in results:
+                raise UsageError(f"model {group} is in more than one of the results: combine outputs of different "
+                                 f"models")
+            groups[group] = members
         notes += [n for n in record.notes if n not in notes]
     base = _compared(runs[0][0])
     for res, *_, folder in runs[1:]:
@@ -879,7 +917,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
     captions = first.captions if all(r[2].captions == first.captions for r in runs) else {}
     record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra,
-                       captions)
+                       captions, groups)
     with staged_output(out, command, overwrite, inputs) as staging:
         if config is not None:
             from kamim.config import dump_config

@@ -204,8 +204,10 @@ def resolution_label(geometry: Any) -> str:
 
 
 def model_label(name: str, result: Any) -> str:
-    """Legend label: model name and the resolution it was evaluated at."""
-    return f"{name} · {resolution_label(result.geometry)}"
+    """Legend label: model name and the resolution it was evaluated at (and, for a mean over seeds,
+    how many: :mod:`analysis.seeds`)."""
+    seeds = (getattr(result, "options", None) or {}).get("seeds")
+    return f"{name} · {resolution_label(result.geometry)}" + (f" · mean of {len(seeds)} seeds" if seeds else "")
 
 
 def _suptitle(fig: Figure, title: str, results: Mapping[str, Any], shown: Optional[int] = None) -> None:
@@ -265,8 +267,13 @@ def _band(ax: Any, x: Any, low: Any, high: Any, color: Any) -> bool:
     return True
 
 
-def _legend(ax: Any, banded: bool, fontsize: str = "small") -> None:
-    """The axes' legend, with one more entry saying what the shaded bands are when there are any."""
+def _seeds(result: Any) -> bool:
+    return bool((getattr(result, "options", None) or {}).get("seeds"))
+
+
+def _legend(ax: Any, banded: bool, fontsize: str = "small", seeds: bool = False) -> None:
+    """The axes' legend, with one more entry saying what the shaded bands are when there are any
+    (``seeds``: some model is a mean over seeds, whose band is its interval across seeds)."""
     from matplotlib.patches import Patch
 
     from analysis.uncertainty import level_text
@@ -274,7 +281,8 @@ def _legend(ax: Any, banded: bool, fontsize: str = "small") -> None:
     handles, labels = ax.get_legend_handles_labels()
     if banded:
         handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0))
-        labels.append(f"shaded: {level_text()} interval over images")
+        labels.append(f"shaded: {level_text()} interval over images" + ("\n(across seeds for a mean of seeds)"
+                                                                        if seeds else ""))
     ax.legend(handles, labels, fontsize=fontsize, frameon=False)
 
 
@@ -335,7 +343,7 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _legend(ax, banded)
+    _legend(ax, banded, seeds=any(_seeds(r) for r in results.values()))
     return _finish(fig, out)
 
 
@@ -559,10 +567,9 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
         style = palette[name]
         hf_ax.plot(np.arange(amp.shape[0]), amp[:, -1], label=model_label(name, r),
                    markersize=5, **style.line_kwargs())
-        ci = r.arrays.get("fourier_ci")  # runs saved before intervals existed have none
-        if ci is not None:
-            banded |= _band(hf_ax, np.arange(amp.shape[0]), np.asarray(ci["low"])[:, -1],
-                            np.asarray(ci["high"])[:, -1], style.color)
+        hf = r.table[r.table["metric"] == "fourier-high-frequency"].sort_values("layer")
+        if len(hf) == amp.shape[0] and "ci_low" in hf:  # its interval (over seeds for a mean of seeds)
+            banded |= _band(hf_ax, hf["layer"], hf["ci_low"], hf["ci_high"], style.color)
     # below the spectra: to their right, its label would collide with the last panel's y label
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:-1]), location="bottom",
                  label="depth (0 = patch embedding)", shrink=0.5, aspect=40)
@@ -573,7 +580,7 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
     hf_ax.set_ylabel(f"Δ log amplitude at frequency {at}")
     hf_ax.set_title(f"Highest frequency ({at})", fontsize="small")
     hf_ax.grid(alpha=0.3)
-    _legend(hf_ax, banded, "x-small")
+    _legend(hf_ax, banded, "x-small", seeds=any(_seeds(r) for r in results.values()))
     _suptitle(fig, "Fourier analysis of feature maps", results)
     return _finish(fig, out)
 
@@ -1127,7 +1134,7 @@ def plot_high_norm_tokens(results: Mapping[str, Any], *, palette: Optional[Model
     ax.set_xticks(range(1, max(int(r.geometry.depth) for r in results.values()) + 1))
     ax.set_ylabel("attention of patch queries (mean)")
     ax.set_title("Attention sinks", fontsize="small")
-    _legend(ax, banded, "xx-small")
+    _legend(ax, banded, "xx-small", seeds=any(_seeds(r) for r in results.values()))
     ax.grid(alpha=0.3)
     _suptitle(fig, "Patch-token norms and attention sinks", results)
     return _finish(fig, out)

@@ -62,7 +62,9 @@ class AnalyzeConfig(_AnalysisRun):
     COMMAND: ClassVar[str] = "kamim-analyze run"
 
     data: str  # image folder, or demo / demo-photos / demo-digits
-    models: dict = field(default_factory=dict)  # name -> checkpoint (file, run directory, manifest or timm name)
+    # name -> checkpoint (file, run directory, manifest or timm name), or a list of them / "a,b,c": seeds
+    # of one method, drawn as their mean (analysis.seeds)
+    models: dict = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)  # Python files registering analyses (analysis.registry)
     analyses: Any = "all"  # "all" or a list of analysis names
     image_size: Optional[int] = None  # every model at this size; null: each at its own
@@ -77,6 +79,12 @@ class AnalyzeConfig(_AnalysisRun):
     def validate(self) -> "AnalyzeConfig":
         if not self.models:
             raise ConfigError("no models: give --model NAME=CHECKPOINT (or models: {NAME: CHECKPOINT})")
+        from .seeds import expand_seeds
+
+        try:
+            expand_seeds(self.models)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         for plugin in self.plugins:
             if not str(plugin).endswith(".py"):
                 raise ConfigError(f"plugin {plugin!r} is not a .py file")

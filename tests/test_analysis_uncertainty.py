@@ -201,3 +201,26 @@ def test_a_table_saved_before_intervals_loads_with_none(tmp_path):
                                         "n_images"]
     assert (back.table.column == -1).all() and back.table.ci_low.isna().all() and set(back.table.n_images) == {4}
     np.testing.assert_array_equal(back.table.value, result.table.value)
+
+
+def test_combine_seeds_means_values_and_averageable_arrays_and_refuses_unlike_seeds():
+    from analysis.seeds import combine_seeds, expand_seeds
+
+    x = _photos(5)
+    seeds = {f"k@{i}": run_analyses(analysis_models.tiny_vit(seed=i).eval(), [x], ["cka", "nmi", "tsne"],
+                                    model_name=f"k@{i}", progress=False, tsne_samples=30, tsne_iterations=250)
+             for i in (1, 2)}
+    group = combine_seeds("k", seeds)
+    np.testing.assert_allclose(group.arrays["cka"], (seeds["k@1"].arrays["cka"] + seeds["k@2"].arrays["cka"]) / 2)
+    np.testing.assert_array_equal(group.arrays["tsne_xy"], seeds["k@1"].arrays["tsne_xy"])  # a sample: the first seed's
+    nmi = [r.table.query("metric == 'nmi' and head == -1 and layer == 3").value.item() for r in seeds.values()]
+    row = group.table.query("metric == 'nmi' and head == -1 and layer == 3").iloc[0]
+    half = stats.t.ppf(0.975, 1) * abs(nmi[0] - nmi[1]) / 2
+    np.testing.assert_allclose([row.value, row.ci_low, row.ci_high], [np.mean(nmi), np.mean(nmi) - half,
+                                                                      np.mean(nmi) + half], rtol=1e-9)
+    assert group.model_name == "k" and set(group.table.model) == {"k"} and group.options["seeds"] == ["k@1", "k@2"]
+    other = run_analyses(analysis_models.tiny_vit(seed=3).eval(), [x[:4]], ["cka", "nmi", "tsne"], model_name="o",
+                         progress=False, tsne_samples=30, tsne_iterations=250)
+    with pytest.raises(ValueError, match=r"model k: its seeds differ in images \(k@1: 5, o: 4\)"):
+        combine_seeds("k", {"k@1": seeds["k@1"], "o": other})
+    assert expand_seeds({"a": "x", "k": ["p", "q"]}) == ({"a": "x", "k@1": "p", "k@2": "q"}, {"k": ["k@1", "k@2"]})

@@ -687,3 +687,53 @@ def test_a_model_is_drawn_in_its_method_colour_whatever_the_order_of_model_flags
     blind = sns.color_palette("colorblind")
     assert styles[0]["S"][0] == pytest.approx(blind[0]) and styles[0]["K"][0] == pytest.approx(blind[1])
     assert styles[0]["random-vit_tiny_patch16_224"][0] == pytest.approx((0.5, 0.5, 0.5))  # random: grey
+
+
+def test_seeds_under_one_model_name_are_drawn_as_their_mean_and_tabled_each(assets, tmp_path, capsys):
+    import numpy as np
+    from scipy import stats
+
+    from analysis import load_run
+
+    third = _export(tmp_path / "c.safetensors", 5, method="kamim")
+    out = tmp_path / "seeds"
+    rc, _, err = _run(["run", "--model", f"kamim={assets['a']},{assets['b']},{third}", "--model", f"other={assets['a']}",
+                       "--data", assets["data"], "--out", out, "--analyses", "attention-distance,fourier,cka", *FAST],
+                      capsys)
+    assert rc == 0, err
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert {"kamim@1", "kamim@2", "kamim@3", "kamim", "other"} <= set(metrics["model"])  # every seed kept
+    rows = metrics.query("metric == 'attention-distance' and head == -1 and layer == 2").set_index("model")
+    seeds = rows.loc[["kamim@1", "kamim@2", "kamim@3"], "value"].to_numpy()
+    low, high = stats.t.interval(0.95, 2, loc=seeds.mean(), scale=seeds.std(ddof=1) / np.sqrt(3))
+    np.testing.assert_allclose(rows.loc["kamim", ["value", "ci_low", "ci_high"]].to_numpy(float),
+                               [seeds.mean(), low, high], rtol=1e-9)
+    np.testing.assert_allclose(rows.loc["kamim@1", "value"], rows.loc["other", "value"], rtol=1e-12)  # same file
+    # the CKA matrix drawn for kamim is the mean of its seeds' matrices
+    results, cross, record, _ = load_run(out)
+    assert record.groups == {"kamim": ["kamim@1", "kamim@2", "kamim@3"]}
+    cka = metrics.query("metric == 'cka' and layer == 1 and column == 2").set_index("model")["value"]
+    assert cka["kamim"] == pytest.approx(cka[["kamim@1", "kamim@2", "kamim@3"]].mean(), rel=1e-9)
+    # the figure draws kamim once, as the mean over seeds, with its band; the report says which seeds
+    from analysis.plots import plot_attention_distance
+    from analysis.seeds import shown_results
+
+    shown = shown_results(results, record.groups)
+    assert list(shown) == ["kamim", "other"]
+    texts = [t.get_text() for t in plot_attention_distance(shown).axes[0].get_legend().get_texts()]
+    assert any(t.startswith("kamim · 32 px") and "mean of 3 seeds" in t for t in texts)
+    assert any("across seeds for a mean of seeds" in t for t in texts) and not any("kamim@" in t for t in texts)
+    html = (out / "report.html").read_text()
+    assert "kamim@1: " in html and "c.safetensors" in html
+    # a redraw keeps the groups and the numbers
+    rc, _, err = _run(["plot", out, "--out", tmp_path / "again"], capsys)
+    assert rc == 0, err
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "metrics.csv"), metrics)
+    # an empty checkpoint in the list and a name that is also a seed's name: one line each
+    for models, message in (([f"kamim={assets['a']},"], "model kamim: empty checkpoint in the list"),
+                            ([f"kamim={assets['a']},{assets['b']}", f"kamim@1={assets['a']}"],
+                             "model name 'kamim@1' is also the name of a seed")):
+        rc, _, err = _run(["run", *[a for m in models for a in ("--model", m)], "--data", assets["data"],
+                           "--out", tmp_path / "bad", *FAST], capsys)
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
