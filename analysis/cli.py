@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "metrics.csv) and drawn as their mean with its 95%% interval across seeds")
     f.add("--data", metavar="IMAGE_DIR", help="folder of images (class subfolders colour the t-SNE)" + _DATA_HELP)
     _add_out(run, "OUT_DIR")
+    run.add_argument("--evaluation", action="append", default=None, metavar="NAME=RUN_DIR",
+                     help="output folder of a kamim linprobe, knn or finetune run of model NAME (repeatable): its "
+                     "top-1/top-5 go into the report's text and tables")
     run.add_argument("--plugin", action="append", default=None, metavar="FILE.py",
                      help="a Python file that registers analyses (analysis.registry.register; repeatable), whose "
                      "names --analyses then accepts; installed packages can register them through the entry-point "
@@ -260,11 +263,27 @@ def _print_summary(out: AnalyzeOutput) -> None:
           f"to {out_dir}")
 
 
+def parse_evaluations(values: list[str]) -> dict[str, list[str]]:
+    """``["NAME=DIR", ...]`` -> ``{NAME: [DIR, ...]}``; a value without ``NAME=`` is a one-line error."""
+    from analysis.pipeline import UsageError
+
+    out: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UsageError(f"--evaluation needs NAME=RUN_DIR (a model name and a kamim linprobe/knn/finetune "
+                             f"output folder), got {value!r}")
+        out.setdefault(name.strip(), []).append(folder.strip())
+    return out
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from analysis.pipeline import models_from_specs, parse_model_spec
 
     models = models_from_specs([parse_model_spec(m) for m in args.model]) if args.model else None
-    extra = {"models": models} if models else {}
+    extra: dict = {"models": models} if models else {}
+    if args.evaluation:
+        extra["evaluations"] = parse_evaluations(args.evaluation)
     if args.plugin:
         extra["plugins"] = [str(Path(p).expanduser().absolute()) for p in args.plugin]
     cfg = _config(args, **extra)
@@ -280,7 +299,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     reuse = {f"--reuse {i + 1}": p for i, p in enumerate(cfg.reuse)}
     res = analyze(cfg.models, data, args.out, analyses=cfg.analyses, image_size=cfg.image_size,
                   inputs={**plugins, **reuse}, reuse=cfg.reuse, baseline=cfg.baseline, cross_images=cfg.cross_images,
-                  cross_k=cfg.cross_k, cross_cka=cfg.cross_cka, **_common_kwargs(cfg, args))
+                  cross_k=cfg.cross_k, cross_cka=cfg.cross_cka, evaluations=cfg.evaluations,
+                  **_common_kwargs(cfg, args))
     _print_summary(res)
     return 0
 

@@ -224,7 +224,7 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
     Also writes the reconstruction grid of the SimMIM and KAMIM demo models. Returns
     :class:`analysis.pipeline.AnalyzeOutput`.
     """
-    from analysis.paper import reconstruction_figure
+    from analysis.paper import reconstruction_figure, reconstruction_note
     from kamim.outputs import check_output_dir
 
     check_output_dir(out, _COMMAND, overwrite=overwrite,  # before minutes of training
@@ -241,6 +241,7 @@ def run_demo(out: PathLike, *, cache: Optional[PathLike] = None, fast: bool = Fa
                                       images=settings.images, seed=0,
                                       batch_size=settings.batch_size, device=device)
         atomic_write_text(table.to_csv(index=False), staging / "reconstructions.csv")
+        notes.append(reconstruction_note(table))
         return {"reconstructions": [staging / "reconstructions.pdf",
                                     staging / "reconstructions.png"]}
 

@@ -38,7 +38,7 @@ from analysis.pipeline import AnalyzeOutput, Preprocessing, UsageError, analyze
 __all__ = [
     "PAPER_FIGURES", "PAPER_ANALYSES", "PAPER_MIM_IMAGE_SIZE", "PAPER_QUERY_FRACTIONS",
     "PAPER_RECONSTRUCTION_MASK_RATIO", "PAPER_PREPROCESSING", "paper_queries", "paper_captions", "figure_tables",
-    "reconstruction_figure", "reproduce_paper_figures",
+    "reconstruction_figure", "reconstruction_note", "reproduce_paper_figures",
 ]
 
 PathLike = Union[str, Path]
@@ -183,6 +183,14 @@ def reconstruction_figure(checkpoints: Mapping[str, PathLike], data: PathLike, o
                          for n, m in metrics.items()])
 
 
+def reconstruction_note(table: pd.DataFrame) -> str:
+    """The report's sentence on reconstruction quality, from :func:`reconstruction_figure`'s table."""
+    models = "; ".join(f"{r['model']} PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}" for _, r in table.iterrows())
+    first = table.iloc[0]
+    return (f"Reconstructions at mask ratio {first['mask_ratio']:g} ({int(first['img_size'])} px, "
+            f"{int(first['num_images'])} images, mean per image): {models}.")
+
+
 def paper_captions(options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Each paper figure's caption: what it shows, and each convention of the reference notebooks
     (naver-ai/cl-vs-mim and the KAMIM fork) that it deliberately does not copy. ``options``: the run's
@@ -266,6 +274,7 @@ def reproduce_paper_figures(checkpoints: Mapping[str, PathLike], data: PathLike,
             except (ValueError, KeyError) as err:
                 raise UsageError(f"reconstructions: {err}") from None
             _write_csv(table, staging / f"{PAPER_FIGURES['reconstructions']}.csv")
+            run_notes.append(reconstruction_note(table))
             return {"reconstructions": [stem.with_suffix(".pdf"), stem.with_suffix(".png")]}
         skipped = ("Reconstructions skipped: they need SimMIM/KAMIM training checkpoints with the decoder "
                    f"(a run directory or its checkpoint-last.pt), got {formats}.")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -466,6 +467,8 @@ class RunRecord:
     captions: dict[str, str] = field(default_factory=dict)
     #: model name -> the names of its seeds (``--model NAME=A,B,C``, :mod:`analysis.seeds`)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    #: the models' linear-probe / k-NN / finetune results (``--evaluation``, :mod:`analysis.evaluations`)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _provenance(enc: Any, dataset: Any, data: PathLike, *, images: Optional[int], seed: int, batch_size: int,
@@ -552,7 +555,7 @@ def load_run(source: PathLike) -> tuple[dict[str, Any], dict[tuple[str, str], An
     record = RunRecord(tuple(meta["analyses"]), dict(meta["settings"]), dict(meta["models"]), list(meta["notes"]),
                        meta.get("title", "Representation analysis"), dict(meta.get("figure_names") or {}),
                        dict(meta.get("extra_figures") or {}), dict(meta.get("captions") or {}),
-                       {k: list(v) for k, v in (meta.get("groups") or {}).items()})
+                       {k: list(v) for k, v in (meta.get("groups") or {}).items()}, list(meta.get("evaluations") or []))
     return results, cross, record, raw.parent
 
 
@@ -588,7 +591,8 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
 
     from analysis import plots
     from analysis.baselines import uniform_sentences
-    from analysis.report import summary_table, write_report
+    from analysis.evaluations import evaluation_sentences, evaluation_table
+    from analysis.report import layer_table, summary_table, write_report
     from kamim.serialization import atomic_write_text
 
     from analysis.seeds import shown_results
@@ -620,8 +624,12 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
     write_report(staging / "report.html", shown, figures, settings=record.settings,
                  models={n: models[n] for n in shown if n in models}, titles=plots.FIGURE_TITLES,
-                 tables={"All metrics (first rows; full table in metrics.csv)": metrics},
-                 notes=[*record.notes, *uniform_sentences(shown)], title=record.title,
+                 tables={**({"Evaluations (kamim linprobe / knn / finetune; --evaluation)":
+                             evaluation_table(record.evaluations)} if record.evaluations else {}),
+                         "Per-layer metrics (mean over heads, first rows; every head, matrix entry and seed in "
+                         "metrics.csv)": layer_table(metrics)},
+                 notes=[*record.notes, *evaluation_sentences(record.evaluations), *uniform_sentences(shown)],
+                 title=record.title,
                  captions={**_registered_captions(record.analyses), **(_cross_captions() if cross else {}),
                            **record.captions})
     return figures, metrics, summary
@@ -644,6 +652,24 @@ def _expand(models: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, list[s
         raise UsageError(str(err)) from None
 
 
+def read_evaluations(evaluations: Optional[Mapping[str, Any]], models: Iterable[str]) -> list[dict[str, Any]]:
+    """``{model: folder or [folders]}`` -> :func:`analysis.evaluations.read_evaluation` of each, in order;
+    one-line :class:`UsageError` for an unknown model name or a folder that is not an evaluation output."""
+    from analysis.evaluations import read_evaluation
+
+    known = list(models)
+    out = []
+    for name, folders in (evaluations or {}).items():
+        if name not in known:
+            raise UsageError(f"--evaluation {name}=...: no model {name!r} (models: {', '.join(known)})")
+        for folder in [folders] if isinstance(folders, (str, os.PathLike)) else list(folders):
+            try:
+                out.append(read_evaluation(name, folder))
+            except ValueError as err:
+                raise UsageError(f"--evaluation {name}: {err}") from None
+    return out
+
+
 def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
             analyses: Union[str, Sequence[str]] = "all", images: Optional[int] = None,
             batch_size: int = 32, image_size: Optional[int] = None,
@@ -658,7 +684,8 @@ def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
             command: str = "kamim-analyze run", overwrite: bool = False, config: Any = None,
             inputs: Optional[Mapping[str, Any]] = None, reuse: Sequence[PathLike] = (),
             preprocessing: Preprocessing = Preprocessing(),
-            captions: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None) -> AnalyzeOutput:
+            captions: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None,
+            evaluations: Optional[Mapping[str, Any]] = None) -> AnalyzeOutput:
     """Analyse ``models`` (name -> checkpoint source) on the images in ``data``; write into ``out``.
 
     A name given several checkpoints (``"a,b,c"`` or a list: seeds of one method) is analysed as one
@@ -686,6 +713,8 @@ def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
             none), from which every pair of models is compared (:mod:`analysis.crossmodel`: figures ``cross_cka``,
             ``cross_mutual_knn``, ``cross_cknna``), here and when ``kamim-analyze plot`` combines runs.
         cross_k: the k of mutual k-NN and CKNNA; ``cross_cka``: ``"debiased"`` or ``"biased"`` CKA.
+        evaluations: model name (or seed group name) -> output folder(s) of ``kamim linprobe``, ``knn``
+            or ``finetune`` for it, shown in the report (:mod:`analysis.evaluations`).
         extra: ``extra(staging_dir, results, loaded_encoders, notes) -> {figure key: files}`` runs
             before the report is written (used by the paper figures); it may append to ``notes``.
         config: the command's resolved config (:mod:`analysis.settings`), written as ``config.yaml``
@@ -712,6 +741,7 @@ def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
     device = _check_device(device)
     _check_cross(cross_images, cross_k, cross_cka)
     models, groups = _expand(models)
+    evaluated = read_evaluations(evaluations, [*models, *groups])
     inputs = preflight(models, data, out, command, overwrite, inputs)  # before loading anything
     try:
         n_files = len(find_images(data))
@@ -822,7 +852,7 @@ def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
         extra_figures = extra(staging, results, loaded, notes) if extra is not None else {}
         record = RunRecord(tuple(analyses), settings, _model_info(loaded, geometries), list(notes), title,
                            figure_names, {k: [str(p.relative_to(staging)) for p in v] for k, v in extra_figures.items()},
-                           dict(captions or {}), groups)
+                           dict(captions or {}), groups, evaluated)
         save_run(staging / "raw", results, cross, record)  # everything `kamim-analyze plot` redraws from
         figures, metrics, summary = render(staging, results, cross, record)
         rel_figures = {k: [p.relative_to(staging) for p in v] for k, v in figures.items()}
@@ -868,6 +898,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
     notes: list[str] = []
     models: dict[str, dict[str, Any]] = {}
     groups: dict[str, list[str]] = {}
+    evaluated: list[dict[str, Any]] = []
     for res, _, record, folder in runs:  # cross-model results are computed again, for every pair
         for name in res:
             if name in results:
@@ -881,6 +912,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
                 raise UsageError(f"model {group} is in more than one of the results: combine outputs of different "
                                  f"models")
             groups[group] = members
+        evaluated += record.evaluations
         notes += [n for n in record.notes if n not in notes]
     base = _compared(runs[0][0])
     for res, *_, folder in runs[1:]:
@@ -917,7 +949,7 @@ def plot_results(sources: Sequence[PathLike], out: PathLike, *, allow_mixed: boo
                 "images analysed per model": ", ".join(f"{n}: {r.images}" for n, r in results.items())}
     captions = first.captions if all(r[2].captions == first.captions for r in runs) else {}
     record = RunRecord(tuple(common), settings, models, notes, title or first.title, first.figure_names, extra,
-                       captions, groups)
+                       captions, groups, evaluated)
     with staged_output(out, command, overwrite, inputs) as staging:
         if config is not None:
             from kamim.config import dump_config

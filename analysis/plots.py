@@ -203,11 +203,22 @@ def resolution_label(geometry: Any) -> str:
     return f"{img}, {gh}×{gw} × {patch}"
 
 
-def model_label(name: str, result: Any) -> str:
-    """Legend label: model name and the resolution it was evaluated at (and, for a mean over seeds,
-    how many: :mod:`analysis.seeds`)."""
-    seeds = (getattr(result, "options", None) or {}).get("seeds")
-    return f"{name} · {resolution_label(result.geometry)}" + (f" · mean of {len(seeds)} seeds" if seeds else "")
+def model_label(name: str, result: Any, sample: bool = False) -> str:
+    """Legend label: model name and the resolution it was evaluated at; for a group of seeds
+    (:mod:`analysis.seeds`), ``mean of n seeds``, or with ``sample`` (a figure of one model's samples:
+    t-SNE points, maps of example images) which seed is drawn."""
+    return f"{_sample_name(name, result) if sample else name} · {resolution_label(result.geometry)}" + (
+        f" · mean of {len(_seed_names(result))} seeds" if _seed_names(result) and not sample else "")
+
+
+def _seed_names(result: Any) -> list[str]:
+    return list((getattr(result, "options", None) or {}).get("seeds") or [])
+
+
+def _sample_name(name: str, result: Any) -> str:
+    """``name``, or for a group of seeds the seed whose samples are drawn (the first)."""
+    seeds = _seed_names(result)
+    return f"{name} ({seeds[0]}, first of {len(seeds)} seeds)" if seeds else name
 
 
 def _suptitle(fig: Figure, title: str, results: Mapping[str, Any], shown: Optional[int] = None) -> None:
@@ -609,7 +620,7 @@ def plot_tsne(results: Mapping[str, Any], *, palette: Optional[ModelPalette] = N
             h = ax.scatter(xy[sel, 0], xy[sel, 1], s=9 if marker == "o" else 11, alpha=0.8, color=color,
                            marker=marker, label=text, linewidths=0, rasterized=True)
             handles.setdefault(text, h)
-        ax.set_title(model_label(name, r), fontsize="small")
+        ax.set_title(model_label(name, r, sample=True), fontsize="small")
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
         ax.set_xticks([])
@@ -690,7 +701,7 @@ def plot_pre_post(results: Mapping[str, Any], *, palette: Optional[ModelPalette]
             ax.scatter(cent[:, 0], cent[:, 1], s=60, c=[colors[i % len(colors)]
                        for i in range(len(cent))], marker=palette[name].marker,
                        edgecolors="black", linewidths=0.8, zorder=3)
-            ax.set_title(f"{model_label(name, r)}\nblock {layer}: {what}", fontsize="x-small")
+            ax.set_title(f"{model_label(name, r, sample=True)}\nblock {layer}: {what}", fontsize="x-small")
             ax.set_xlabel(f"PC 1 ({100 * evr[0]:.0f}% var.)")
             ax.set_ylabel(f"PC 2 ({100 * evr[1]:.0f}% var.)")
             ax.tick_params(labelsize="x-small")
@@ -806,7 +817,7 @@ def plot_attention_maps(results: Mapping[str, Any], *, image: int = 0,
         color = palette[name].color
         _overlay(ax_row[0], img, None)
         _mark_query(ax_row[0], q, r.geometry.patch_size, "cyan")
-        ax_row[0].set_ylabel(f"{name}\nquery ({int(q[0])}, {int(q[1])})\n"
+        ax_row[0].set_ylabel(f"{_sample_name(name, r)}\nquery ({int(q[0])}, {int(q[1])})\n"
                              f"{resolution_label(r.geometry).split(',')[0]}", fontsize="x-small",
                              color=color)
         # Scale: attention x number of patches (1 = uniform attention), shared along the row.
@@ -857,7 +868,7 @@ def plot_rollout(results: Mapping[str, Any], *, max_images: int = 4,
         ax_row[-1].set_xticks([])
         ax_row[-1].set_yticks([])
         ax_row[-1].set_title(f"mean over {r.images} images", fontsize="x-small")
-        ax_row[0].set_ylabel(model_label(name, r).replace(" · ", "\n"), fontsize="x-small",
+        ax_row[0].set_ylabel(model_label(name, r, sample=True).replace(" · ", "\n"), fontsize="x-small",
                              color=palette[name].color)
     if im is not None:
         fig.colorbar(im, ax=list(axes.ravel()), shrink=0.7,
@@ -899,7 +910,7 @@ def plot_attribution(results: Mapping[str, Any], *, max_images: int = 4,
                           interpolation="bilinear")
             if j < len(target):
                 ax_row[j].set_title(_target_text(target[j], j, r, by_label), fontsize="x-small")
-        ax_row[0].set_ylabel(f"{name}\n{resolution_label(r.geometry).split(',')[0]}\n{method}",
+        ax_row[0].set_ylabel(f"{_sample_name(name, r)}\n{resolution_label(r.geometry).split(',')[0]}\n{method}",
                              fontsize="x-small", color=palette[name].color)
         fig.colorbar(im, ax=list(ax_row), shrink=0.8, label="attribution")
     what = "of the true class" if by_label else "of the predicted class"
@@ -1094,7 +1105,8 @@ def plot_pca_images(results: Mapping[str, Any], *, max_images: int = 4, palette:
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
-        ax_row[0].set_ylabel(model_label(name, r).replace(" · ", "\n"), fontsize="x-small", color=palette[name].color)
+        ax_row[0].set_ylabel(model_label(name, r, sample=True).replace(" · ", "\n"), fontsize="x-small",
+                             color=palette[name].color)
     _suptitle(fig, "Patch features of the last block: first 3 principal components as RGB", results, shown=n_img)
     return _finish(fig, out)
 

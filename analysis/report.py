@@ -39,8 +39,10 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;
 padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f4f4f4}
+.table{max-width:100%;overflow-x:auto;margin:.5em 0}
+table{border-collapse:collapse;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;max-width:24em;overflow-wrap:anywhere}
+th{background:#f4f4f4}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{font-size:.9em}.note{background:#fff7e0;border-left:4px solid #e0a800;padding:.5em 1em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
@@ -96,10 +98,27 @@ def _fmt(v: Any) -> str:
 
 
 def _df_html(df: pd.DataFrame, max_rows: int = 200) -> str:
+    """A table that fits the page: long cells wrap, a wide table scrolls inside its own box."""
     if len(df) > max_rows:
         df = df.head(max_rows)
-    return df.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True,
-                      na_rep="")
+    table = df.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True, na_rep="")
+    return f'<div class="table">{table}</div>'
+
+
+def layer_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The report's table of the tidy metrics: the per-layer scalars (mean over heads, no matrix
+    entries), each value with its 95% interval as text; every row stays in ``metrics.csv``."""
+    from analysis.uncertainty import level_text
+
+    rows = metrics[(metrics["head"] < 0) & (metrics["column"] < 0)] if "column" in metrics else \
+        metrics[metrics["head"] < 0]
+    interval = [f"{lo:.4g} – {hi:.4g}" if pd.notna(lo) and pd.notna(hi) else ""
+                for lo, hi in zip(rows.get("ci_low", pd.Series(float("nan"), index=rows.index)),
+                                  rows.get("ci_high", pd.Series(float("nan"), index=rows.index)))]
+    count = "n_images" if "n_images" in rows else "images"
+    return pd.DataFrame({"model": rows["model"], "metric": rows["metric"], "layer": rows["layer"],
+                         "value": rows["value"], f"{level_text()} interval": interval,
+                         "images": rows[count]}).reset_index(drop=True)
 
 
 def _figure_html(name: str, title: str, files: Sequence[Path], report_dir: Path,
@@ -116,7 +135,8 @@ def _figure_html(name: str, title: str, files: Sequence[Path], report_dir: Path,
                f'data-file="{html.escape(_rel(png, report_dir))}">')
     else:
         img = f'<img src="{html.escape(_rel(png, report_dir))}" alt="{html.escape(title)}">'
-    cap = html.escape(caption) + (" " if caption else "") + f"Files: {links}"
+    lines = [html.escape(line) for line in caption.split("\n") if line.strip()]
+    cap = "<br>".join([*lines, f"Files: {links}"])
     return (f'<section id="{html.escape(name)}"><h2>{html.escape(title)}</h2>'
             f"<figure>{img}<figcaption>{cap}</figcaption></figure></section>")
 

@@ -70,6 +70,8 @@ class AnalyzeConfig(_AnalysisRun):
     image_size: Optional[int] = None  # every model at this size; null: each at its own
     reuse: list[str] = field(default_factory=list)  # earlier outputs whose matching models are not analysed again
     baseline: Optional[str] = None  # "random": also a randomly initialised model of each architecture
+    # model name -> output folder(s) of kamim linprobe / knn / finetune for it, shown in the report
+    evaluations: dict = field(default_factory=dict)
     # cross-model analyses (analysis.crossmodel): every model saves pooled block outputs of this many
     # images (a seeded subset; 0: none); mutual k-NN / CKNNA neighbours; CKA estimator
     cross_images: int = DEFAULT_CROSS_IMAGES

@@ -725,6 +725,11 @@ def test_seeds_under_one_model_name_are_drawn_as_their_mean_and_tabled_each(asse
     assert any("across seeds for a mean of seeds" in t for t in texts) and not any("kamim@" in t for t in texts)
     html = (out / "report.html").read_text()
     assert "kamim@1: " in html and "c.safetensors" in html
+    # two-line captions (what is plotted; what the paper reports); the per-layer table gives each interval
+    assert "shaded: 95% interval over images (across seeds for a mean of seeds). Higher = more global.<br>Paper: " in html
+    assert "<th>95% interval</th>" in html and '<div class="table">' in html
+    lo, hi = rows.loc["kamim", ["ci_low", "ci_high"]]
+    assert f"{lo:.4g} – {hi:.4g}" in html
     # a redraw keeps the groups and the numbers
     rc, _, err = _run(["plot", out, "--out", tmp_path / "again"], capsys)
     assert rc == 0, err
@@ -737,3 +742,41 @@ def test_seeds_under_one_model_name_are_drawn_as_their_mean_and_tabled_each(asse
                            "--out", tmp_path / "bad", *FAST], capsys)
         assert rc == 2 and message in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_evaluation_folders_are_read_once_and_bad_ones_refused_in_one_line(assets, tmp_path, capsys):
+    from analysis.evaluations import evaluation_sentences, evaluation_table, read_evaluation
+
+    lp, knn, ft = (tmp_path / n for n in ("lp", "knn", "ft"))
+    for folder, name, summary in (
+            (lp, "linprobe.json", {"task": "linprobe", "config": {"checkpoint": "runs/k"}, "epochs_done": 2,
+                                   "num_val": 150, "final": [{"layer": 1, "top1": 3.3, "top5": 33.3, "best_top1": 4.0},
+                                                             {"layer": 2, "top1": 10.0, "top5": 48.7, "best_top1": 10.0}]}),
+            (knn, "knn.json", {"checkpoint": "runs/k", "num_val": 150,
+                               "results": [{"layer": 2, "k": 20, "top1": 52.0, "top5": 97.3},
+                                           {"layer": 2, "k": 200, "top1": 44.0, "top5": 93.3}]}),
+            (ft, "finetune.json", {"task": "finetune", "config": {"checkpoint": "runs/k"}, "epochs_done": 1,
+                                   "num_val": 150, "final": {"top1": 15.3, "top5": 63.3}, "best": {"top1": 16.0}})):
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(summary))
+    evals = [read_evaluation("K", f) for f in (lp, knn, ft)]
+    assert evaluation_sentences(evals) == [
+        "K: linear probe top-1 10.00% (block 2, 2 epochs, on 150 images); k-NN top-1 52.00% (block 2, k = 20, on 150 "
+        "images); finetune top-1 15.30% (whole network, 1 epoch, on 150 images)."]
+    table = evaluation_table(evals)
+    assert table[["evaluation", "layer", "k", "top1"]].values.tolist() == [
+        ["linear probe", 1, -1, 3.3], ["linear probe", 2, -1, 10.0], ["k-NN", 2, 20, 52.0], ["k-NN", 2, 200, 44.0],
+        ["finetune", -1, -1, 15.3]]
+    assert set(table["checkpoint"]) == {"runs/k"}
+    # refused before anything is loaded, one line each, nothing written
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "knn.json").write_text("{not json")
+    for value, message in ((f"X={lp}", "--evaluation X=...: no model 'X' (models: A)"),
+                           (f"A={tmp_path / 'empty'}", "holds none of linprobe.json, knn.json, finetune.json"),
+                           (f"A={tmp_path / 'bad'}", "is not readable JSON"),
+                           (str(lp), "--evaluation needs NAME=RUN_DIR")):
+        rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--evaluation", value, "--data", assets["data"],
+                           "--out", tmp_path / "out", *FAST], capsys)
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()

@@ -147,8 +147,10 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     demo_results = load_run(work / "runs" / "analysis-demo")[0]
     assert list(demo_results) == ["SimMIM", "KAMIM", "MoCo v3", "random-vit_pico"]
     assert all(near_uniform(demo_results["random-vit_pico"], m) for m in UNIFORM_BASELINES)
-    assert "random-vit_pico: attention indistinguishable from uniform" in \
-        (work / "runs" / "analysis-demo" / "report.html").read_text()
+    demo_html = (work / "runs" / "analysis-demo" / "report.html").read_text()
+    assert "random-vit_pico: attention indistinguishable from uniform" in demo_html
+    assert re.search(r"Reconstructions at mask ratio [\d.]+ \(\d+ px, \d+ images, mean per image\): SimMIM PSNR "
+                     r"[\d.]+ dB, SSIM [\d.]+; KAMIM PSNR", demo_html)  # the numbers in the report's text
     for run in ("tiny_kamim", "kamim_vit_b"):
         assert {"checkpoint-last.pt", "encoder.safetensors", "config.yaml", "metrics.jsonl"} <= \
             {p.name for p in (runs / run).iterdir()}
@@ -158,6 +160,12 @@ def test_every_readme_command_runs_with_its_defaults(tmp_path):
     assert len(pd.read_csv(runs / "lp" / "linprobe.csv")["layer"].unique()) == 6  # --layers all: vit_pico
     for out in ("analysis", "paper", "token-norm"):
         assert (runs / out / "report.html").is_file() and (runs / out / "config.yaml").is_file(), out
+    # the evaluations named with --evaluation: in the report's text and table, and kept by plot
+    for out in ("analysis-t", "analysis-all"):
+        html = (runs / out / "report.html").read_text()
+        assert re.search(r"kamim_t: linear probe top-1 [\d.]+% \(block \d, 1 epoch, on \d+ images\); k-NN top-1 "
+                         r"[\d.]+% \(block \d, k = \d+, on \d+ images\)\.", html), out
+        assert "Evaluations (kamim linprobe / knn / finetune; --evaluation)" in html, out
     # plot: the two runs' models in one comparison, redrawn from their saved results
     combined = pd.read_csv(runs / "analysis-all" / "metrics.csv")
     models = ["simmim", "kamim", "moco", "kamim_t"]  # + cross-model rows of every pair, across the two runs
