@@ -164,7 +164,7 @@ def staged_output_check(out: PathLike, command: str, overwrite: bool = False,
         raise UsageError(str(err)) from None
 
 
-def preflight(models: Mapping[str, str], data: PathLike, out: PathLike, command: str = "kamim-analyze run",
+def preflight(models: Mapping[str, Any], data: PathLike, out: PathLike, command: str = "kamim-analyze run",
               overwrite: bool = False, inputs: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """What :func:`analyze` refuses before it imports torch (the CLI calls it first, so these cost a
     fraction of a second): no models, a ``--data`` folder or a checkpoint path that does not exist, an
@@ -593,9 +593,8 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     from analysis.baselines import uniform_sentences
     from analysis.evaluations import evaluation_sentences, evaluation_table
     from analysis.report import layer_table, summary_table, write_report
-    from kamim.serialization import atomic_write_text
-
     from analysis.seeds import shown_results
+    from kamim.serialization import atomic_write_text
 
     # the tables keep every seed; figures and report show each seed group as its mean
     shown = shown_results(results, record.groups)
@@ -623,7 +622,8 @@ def render(staging: Path, results: Mapping[str, Any], cross: Mapping[tuple[str, 
     summary = summary_table(shown)
     atomic_write_text(summary.to_csv(index=False), staging / "summary.csv")
     write_report(staging / "report.html", shown, figures, settings=record.settings,
-                 models={n: models[n] for n in shown if n in models}, titles=plots.FIGURE_TITLES,
+                 models={n: models[n] for name in shown for n in (name, *record.groups.get(name, ())) if n in models},
+                 titles=plots.FIGURE_TITLES,
                  tables={**({"Evaluations (kamim linprobe / knn / finetune; --evaluation)":
                              evaluation_table(record.evaluations)} if record.evaluations else {}),
                          "Per-layer metrics (mean over heads, first rows; every head, matrix entry and seed in "

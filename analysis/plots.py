@@ -278,10 +278,6 @@ def _band(ax: Any, x: Any, low: Any, high: Any, color: Any) -> bool:
     return True
 
 
-def _seeds(result: Any) -> bool:
-    return bool((getattr(result, "options", None) or {}).get("seeds"))
-
-
 def _legend(ax: Any, banded: bool, fontsize: str = "small", seeds: bool = False) -> None:
     """The axes' legend, with one more entry saying what the shaded bands are when there are any
     (``seeds``: some model is a mean over seeds, whose band is its interval across seeds)."""
@@ -354,7 +350,7 @@ def plot_layer_metric(results: Mapping[str, Any], metric: str, *, ylabel: str, t
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _legend(ax, banded, seeds=any(_seeds(r) for r in results.values()))
+    _legend(ax, banded, seeds=any(_seed_names(r) for r in results.values()))
     return _finish(fig, out)
 
 
@@ -591,7 +587,7 @@ def plot_fourier(results: Mapping[str, Any], *, palette: Optional[ModelPalette] 
     hf_ax.set_ylabel(f"Δ log amplitude at frequency {at}")
     hf_ax.set_title(f"Highest frequency ({at})", fontsize="small")
     hf_ax.grid(alpha=0.3)
-    _legend(hf_ax, banded, "x-small", seeds=any(_seeds(r) for r in results.values()))
+    _legend(hf_ax, banded, "x-small", seeds=any(_seed_names(r) for r in results.values()))
     _suptitle(fig, "Fourier analysis of feature maps", results)
     return _finish(fig, out)
 
@@ -1146,7 +1142,7 @@ def plot_high_norm_tokens(results: Mapping[str, Any], *, palette: Optional[Model
     ax.set_xticks(range(1, max(int(r.geometry.depth) for r in results.values()) + 1))
     ax.set_ylabel("attention of patch queries (mean)")
     ax.set_title("Attention sinks", fontsize="small")
-    _legend(ax, banded, "xx-small", seeds=any(_seeds(r) for r in results.values()))
+    _legend(ax, banded, "xx-small", seeds=any(_seed_names(r) for r in results.values()))
     ax.grid(alpha=0.3)
     _suptitle(fig, "Patch-token norms and attention sinks", results)
     return _finish(fig, out)
