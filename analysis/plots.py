@@ -1136,8 +1136,9 @@ def plot_high_norm_tokens(results: Mapping[str, Any], *, palette: Optional[Model
             rows = _metric_rows(r, metric)
             ax.plot(rows["layer"], rows["value"], linestyle=ls, color=style.color, marker=style.marker,
                     markersize=4, label=f"{name}: {'prefix tokens' if ls == '-' else 'high-norm patches'}")
-            if "ci_low" in rows:
-                banded |= _band(ax, rows["layer"], rows["ci_low"], rows["ci_high"], style.color)
+            if "ci_low" in rows:  # a share of attention: the t interval is drawn within [0, 1]
+                banded |= _band(ax, rows["layer"], rows["ci_low"].clip(lower=0.0), rows["ci_high"].clip(upper=1.0),
+                                style.color)
     ax.set_xlabel("depth (block)")
     ax.set_xticks(range(1, max(int(r.geometry.depth) for r in results.values()) + 1))
     ax.set_ylabel("attention of patch queries (mean)")
