@@ -662,7 +662,11 @@ def read_evaluations(evaluations: Optional[Mapping[str, Any]], models: Iterable[
     for name, folders in (evaluations or {}).items():
         if name not in known:
             raise UsageError(f"--evaluation {name}=...: no model {name!r} (models: {', '.join(known)})")
-        for folder in [folders] if isinstance(folders, (str, os.PathLike)) else list(folders):
+        if isinstance(folders, (str, os.PathLike)):
+            folders = [folders]
+        elif not (isinstance(folders, (list, tuple)) and all(isinstance(f, (str, os.PathLike)) for f in folders)):
+            raise UsageError(f"--evaluation {name}: expected an output folder or a list of them, got {folders!r}")
+        for folder in folders:
             try:
                 out.append(read_evaluation(name, folder))
             except ValueError as err:
@@ -742,6 +746,7 @@ def analyze(models: Mapping[str, Any], data: PathLike, out: PathLike, *,
     _check_cross(cross_images, cross_k, cross_cka)
     models, groups = _expand(models)
     evaluated = read_evaluations(evaluations, [*models, *groups])
+    inputs = {**dict(inputs or {}), **{f"--evaluation {i + 1} ({e['model']})": e["folder"] for i, e in enumerate(evaluated)}}
     inputs = preflight(models, data, out, command, overwrite, inputs)  # before loading anything
     try:
         n_files = len(find_images(data))

@@ -780,3 +780,8 @@ def test_evaluation_folders_are_read_once_and_bad_ones_refused_in_one_line(asset
                            "--out", tmp_path / "out", *FAST], capsys)
         assert rc == 2 and message in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
+    # the output may not be written into an evaluation folder (the command did not write it)
+    rc, _, err = _run(["run", "--model", f"A={assets['a']}", "--evaluation", f"A={lp}", "--data", assets["data"],
+                       "--out", lp / "analysis", *FAST], capsys)
+    assert rc == 2 and "--evaluation 1 (A)" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in lp.iterdir()) == ["linprobe.json"]
