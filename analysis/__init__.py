@@ -71,6 +71,8 @@ if TYPE_CHECKING:
     from .report import library_versions, summary_table, write_report
     from .results import AnalysisResult, Record, matrix_records, records_to_frame
     from .uncertainty import CI_LEVEL, Moments, t_interval
+    from .seeds import combine_seeds, expand_seeds, shown_results
+    from .evaluations import evaluation_table, read_evaluation
     from .rollout import RolloutAccumulator, RolloutMap, attention_rollout, rollout_map
     from .runner import ANALYSES, RunOptions, cross_model_cka, run_analyses
     from .crossmodel import cknna, compare_all, compare_models, cross_cka, mutual_knn
@@ -117,6 +119,10 @@ _MODULES = {
     "results": ("AnalysisResult", "Record", "records_to_frame", "matrix_records"),
     # 95% intervals over images of the means over images (streaming, mergeable)
     "uncertainty": ("CI_LEVEL", "Moments", "t_interval"),
+    # several checkpoints (seeds) under one model name, shown as their mean
+    "seeds": ("expand_seeds", "combine_seeds", "shown_results"),
+    # kamim linprobe / knn / finetune results shown in the report (--evaluation)
+    "evaluations": ("read_evaluation", "evaluation_table"),
     "rollout": ("RolloutMap", "RolloutAccumulator", "attention_rollout", "rollout_map"),
     "runner": ("ANALYSES", "RunOptions", "cross_model_cka", "run_analyses"),
     # cross-model measures from saved features (mutual k-NN, CKNNA, layer x layer CKA)
