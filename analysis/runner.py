@@ -11,11 +11,15 @@ Results do not depend on the batch size. Batches are dicts with ``"image"`` (and
 
 Result (:class:`analysis.results.AnalysisResult`):
 
-``table`` (model, layer, head, metric, value, images), ``layer`` 1..L (0 = embedding), ``head`` -1
-for the mean over heads / not per head. Metrics: ``attention-distance`` (px), ``nmi``,
+``table`` (:data:`analysis.results.TABLE_COLUMNS`: model, layer, head, column, metric, value, ci_low,
+ci_high, n_images), ``layer`` 1..L (0 = embedding), ``head`` -1 for the mean over heads / not per
+head, ``ci_low``/``ci_high`` the 95% interval over images of a mean over images
+(:mod:`analysis.uncertainty`). Metrics: ``attention-distance`` (px), ``nmi``,
 ``attention-entropy`` (nats), per (layer, head) and mean; ``head-similarity`` (mean off-diagonal
 head-head similarity per layer); ``fourier-high-frequency`` (layers 0..L); ``attention-shift-ratio``
-and ``attention-shift-cosine`` (per layer, from ``pre-post``).
+and ``attention-shift-cosine`` (per layer, from ``pre-post``); the matrices ``cka``,
+``attention-similarity`` (``layer`` x ``column``) and ``head-pair-similarity`` (``head`` x ``column``
+per layer).
 
 ``arrays`` (each analysis lists its keys in :attr:`analysis.registry.Analysis.arrays`):
 
