@@ -106,19 +106,17 @@ def _df_html(df: pd.DataFrame, max_rows: int = 200) -> str:
 
 
 def layer_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """The report's table of the tidy metrics: the per-layer scalars (mean over heads, no matrix
-    entries), each value with its 95% interval as text; every row stays in ``metrics.csv``."""
+    """The report's table of the tidy metrics (:data:`analysis.results.TABLE_COLUMNS`): the per-layer
+    scalars (mean over heads, no matrix entries), each value with its 95% interval as text; every
+    row stays in ``metrics.csv``."""
     from analysis.uncertainty import level_text
 
-    rows = metrics[(metrics["head"] < 0) & (metrics["column"] < 0)] if "column" in metrics else \
-        metrics[metrics["head"] < 0]
+    rows = metrics[(metrics["head"] < 0) & (metrics["column"] < 0)]
     interval = [f"{lo:.4g} – {hi:.4g}" if pd.notna(lo) and pd.notna(hi) else ""
-                for lo, hi in zip(rows.get("ci_low", pd.Series(float("nan"), index=rows.index)),
-                                  rows.get("ci_high", pd.Series(float("nan"), index=rows.index)))]
-    count = "n_images" if "n_images" in rows else "images"
+                for lo, hi in zip(rows["ci_low"], rows["ci_high"])]
     return pd.DataFrame({"model": rows["model"], "metric": rows["metric"], "layer": rows["layer"],
                          "value": rows["value"], f"{level_text()} interval": interval,
-                         "images": rows[count]}).reset_index(drop=True)
+                         "images": rows["n_images"]}).reset_index(drop=True)
 
 
 def _figure_html(name: str, title: str, files: Sequence[Path], report_dir: Path,
